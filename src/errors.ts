@@ -1,0 +1,86 @@
+/**
+ * Errors with stable codes. Programs (and tests) branch on `code`, never on
+ * the message; the message is built from the fields so that it states facts.
+ * A code, once published, keeps its meaning forever.
+ */
+export const ErrorCode = {
+  /** A function or CLI argument is out of its documented range or of the wrong type. */
+  INVALID_ARGUMENT: 'ERR_BF_INVALID_ARGUMENT',
+  /** A block size that is not a power of two in the supported range. */
+  BAD_BLOCK_SIZE: 'ERR_BF_BAD_BLOCK_SIZE',
+  /** WebAssembly memory cannot grow to what an operation needs (wasm32 stops at 4 GiB). */
+  OUT_OF_MEMORY: 'ERR_BF_OUT_OF_MEMORY',
+  /** The WASM core could not be loaded (missing build, or a corrupted file). */
+  WASM_LOAD: 'ERR_BF_WASM_LOAD',
+  /** A serialized file or buffer ends before its header or its declared content does. */
+  TRUNCATED: 'ERR_BF_TRUNCATED',
+  /** A serialized file does not start with the expected magic bytes. */
+  BAD_MAGIC: 'ERR_BF_BAD_MAGIC',
+  /** A serialized file has a format version this build cannot read. */
+  UNSUPPORTED_VERSION: 'ERR_BF_UNSUPPORTED_VERSION',
+  /** A serialized file's checksum does not match its content. */
+  CHECKSUM_MISMATCH: 'ERR_BF_CHECKSUM_MISMATCH',
+  /** A serialized file is well-framed but its content breaks an invariant. */
+  CORRUPT: 'ERR_BF_CORRUPT',
+} as const;
+
+export type ErrorCodeValue = (typeof ErrorCode)[keyof typeof ErrorCode];
+
+export class BlockferryError extends Error {
+  readonly code: ErrorCodeValue;
+  constructor(code: ErrorCodeValue, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.code = code;
+    this.name = new.target.name;
+  }
+}
+
+export class InvalidArgumentError extends BlockferryError {
+  readonly argument: string;
+  constructor(argument: string, expected: string, actual: unknown) {
+    super(ErrorCode.INVALID_ARGUMENT, `${argument}: expected ${expected}, got ${describe(actual)}`);
+    this.argument = argument;
+  }
+}
+
+export class BlockSizeError extends BlockferryError {
+  readonly blockSize: unknown;
+  readonly min: number;
+  readonly max: number;
+  constructor(blockSize: unknown, min: number, max: number) {
+    super(ErrorCode.BAD_BLOCK_SIZE, `block size must be a power of two from ${min} to ${max} bytes, got ${describe(blockSize)}`);
+    this.blockSize = blockSize;
+    this.min = min;
+    this.max = max;
+  }
+}
+
+export class OutOfMemoryError extends BlockferryError {
+  readonly requested: number;
+  readonly available: number;
+  constructor(requested: number, available: number) {
+    super(
+      ErrorCode.OUT_OF_MEMORY,
+      `WebAssembly memory cannot grow to ${requested} bytes (at most ${available}); stream the data through a smaller window`,
+    );
+    this.requested = requested;
+    this.available = available;
+  }
+}
+
+/** A serialized structure (block index, block map, ...) that cannot be read. */
+export class FormatError extends BlockferryError {
+  /** What was being read, e.g. "block index". */
+  readonly what: string;
+  constructor(code: ErrorCodeValue, what: string, detail: string) {
+    super(code, `${what}: ${detail}`);
+    this.what = what;
+  }
+}
+
+function describe(v: unknown): string {
+  if (typeof v === 'string') return JSON.stringify(v);
+  if (typeof v === 'bigint') return `${v}n`;
+  if (v === null || typeof v !== 'object') return String(v);
+  return Object.prototype.toString.call(v);
+}

@@ -1,0 +1,34 @@
+// blockferry's public API. Everything the CLI does goes through these exports.
+export {
+  Engine,
+  checkBlockSize,
+  blockCount,
+  MIN_BLOCK_SIZE,
+  MAX_BLOCK_SIZE,
+  DIGEST_BYTES,
+  type Region,
+  type EngineOptions,
+} from './engine/engine.js';
+export { wasmModule, instantiateCore, type WasmCore } from './engine/wasm.js';
+export { Bitmap, MAX_BITS, type Run } from './bitmap/bitmap.js';
+export {
+  BlockIndexTable,
+  makeRef,
+  refImage,
+  refBlock,
+  NO_REF,
+  MAX_IMAGE_ID,
+  MAX_BLOCK_NUMBER,
+  ENTRY_BYTES,
+  MAX_LOAD,
+  type TableStats,
+} from './blockindex/table.js';
+export {
+  BlockferryError,
+  InvalidArgumentError,
+  BlockSizeError,
+  OutOfMemoryError,
+  FormatError,
+  ErrorCode,
+  type ErrorCodeValue,
+} from './errors.js';
