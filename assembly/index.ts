@@ -3,7 +3,6 @@
 // nothing and keep no mutable static data, so that one compiled module can
 // be instantiated by several workers over one shared memory.
 export { sha1, sha1Blocks } from './sha1';
-export { sha1x4 } from './sha1.gen';
 export { xxh3 } from './xxh3.gen';
 export { signature, fingerprintBlocks } from './fingerprint';
 export { isZero, zeroFlags, flagRuns } from './zero';

@@ -28,7 +28,9 @@ function rounds(ops, indent) {
     else if (t < 40 || t >= 60) f = ops.xor(ops.xor(b, c), d);
     else f = ops.maj(b, c, d);
     const k = ops.k(K[Math.floor(t / 20)]);
-    out.push(`${e} = ${ops.add(ops.add(ops.add(e, ops.rotl(a, 5)), ops.add(f, k)), w)};`);
+    // e + W + K and f do not depend on the newest a: summing them first keeps
+    // only rotl5(a) and one add on the round-to-round critical path.
+    out.push(`${e} = ${ops.add(ops.add(ops.add(ops.add(e, w), k), f), ops.rotl(a, 5))};`);
     out.push(`${b} = ${ops.rotl(b, 30)};`);
     [a, b, c, d, e] = [e, a, b, c, d];
   }
