@@ -1,0 +1,35 @@
+// npm run bench [-- --only hash,zero,bitmap,index] [-- --json [FILE]]
+// Every group checks its results against the reference before timing, runs
+// the peers in this one process, and prints ratios against the goals.
+import { writeFileSync } from 'node:fs';
+import { parseArgs } from 'node:util';
+import { machineLine, type GroupResult } from './lib.js';
+import { benchHash } from './hash.js';
+import { benchZero } from './zero.js';
+import { benchBitmap } from './bitmap.js';
+import { benchBlockIndex } from './blockindex.js';
+
+const { values } = parseArgs({
+  options: { only: { type: 'string' }, json: { type: 'string' } },
+  allowPositionals: false,
+  args: process.argv.slice(2).map((a) => (a === '--json' ? '--json=bench-results.json' : a)),
+});
+const only = values.only?.split(',');
+const want = (name: string) => !only || only.includes(name);
+
+const machine = machineLine();
+console.log(`# blockferry benchmarks\n${machine}`);
+const groups: GroupResult[] = [];
+const extra: Record<string, unknown> = {};
+if (want('hash')) groups.push(...(await benchHash()));
+if (want('zero')) groups.push(...(await benchZero()));
+if (want('bitmap')) groups.push(...(await benchBitmap()));
+if (want('index')) {
+  const r = await benchBlockIndex();
+  groups.push(...r.groups);
+  extra.blockIndexMemory = r.memory;
+}
+if (values.json) {
+  writeFileSync(values.json, JSON.stringify({ machine, date: new Date().toISOString(), groups, ...extra }, null, 2) + '\n');
+  console.log(`\nfigures written to ${values.json}`);
+}
