@@ -42,21 +42,23 @@ export function zeroFlags(p: usize, len: u32, blockSize: u32, outFlags: usize): 
 }
 
 /**
- * The runs of non-zero flag bytes among the n at flags, as (first, count)
- * u32 pairs at out, in order. out must hold (n + 1) / 2 pairs. Returns the
- * number of runs.
+ * The runs of flag bytes that are set (set != 0: non-zero bytes) or clear
+ * (set == 0: zero bytes) among the n at flags, as (first, count) u32 pairs at
+ * out, in order. out must hold (n + 1) / 2 pairs. Returns the number of runs.
  */
-export function flagRuns(flags: usize, n: u32, out: usize): u32 {
+export function flagRuns(flags: usize, n: u32, out: usize, set: i32): u32 {
+  // run lanes: byte != 0 when set, byte == 0 when not.
+  const flip = set ? i8x16.splat(-1) : i8x16.splat(0);
+  const zero = i8x16.splat(0);
   let runs: u32 = 0;
   let i: u32 = 0;
   while (i < n) {
-    // Skip 16 clear flags at a time.
-    while (i + 16 <= n && !v128.any_true(v128.load(flags + i))) i += 16;
-    while (i < n && load<u8>(flags + i) == 0) i++;
+    while (i + 16 <= n && !v128.any_true(v128.xor(i8x16.eq(v128.load(flags + i), zero), flip))) i += 16;
+    while (i < n && (load<u8>(flags + i) != 0) != (set != 0)) i++;
     if (i >= n) break;
     const first = i;
-    while (i + 16 <= n && i8x16.all_true(v128.load(flags + i))) i += 16;
-    while (i < n && load<u8>(flags + i) != 0) i++;
+    while (i + 16 <= n && i8x16.all_true(v128.xor(i8x16.eq(v128.load(flags + i), zero), flip))) i += 16;
+    while (i < n && (load<u8>(flags + i) != 0) == (set != 0)) i++;
     const o = out + (<usize>runs << 3);
     store<u32>(o, first);
     store<u32>(o, i - first, 4);

@@ -22,6 +22,20 @@ export const ErrorCode = {
   CHECKSUM_MISMATCH: 'ERR_BF_CHECKSUM_MISMATCH',
   /** A serialized file is well-framed but its content breaks an invariant. */
   CORRUPT: 'ERR_BF_CORRUPT',
+  /** An image path that does not exist. */
+  IMAGE_NOT_FOUND: 'ERR_BF_IMAGE_NOT_FOUND',
+  /** An image path that is not a regular file or a block device (a directory, a socket, ...). */
+  NOT_AN_IMAGE: 'ERR_BF_NOT_AN_IMAGE',
+  /** An image that exists but cannot be opened or read (permissions, I/O error). */
+  IMAGE_UNREADABLE: 'ERR_BF_IMAGE_UNREADABLE',
+  /** An image changed while it was read (it shrank, or its identity changed). */
+  IMAGE_CHANGED: 'ERR_BF_IMAGE_CHANGED',
+  /** A block map that describes another version of its image (size or modification time differ). */
+  STALE_BLOCK_MAP: 'ERR_BF_STALE_BLOCK_MAP',
+  /** A file blockferry writes (block map, index) could not be written. */
+  WRITE_FAILED: 'ERR_BF_WRITE_FAILED',
+  /** A command line that cannot be parsed (unknown option, missing argument). */
+  USAGE: 'ERR_BF_USAGE',
 } as const;
 
 export type ErrorCodeValue = (typeof ErrorCode)[keyof typeof ErrorCode];
@@ -65,6 +79,15 @@ export class OutOfMemoryError extends BlockferryError {
     );
     this.requested = requested;
     this.available = available;
+  }
+}
+
+/** An image that cannot be used; `path` says which. */
+export class ImageError extends BlockferryError {
+  readonly path: string;
+  constructor(code: ErrorCodeValue, path: string, detail: string, options?: { cause?: unknown }) {
+    super(code, `${path}: ${detail}`, options);
+    this.path = path;
   }
 }
 

@@ -91,3 +91,27 @@ describe('zero detection', () => {
     assert.throws(() => engine.zeroFlagsAt(2048, 4096, 512, end - 4), { code: ErrorCode.INVALID_ARGUMENT });
   });
 });
+
+describe('flag runs', () => {
+  it('finds runs of set and of clear bytes for any byte values, like a plain JS scan', () => {
+    const engine2 = new Engine();
+    fc.assert(
+      fc.property(fc.uint8Array({ maxLength: 300 }).map((a) => a.map((b) => (b < 100 ? 0 : b))), fc.boolean(), (flags, set) => {
+        const f = engine2.alloc(flags.length + 16);
+        const out = engine2.alloc(Math.ceil(flags.length / 2) * 8 + 8);
+        engine2.view(f, 0, flags.length).set(flags);
+        const n = engine2.flagRunsAt(f.ptr, flags.length, out.ptr, set);
+        const got = [...new Uint32Array(engine2.memory.buffer, out.ptr, 2 * n)];
+        const want: number[] = [];
+        for (let i = 0; i < flags.length; ) {
+          if ((flags[i] !== 0) !== set) { i++; continue; }
+          const s = i;
+          while (i < flags.length && (flags[i] !== 0) === set) i++;
+          want.push(s, i - s);
+        }
+        assert.deepEqual(got, want);
+      }),
+      { numRuns: 500, seed: 3 },
+    );
+  });
+});

@@ -160,12 +160,15 @@ export class Engine {
     return this.core.zeroFlags(ptr, len, bs, outFlags);
   }
 
-  /** Runs of non-zero flags among n at flags, as (first, count) u32 pairs at out. Returns the run count. */
-  flagRunsAt(flags: number, n: number, out: number): number {
+  /**
+   * Runs of set (non-zero) flags among n at flags, or of clear ones with
+   * set = false, as (first, count) u32 pairs at out. Returns the run count.
+   */
+  flagRunsAt(flags: number, n: number, out: number, set = true): number {
     this.checkRange('flags', flags, n);
     this.checkRange('out', out, Math.ceil(n / 2) * 8);
     if (out & 3) throw new InvalidArgumentError('out', 'a 4-byte aligned address', out);
-    return this.core.flagRuns(flags, n, out);
+    return this.core.flagRuns(flags, n, out, set ? 1 : 0);
   }
 
   // --- copying conveniences ------------------------------------------------
@@ -230,7 +233,7 @@ export class Engine {
     const flags = p + align(data.length, 64);
     const runs = align(flags + n, 64);
     this.core.zeroFlags(p, data.length, bs, flags);
-    const count = this.core.flagRuns(flags, n, runs);
+    const count = this.core.flagRuns(flags, n, runs, 1);
     const u32 = new Uint32Array(this.memory.buffer, runs, count * 2);
     const out: Array<[number, number]> = [];
     for (let i = 0; i < count; i++) out.push([u32[2 * i]!, u32[2 * i + 1]!]);

@@ -15,7 +15,7 @@ export interface WasmCore {
   fingerprintBlocks(p: number, len: number, blockSize: number, outFp: number, outSig: number): number;
   isZero(p: number, len: number): number;
   zeroFlags(p: number, len: number, blockSize: number, outFlags: number): number;
-  flagRuns(flags: number, n: number, out: number): number;
+  flagRuns(flags: number, n: number, out: number, set: number): number;
   bitmapFill(bm: number, start: number, count: number, value: number): void;
   bitmapCount(bm: number, start: number, count: number): number;
   bitmapRuns(bm: number, nbits: number, from: number, set: number, out: number, maxRuns: number): number;

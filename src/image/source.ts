@@ -1,0 +1,147 @@
+import { closeSync, fstatSync, openSync, readFileSync, readSync, statSync, type Stats } from 'node:fs';
+import { ErrorCode, ImageError, InvalidArgumentError } from '../errors.js';
+
+/** A byte range [offset, offset + length) of an image. */
+export interface Extent {
+  offset: number;
+  length: number;
+}
+
+/**
+ * What identifies one version of an image: a block map records it, and is
+ * stale when the image's identity no longer matches.
+ */
+export interface ImageIdentity {
+  size: number;
+  /** Modification time in nanoseconds since the epoch (a decimal string: it exceeds 2^53). */
+  mtimeNs: string;
+  ino: number;
+  dev: number;
+}
+
+/**
+ * An image that blockferry reads: the operations a scanner (or a migration
+ * source) needs, each with its contract. Raw files and block devices
+ * implement it here; an NBD client or a qcow2 reader implements the same four
+ * operations, and the scanner does not change.
+ *
+ * Sources are synchronous on purpose: each worker thread reads its own range
+ * straight into WASM memory and has nothing else to do meanwhile.
+ */
+export interface ImageSource {
+  /** Where the image lives (a path, later an nbd:// URL); used in messages and block maps. */
+  readonly path: string;
+  /** Logical size in bytes. Fixed for as long as the source is open. */
+  readonly size: number;
+  /**
+   * Fills buf[0, length) with the image's bytes at [offset, offset + length).
+   * Requires offset + length <= size. Holes read as zeros. Reads the whole
+   * range or throws: a short read (the image shrank underneath) throws
+   * IMAGE_CHANGED, never returns partial data.
+   */
+  readInto(buf: Uint8Array, offset: number, length: number): void;
+  /**
+   * The allocated extents inside [offset, offset + length), sorted and not
+   * overlapping. Everything else in the range is a hole that reads as zeros
+   * and need not be read. A source that cannot tell returns the whole range
+   * as one extent (always correct, never faster).
+   */
+  extents(offset: number, length: number): Extent[];
+  /** Releases the source. Further calls are errors. */
+  close(): void;
+}
+
+/** Opens a raw image file or block device read-only, with a clear error for anything else. */
+export function statImage(path: string): { stats: Stats; size: number; kind: 'file' | 'block-device' } {
+  let stats: Stats;
+  try {
+    stats = statSync(path);
+  } catch (cause) {
+    const code = (cause as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT' || code === 'ENOTDIR') throw new ImageError(ErrorCode.IMAGE_NOT_FOUND, path, 'no such file', { cause });
+    throw new ImageError(ErrorCode.IMAGE_UNREADABLE, path, `cannot stat (${code ?? 'error'})`, { cause });
+  }
+  if (stats.isFile()) return { stats, size: stats.size, kind: 'file' };
+  if (stats.isBlockDevice()) return { stats, size: blockDeviceSize(path, stats), kind: 'block-device' };
+  const what = stats.isDirectory() ? 'a directory' : 'not a regular file or block device';
+  throw new ImageError(ErrorCode.NOT_AN_IMAGE, path, `${what}, not an image`);
+}
+
+/**
+ * Size of a block device without the BLKGETSIZE64 ioctl: Linux publishes
+ * every block device's size in 512-byte sectors at /sys/dev/block/MAJ:MIN/size.
+ */
+function blockDeviceSize(path: string, stats: Stats): number {
+  const major = Math.floor(stats.rdev / 256) & 0xfff;
+  const minor = (stats.rdev & 0xff) | ((stats.rdev >> 12) & 0xfff00);
+  try {
+    return Number(readFileSync(`/sys/dev/block/${major}:${minor}/size`, 'utf8').trim()) * 512;
+  } catch (cause) {
+    throw new ImageError(ErrorCode.IMAGE_UNREADABLE, path, 'cannot read the block device size from /sys', { cause });
+  }
+}
+
+export function identityOf(stats: Stats, size: number): ImageIdentity {
+  const big = stats as unknown as { mtimeNs?: bigint };
+  const mtimeNs = big.mtimeNs ?? BigInt(Math.round(stats.mtimeMs * 1e6));
+  return { size, mtimeNs: mtimeNs.toString(), ino: stats.ino, dev: stats.dev };
+}
+
+/** The identity of the image at path now (nanosecond mtime). */
+export function currentIdentity(path: string): ImageIdentity {
+  const { size } = statImage(path);
+  const stats = statSync(path, { bigint: true });
+  return { size, mtimeNs: stats.mtimeNs.toString(), ino: Number(stats.ino), dev: Number(stats.dev) };
+}
+
+/** A raw image file or block device, read with pread. */
+export class FileImageSource implements ImageSource {
+  readonly path: string;
+  readonly size: number;
+  readonly kind: 'file' | 'block-device';
+  private fd: number | undefined;
+
+  constructor(path: string) {
+    const { size, kind } = statImage(path);
+    this.path = path;
+    this.size = size;
+    this.kind = kind;
+    try {
+      this.fd = openSync(path, 'r');
+    } catch (cause) {
+      const code = (cause as NodeJS.ErrnoException).code;
+      throw new ImageError(ErrorCode.IMAGE_UNREADABLE, path, `cannot open for reading (${code ?? 'error'})`, { cause });
+    }
+    if (kind === 'file' && fstatSync(this.fd).size !== size) {
+      throw new ImageError(ErrorCode.IMAGE_CHANGED, path, 'size changed while opening');
+    }
+  }
+
+  readInto(buf: Uint8Array, offset: number, length: number): void {
+    if (this.fd === undefined) throw new InvalidArgumentError('source', 'an open source', 'a closed one');
+    if (offset < 0 || length < 0 || offset + length > this.size || length > buf.length) {
+      throw new InvalidArgumentError('range', `inside the image (${this.size} bytes) and the buffer`, `${offset}+${length}`);
+    }
+    let done = 0;
+    while (done < length) {
+      let n: number;
+      try {
+        n = readSync(this.fd, buf, done, length - done, offset + done);
+      } catch (cause) {
+        const code = (cause as NodeJS.ErrnoException).code;
+        throw new ImageError(ErrorCode.IMAGE_UNREADABLE, this.path, `read failed at byte ${offset + done} (${code ?? 'error'})`, { cause });
+      }
+      if (n === 0) throw new ImageError(ErrorCode.IMAGE_CHANGED, this.path, `ended at byte ${offset + done}, expected ${this.size}: it shrank while being read`);
+      done += n;
+    }
+  }
+
+  extents(offset: number, length: number): Extent[] {
+    return length > 0 ? [{ offset, length }] : [];
+  }
+
+  close(): void {
+    if (this.fd !== undefined) closeSync(this.fd);
+    this.fd = undefined;
+  }
+}

@@ -1,0 +1,195 @@
+import os from 'node:os';
+import { existsSync } from 'node:fs';
+import { Piscina } from 'piscina';
+import { DIGEST_BYTES, blockCount, checkBlockSize, MAX_BLOCK_SIZE } from '../engine/engine.js';
+import { wasmModule } from '../engine/wasm.js';
+import { currentIdentity, statImage } from '../image/source.js';
+import { BlockMap, blockMapPath } from '../blockmap/blockmap.js';
+import { BlockferryError, ErrorCode, ImageError, InvalidArgumentError } from '../errors.js';
+import { taskLayout, type ScanTask } from './layout.js';
+import { WINDOW } from './worker.js';
+
+/**
+ * Bytes per scan task. 8 MiB: large enough that a task's fixed costs (a
+ * message each way, one pread per extent) vanish next to hashing it, small
+ * enough that two workers stay evenly loaded to the end of a small image.
+ */
+export const DEFAULT_RANGE = 8 << 20;
+
+export interface ScanProgress {
+  path: string;
+  /** Bytes of this image scanned so far. */
+  done: number;
+  total: number;
+}
+
+export interface ScanOptions {
+  /** One block size, or several scanned in the same pass (one read). Default 4096. */
+  blockSize?: number | number[];
+  /** Also compute the SHA-1 digest of every non-zero block. */
+  sha1?: boolean;
+  /** Bytes per task (4..16 MiB, a multiple of the largest block size). */
+  rangeBytes?: number;
+  onProgress?: (p: ScanProgress) => void;
+}
+
+export interface ScannerOptions {
+  /** Worker threads; default one per core. */
+  workers?: number;
+}
+
+/**
+ * A pool of scan workers. Each worker reads its ranges straight into its own
+ * WASM memory; only per-block results come back. Reuse one Scanner for many
+ * images; close() it when done.
+ */
+export class Scanner {
+  private readonly pool: Piscina;
+  readonly workers: number;
+
+  constructor(options: ScannerOptions = {}) {
+    const workers = options.workers ?? os.availableParallelism();
+    if (!Number.isInteger(workers) || workers < 1 || workers > 256) throw new InvalidArgumentError('workers', 'an integer from 1 to 256', workers);
+    this.workers = workers;
+    this.pool = new Piscina({
+      filename: new URL('./worker.js', import.meta.url).href,
+      minThreads: workers,
+      maxThreads: workers,
+      idleTimeout: 60_000,
+      workerData: { wasmModule: wasmModule() },
+    });
+  }
+
+  /** Scans one image at one or more block sizes; one BlockMap per block size, in the order asked. */
+  async scan(path: string, options: ScanOptions = {}): Promise<BlockMap[]> {
+    const sizes = [options.blockSize ?? 4096].flat();
+    if (sizes.length === 0) throw new InvalidArgumentError('blockSize', 'at least one block size', sizes);
+    for (const bs of sizes) checkBlockSize(bs);
+    const maxBs = Math.max(...sizes);
+    const range = options.rangeBytes ?? Math.max(DEFAULT_RANGE, maxBs);
+    if (!Number.isInteger(range) || range < maxBs || range % maxBs || range > WINDOW || range < Math.min(4 << 20, MAX_BLOCK_SIZE)) {
+      throw new InvalidArgumentError('rangeBytes', `a multiple of ${maxBs} from 4 MiB to ${WINDOW}`, range);
+    }
+    const sha1 = options.sha1 ?? false;
+    statImage(path);
+    const before = currentIdentity(path);
+    const size = before.size;
+    const maps = sizes.map((bs) => {
+      const n = blockCount(size, bs);
+      return new BlockMap(path, before, bs, new Uint8Array(n), new BigUint64Array(n), new BigUint64Array(n), sha1 ? new Uint8Array(n * DIGEST_BYTES) : undefined);
+    });
+    let done = 0;
+    options.onProgress?.({ path, done, total: size });
+    const tasks: Promise<void>[] = [];
+    for (let offset = 0; offset < size; offset += range) {
+      const task: ScanTask = { path, offset, length: Math.min(range, size - offset), blockSizes: sizes, sha1, imageSize: size };
+      tasks.push(
+        (this.pool.run(task) as Promise<ArrayBuffer>).then((buf) => {
+          place(maps, task, buf);
+          done += task.length;
+          options.onProgress?.({ path, done, total: size });
+        }),
+      );
+    }
+    await settleAll(tasks);
+    const after = currentIdentity(path);
+    if (after.size !== before.size || after.mtimeNs !== before.mtimeNs || after.ino !== before.ino) {
+      throw new ImageError(ErrorCode.IMAGE_CHANGED, path, 'was modified while it was scanned; scan it again when it is quiet');
+    }
+    return maps;
+  }
+
+  async close(): Promise<void> {
+    await this.pool.destroy();
+  }
+}
+
+/** Waits for every task, then throws the first failure (no task is left running behind an error). */
+async function settleAll(tasks: Promise<void>[]): Promise<void> {
+  const results = await Promise.allSettled(tasks);
+  const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed) throw failed.reason instanceof BlockferryError ? failed.reason : rehydrate(failed.reason);
+}
+
+/** Errors cross the thread boundary as plain objects: give them back their class and code. */
+function rehydrate(e: unknown): Error {
+  const err = e as { code?: string; message?: string; path?: string };
+  if (err && typeof err.code === 'string' && err.code.startsWith('ERR_BF_')) {
+    return new BlockferryError(err.code as BlockferryError['code'], err.message ?? 'scan failed', { cause: e });
+  }
+  return e instanceof Error ? e : new Error(String(e));
+}
+
+function place(maps: BlockMap[], task: ScanTask, buf: ArrayBuffer): void {
+  const layout = taskLayout(task.length, task.blockSizes, task.sha1);
+  const u8 = new Uint8Array(buf);
+  layout.sections.forEach((s, k) => {
+    const map = maps[k]!;
+    const first = task.offset / s.blockSize;
+    map.zero.set(u8.subarray(s.flags, s.flags + s.blocks), first);
+    map.fingerprints.set(new BigUint64Array(buf, s.fps, s.blocks), first);
+    map.signatures.set(new BigUint64Array(buf, s.sigs, s.blocks), first);
+    if (map.digests) map.digests.set(u8.subarray(s.digests, s.digests + DIGEST_BYTES * s.blocks), first * DIGEST_BYTES);
+  });
+}
+
+export interface MapOptions extends ScanOptions {
+  /** Where block maps live (default: beside each image). */
+  mapDir?: string;
+  /** Rescan even when a current block map exists. */
+  rescan?: boolean;
+  /** Do not write block maps. */
+  noSave?: boolean;
+  /** Told when a map on disk is stale or damaged (and rebuilt), or could not be saved. */
+  onNotice?: (path: string, reason: string) => void;
+}
+
+export interface MapResult {
+  maps: BlockMap[];
+  /** 'loaded' when every map came from disk, 'scanned' otherwise. */
+  source: 'loaded' | 'scanned';
+  seconds: number;
+}
+
+/**
+ * The block maps of an image: loaded from disk when they describe the image
+ * as it is now, else scanned (and saved). A stale or damaged map is never
+ * used: it is rebuilt.
+ */
+export async function blockMapsFor(scanner: Scanner, path: string, options: MapOptions = {}): Promise<MapResult> {
+  const t0 = performance.now();
+  const sizes = [options.blockSize ?? 4096].flat();
+  const identity = currentIdentity(path);
+  if (!options.rescan) {
+    const loaded: BlockMap[] = [];
+    for (const bs of sizes) {
+      const file = blockMapPath(path, bs, options.mapDir);
+      if (!existsSync(file)) break;
+      try {
+        const map = BlockMap.load(file, path);
+        if (!map.matches(identity) || map.blockSize !== bs || (options.sha1 && !map.digests)) {
+          options.onNotice?.(path, map.matches(identity) ? 'no SHA-1 digests in the saved map' : 'the image changed since the map was made');
+          break;
+        }
+        loaded.push(map);
+      } catch (e) {
+        if (!(e instanceof BlockferryError)) throw e;
+        options.onNotice?.(path, `${e.code}: ${e.message}`);
+        break;
+      }
+    }
+    if (loaded.length === sizes.length) return { maps: loaded, source: 'loaded', seconds: (performance.now() - t0) / 1000 };
+  }
+  const maps = await scanner.scan(path, options);
+  if (!options.noSave) {
+    for (const m of maps) {
+      try {
+        m.save(blockMapPath(path, m.blockSize, options.mapDir));
+      } catch (e) {
+        // A read-only image directory must not fail the scan itself.
+        options.onNotice?.(path, `block map not saved: ${(e as Error).message}`);
+      }
+    }
+  }
+  return { maps, source: 'scanned', seconds: (performance.now() - t0) / 1000 };
+}
