@@ -192,13 +192,14 @@ export class BlockMap {
     }
     // Typed arrays need 8-byte alignment: copy the columns out once (fast next to any rescan).
     let at = HEADER;
-    const zero = b.slice(at, at + n);
+    const column = (from: number, bytes: number) => b.buffer.slice(b.byteOffset + from, b.byteOffset + from + bytes);
+    const zero = new Uint8Array(column(at, n));
     at += pad8(n);
-    const fps = new BigUint64Array(b.buffer.slice(b.byteOffset + at, b.byteOffset + at + 8 * n));
+    const fps = new BigUint64Array(column(at, 8 * n));
     at += 8 * n;
-    const sigs = new BigUint64Array(b.buffer.slice(b.byteOffset + at, b.byteOffset + at + 8 * n));
+    const sigs = new BigUint64Array(column(at, 8 * n));
     at += 8 * n;
-    const digests = flags & FLAG_DIGESTS ? b.slice(at, at + n * DIGEST_BYTES) : undefined;
+    const digests = flags & FLAG_DIGESTS ? new Uint8Array(column(at, n * DIGEST_BYTES)) : undefined;
     for (let i = 0; i < n; i++) {
       if (zero[i]! > 1) throw new FormatError(ErrorCode.CORRUPT, WHAT, `zero flag of block ${i} is ${zero[i]}`);
     }

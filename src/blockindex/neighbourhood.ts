@@ -1,0 +1,158 @@
+import { closeSync, fsyncSync, openSync, readFileSync, renameSync, rmSync, writeSync } from 'node:fs';
+import { resolve } from 'node:path';
+import { BlockMap } from '../blockmap/blockmap.js';
+import { TreeChecksum } from '../engine/checksum.js';
+import { checkBlockSize } from '../engine/engine.js';
+import { BlockferryError, ErrorCode, FormatError, InvalidArgumentError } from '../errors.js';
+import type { ImageIdentity } from '../image/source.js';
+import { BlockIndexTable, MAX_IMAGE_ID, NO_REF, refBlock, refImage } from './table.js';
+
+/** File layout: docs/FORMATS.md, "Block index file". */
+export const NEIGHBOURHOOD_MAGIC = Buffer.from('BFNBHOOD', 'latin1');
+export const NEIGHBOURHOOD_VERSION = 1;
+const HEADER = 32;
+const TRAILER = 8;
+const WHAT = 'block index file';
+/** A sane bound for the image list: refuse a header that claims more before parsing it. */
+const MAX_LIST_BYTES = 64 << 20;
+
+export interface NeighbourImage {
+  id: number;
+  path: string;
+  identity: ImageIdentity;
+  blocks: number;
+  /** Non-zero blocks this image added to the index (contents not already held). */
+  added: number;
+}
+
+export interface BlockLocation {
+  image: NeighbourImage;
+  block: number;
+}
+
+/**
+ * The destination's neighbourhood: one block index over many images at one
+ * block size, with the list of images its references point into. A hit says
+ * "image X holds this content at block N"; the caller reads that block and
+ * checks it (the index can be stale, the image can change).
+ */
+export class Neighbourhood {
+  readonly blockSize: number;
+  readonly table: BlockIndexTable;
+  private readonly list: NeighbourImage[] = [];
+
+  constructor(blockSize: number, table = new BlockIndexTable()) {
+    checkBlockSize(blockSize);
+    this.blockSize = blockSize;
+    this.table = table;
+  }
+
+  get images(): readonly NeighbourImage[] {
+    return this.list;
+  }
+
+  /** Adds the non-zero blocks of a map; returns the image's entry. An image already listed (same path) is refused. */
+  add(map: BlockMap): NeighbourImage {
+    if (map.blockSize !== this.blockSize) throw new InvalidArgumentError('map', `a block map at ${this.blockSize}-byte blocks`, map.blockSize);
+    const path = resolve(map.imagePath);
+    if (this.list.some((i) => i.path === path)) throw new InvalidArgumentError('image', 'an image not yet in the index', path);
+    const id = this.list.length;
+    if (id > MAX_IMAGE_ID) throw new InvalidArgumentError('images', `at most ${MAX_IMAGE_ID + 1} images`, id + 1);
+    const before = this.table.size;
+    const own = map.distinctTable(undefined, id);
+    this.table.insertMany(own.entries());
+    const entry: NeighbourImage = { id, path, identity: map.identity, blocks: map.count, added: this.table.size - before };
+    this.list.push(entry);
+    return entry;
+  }
+
+  lookup(fp: bigint, sig: bigint): BlockLocation | undefined {
+    const ref = this.table.lookup(fp, sig);
+    if (ref === undefined) return undefined;
+    return { image: this.list[refImage(ref)]!, block: refBlock(ref) };
+  }
+
+  /** References for many blocks at once (NO_REF for a miss); see refImage/refBlock. */
+  lookupColumns(fps: BigUint64Array, sigs: BigUint64Array): BigUint64Array {
+    return this.table.lookupColumns(fps, sigs);
+  }
+
+  imageOf(ref: bigint): NeighbourImage | undefined {
+    return ref === NO_REF ? undefined : this.list[refImage(ref)];
+  }
+
+  /** Writes the index atomically (temporary file, fsync, rename). */
+  save(file: string): void {
+    const list = Buffer.from(JSON.stringify({ images: this.list }), 'utf8');
+    const table = this.table.serialize();
+    const header = Buffer.alloc(HEADER);
+    NEIGHBOURHOOD_MAGIC.copy(header, 0);
+    header.writeUInt32LE(NEIGHBOURHOOD_VERSION, 8);
+    header.writeUInt32LE(this.blockSize, 12);
+    header.writeUInt32LE(list.length, 16);
+    header.writeBigUInt64LE(BigInt(table.length), 24);
+    const sum = new TreeChecksum().update(header).update(list).update(table).digest();
+    const trailer = Buffer.alloc(TRAILER);
+    trailer.writeBigUInt64LE(sum);
+    const tmp = `${file}.tmp-${process.pid}`;
+    let fd: number | undefined;
+    try {
+      fd = openSync(tmp, 'w', 0o644);
+      for (const p of [header, list, table, trailer]) for (let at = 0; at < p.length; ) at += writeSync(fd, p, at, p.length - at);
+      fsyncSync(fd);
+      closeSync(fd);
+      fd = undefined;
+      renameSync(tmp, file);
+    } catch (cause) {
+      if (fd !== undefined) closeSync(fd);
+      rmSync(tmp, { force: true });
+      throw new BlockferryError(ErrorCode.WRITE_FAILED, `cannot write block index ${file}: ${(cause as Error).message}`, { cause });
+    }
+  }
+
+  static load(file: string): Neighbourhood {
+    let b: Buffer;
+    try {
+      b = readFileSync(file);
+    } catch (cause) {
+      const code = (cause as NodeJS.ErrnoException).code === 'ENOENT' ? ErrorCode.IMAGE_NOT_FOUND : ErrorCode.IMAGE_UNREADABLE;
+      throw new BlockferryError(code, `cannot read block index ${file}: ${(cause as Error).message}`, { cause });
+    }
+    if (b.length < HEADER + TRAILER) throw new FormatError(ErrorCode.TRUNCATED, WHAT, `${b.length} bytes is shorter than the header`);
+    if (!NEIGHBOURHOOD_MAGIC.equals(b.subarray(0, 8))) throw new FormatError(ErrorCode.BAD_MAGIC, WHAT, 'not a blockferry block index (bad magic)');
+    const version = b.readUInt32LE(8);
+    if (version !== NEIGHBOURHOOD_VERSION) throw new FormatError(ErrorCode.UNSUPPORTED_VERSION, WHAT, `format version ${version}; this build reads ${NEIGHBOURHOOD_VERSION}`);
+    const blockSize = b.readUInt32LE(12);
+    const listBytes = b.readUInt32LE(16);
+    const tableBytes = b.readBigUInt64LE(24);
+    if (listBytes > MAX_LIST_BYTES) throw new FormatError(ErrorCode.CORRUPT, WHAT, `image list of ${listBytes} bytes`);
+    const expected = BigInt(HEADER + listBytes + TRAILER) + tableBytes;
+    if (expected > BigInt(b.length)) throw new FormatError(ErrorCode.TRUNCATED, WHAT, `${b.length} bytes, the header promises ${expected}`);
+    if (expected < BigInt(b.length)) throw new FormatError(ErrorCode.CORRUPT, WHAT, `${BigInt(b.length) - expected} bytes after the declared end`);
+    const end = b.length - TRAILER;
+    if (new TreeChecksum().update(b.subarray(0, end)).digest() !== b.readBigUInt64LE(end)) {
+      throw new FormatError(ErrorCode.CHECKSUM_MISMATCH, WHAT, 'checksum mismatch: the file is damaged');
+    }
+    let images: NeighbourImage[];
+    try {
+      images = (JSON.parse(b.subarray(HEADER, HEADER + listBytes).toString('utf8')) as { images: NeighbourImage[] }).images;
+      if (!Array.isArray(images) || images.some((im, i) => im.id !== i || typeof im.path !== 'string')) throw new Error('bad image list');
+    } catch (cause) {
+      throw new FormatError(ErrorCode.CORRUPT, WHAT, `unreadable image list (${(cause as Error).message})`);
+    }
+    try {
+      checkBlockSize(blockSize);
+    } catch {
+      throw new FormatError(ErrorCode.CORRUPT, WHAT, `invalid block size ${blockSize}`);
+    }
+    const table = BlockIndexTable.deserialize(b.subarray(HEADER + listBytes, end));
+    const n = new Neighbourhood(blockSize, table);
+    n.list.push(...images);
+    return n;
+  }
+
+  info(): { blockSize: number; images: readonly NeighbourImage[]; entries: number; bytesPerEntry: number; memoryBytes: number } {
+    const s = this.table.stats();
+    return { blockSize: this.blockSize, images: this.list, entries: s.entries, bytesPerEntry: s.bytesPerEntry, memoryBytes: s.memoryBytes };
+  }
+}

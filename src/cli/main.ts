@@ -1,0 +1,268 @@
+// The blockferry command: a thin shell over the library API. Every command
+// here is a few calls a program embedding blockferry can make itself.
+import { readFileSync } from 'node:fs';
+import { basename } from 'node:path';
+import { Command, CommanderError, Option } from 'commander';
+import Table from 'cli-table3';
+import { BlockferryError, ErrorCode } from '../errors.js';
+import { checkBlockSize } from '../engine/engine.js';
+import { Scanner, blockMapsFor, type MapOptions } from '../scan/scanner.js';
+import { similarityMatrix, type SimilarityMatrix } from '../similarity/similarity.js';
+import { Neighbourhood } from '../blockindex/neighbourhood.js';
+import { createProgress, human, type ProgressMode } from './progress.js';
+import { runDemo } from './demo.js';
+
+const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
+
+class UsageError extends BlockferryError {
+  constructor(message: string) {
+    super(ErrorCode.USAGE, message);
+  }
+}
+
+function intArg(name: string, min: number, max: number) {
+  return (v: string): number => {
+    const n = Number(v);
+    if (!/^\d+$/.test(v) || n < min || n > max) throw new UsageError(`${name} must be an integer from ${min} to ${max}, got ${JSON.stringify(v)}`);
+    return n;
+  };
+}
+
+/** "4096", "4k", "512,1k,4k", "512-16k" (every power of two in the range). */
+export function parseBlockSizes(v: string): number[] {
+  const one = (s: string): number => {
+    const m = /^(\d+)([kKmM]?)$/.exec(s.trim());
+    if (!m) throw new UsageError(`block size ${JSON.stringify(s)} is not a number like 4096, 4k or 1m`);
+    const n = Number(m[1]) * (m[2] ? (m[2].toLowerCase() === 'k' ? 1024 : 1 << 20) : 1);
+    checkBlockSize(n);
+    return n;
+  };
+  const out: number[] = [];
+  for (const part of v.split(',')) {
+    const range = part.split('-');
+    if (range.length === 2) {
+      for (let bs = one(range[0]!); bs <= one(range[1]!); bs *= 2) out.push(bs);
+    } else out.push(one(part));
+  }
+  return [...new Set(out)];
+}
+
+interface CommonOptions {
+  workers?: number;
+  progress: ProgressMode;
+  mapDir?: string;
+  rescan?: boolean;
+  save: boolean;
+}
+
+function common(cmd: Command): Command {
+  return cmd
+    .option('--workers <n>', 'scan worker threads (default: one per core)', intArg('--workers', 1, 256))
+    .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a terminal, JSON lines, or nothing').choices(['auto', 'json', 'none']).default('auto'))
+    .option('--map-dir <dir>', 'keep block maps in this directory instead of beside each image')
+    .option('--rescan', 'ignore saved block maps and scan again')
+    .option('--no-save', 'do not write block maps');
+}
+
+/** Block maps for every image (loaded when current, else scanned), with progress. */
+async function mapsFor(images: string[], sizes: number[], o: CommonOptions & { sha1?: boolean }) {
+  const scanner = new Scanner(o.workers ? { workers: o.workers } : {});
+  const progress = createProgress(o.progress);
+  const notices: string[] = [];
+  try {
+    const results = [];
+    for (const path of images) {
+      const opts: MapOptions = {
+        blockSize: sizes,
+        sha1: o.sha1 ?? false,
+        rescan: o.rescan ?? false,
+        noSave: !o.save,
+        onProgress: (p) => progress.update({ phase: 'scan', ...p }),
+        onNotice: (p, msg) => notices.push(`${p}: ${msg}`),
+      };
+      if (o.mapDir) opts.mapDir = o.mapDir;
+      results.push({ path, ...(await blockMapsFor(scanner, path, opts)) });
+    }
+    return results;
+  } finally {
+    progress.stop();
+    await scanner.close();
+    for (const n of notices) process.stderr.write(`blockferry: notice: ${n}\n`);
+  }
+}
+
+function print(s: string): void {
+  process.stdout.write(s.endsWith('\n') ? s : s + '\n');
+}
+
+const pct = (v: number) => `${v.toFixed(1)} %`;
+
+function matrixTables(m: SimilarityMatrix): string {
+  const names = m.images.map((i) => basename(i.path));
+  const sim = new Table({ head: [`base \\ target (${m.blockSize} B blocks)`, ...names, 'average'], style: { head: [], border: [] } });
+  m.similarity.forEach((row, b) => sim.push([names[b]!, ...row.map(pct), pct(m.average[b]!)]));
+  const bytes = new Table({ head: ['still to send, base \\ target', ...names], style: { head: [], border: [] } });
+  m.bytesToSend.forEach((row, b) => bytes.push([names[b]!, ...row.map((v) => human(v))]));
+  return `${sim.toString()}\n${bytes.toString()}`;
+}
+
+function matrixCsv(ms: SimilarityMatrix[]): string {
+  const lines = ['block_size,base,target,similarity_percent,bytes_to_send'];
+  for (const m of ms) {
+    m.similarity.forEach((row, b) =>
+      row.forEach((v, t) => lines.push([m.blockSize, JSON.stringify(m.images[b]!.path), JSON.stringify(m.images[t]!.path), v.toFixed(3), m.bytesToSend[b]![t]].join(','))),
+    );
+  }
+  return lines.join('\n');
+}
+
+function matrixMarkdown(m: SimilarityMatrix): string {
+  const names = m.images.map((i) => basename(i.path));
+  const rows = [
+    `| base \\ target (${m.blockSize} B) | ${names.join(' | ')} | average |`,
+    `|---|${names.map(() => '---:').join('|')}|---:|`,
+    ...m.similarity.map((row, b) => `| ${names[b]} | ${row.map(pct).join(' | ')} | ${pct(m.average[b]!)} |`),
+  ];
+  return rows.join('\n');
+}
+
+export function buildProgram(): Command {
+  const program = new Command('blockferry')
+    .description('Dedup and block transfer for virtual-machine disk images')
+    .version(pkg.version)
+    .showHelpAfterError('(run with --help for usage)');
+
+  common(
+    program
+      .command('scan')
+      .description('scan images: zero, distinct and duplicate blocks; writes a block map per image')
+      .argument('<image...>', 'raw image files or block devices')
+      .option('--block-size <size>', 'block size, or a list (512,4k or 512-16k)', '4096')
+      .option('--sha1', 'also record the SHA-1 digest of every non-zero block')
+      .option('--json', 'print the results as JSON'),
+  ).action(async (images: string[], o: CommonOptions & { blockSize: string; sha1?: boolean; json?: boolean }) => {
+    const sizes = parseBlockSizes(o.blockSize);
+    const results = await mapsFor(images, sizes, o);
+    const rows = results.flatMap((r) =>
+      r.maps.map((m) => {
+        const s = m.stats();
+        return {
+          image: r.path, size: m.imageSize, blockSize: m.blockSize, blocks: s.blocks, zeroBlocks: s.zeroBlocks,
+          distinctBlocks: s.distinctBlocks, duplicateBlocks: s.duplicateBlocks, seconds: +r.seconds.toFixed(3),
+          mbPerSecond: r.seconds > 0 ? +(m.imageSize / r.seconds / 1e6).toFixed(1) : null, map: r.source, sha1: !!m.digests,
+        };
+      }),
+    );
+    if (o.json) return print(JSON.stringify(rows, null, 2));
+    const t = new Table({ head: ['image', 'size', 'block', 'blocks', 'zero', 'distinct', 'duplicate', 'time', 'MB/s', 'map'], style: { head: [], border: [] } });
+    for (const r of rows) {
+      t.push([basename(r.image), human(r.size), r.blockSize, r.blocks, r.zeroBlocks, r.distinctBlocks, r.duplicateBlocks, `${r.seconds.toFixed(2)} s`, r.map === 'loaded' ? '—' : r.mbPerSecond ?? '—', r.map]);
+    }
+    print(t.toString());
+  });
+
+  common(
+    program
+      .command('similarity')
+      .description('similarity matrix: % of each target\'s non-zero blocks found in each base, and the bytes still to send')
+      .argument('<image...>', 'two or more images')
+      .option('--block-size <size>', 'block size, or a list for a sweep (512-16k)', '4096')
+      .addOption(new Option('--json', 'print JSON').conflicts(['csv', 'markdown']))
+      .addOption(new Option('--csv', 'print CSV').conflicts(['markdown']))
+      .option('--markdown', 'print Markdown tables'),
+  ).action(async (images: string[], o: CommonOptions & { blockSize: string; json?: boolean; csv?: boolean; markdown?: boolean }) => {
+    if (images.length < 2) throw new UsageError('similarity needs at least two images');
+    const sizes = parseBlockSizes(o.blockSize);
+    const results = await mapsFor(images, sizes, o);
+    const matrices = sizes.map((_, k) => similarityMatrix(results.map((r) => r.maps[k]!)));
+    if (o.json) return print(JSON.stringify(matrices.length === 1 ? matrices[0] : matrices, null, 2));
+    if (o.csv) return print(matrixCsv(matrices));
+    if (o.markdown) return print(matrices.map(matrixMarkdown).join('\n\n'));
+    print(matrices.map(matrixTables).join('\n\n'));
+  });
+
+  const index = program.command('index').description('block indexes over many images (a destination\'s neighbourhood)');
+  common(
+    index
+      .command('build')
+      .description('build a block index of images')
+      .requiredOption('--out <file>', 'index file to write')
+      .option('--block-size <size>', 'block size', '4096')
+      .argument('<image...>', 'images to index'),
+  ).action(async (images: string[], o: CommonOptions & { out: string; blockSize: string }) => {
+    const [bs, ...rest] = parseBlockSizes(o.blockSize);
+    if (rest.length) throw new UsageError('an index has one block size');
+    const n = new Neighbourhood(bs!);
+    for (const r of await mapsFor(images, [bs!], o)) n.add(r.maps[0]!);
+    n.save(o.out);
+    print(describeIndex(o.out, n));
+  });
+  common(
+    index
+      .command('add')
+      .description('add images to an existing block index')
+      .argument('<index>', 'index file')
+      .argument('<image...>', 'images to add'),
+  ).action(async (file: string, images: string[], o: CommonOptions) => {
+    const n = Neighbourhood.load(file);
+    for (const r of await mapsFor(images, [n.blockSize], o)) n.add(r.maps[0]!);
+    n.save(file);
+    print(describeIndex(file, n));
+  });
+  index
+    .command('info')
+    .description('show what a block index holds')
+    .argument('<index>', 'index file')
+    .option('--json', 'print JSON')
+    .action((file: string, o: { json?: boolean }) => {
+      const n = Neighbourhood.load(file);
+      if (o.json) return print(JSON.stringify({ file, ...n.info() }, null, 2));
+      print(describeIndex(file, n));
+    });
+
+  program
+    .command('demo')
+    .description('the main job on an embedded default: make similar images, scan them, print the similarity matrix')
+    .option('--dir <dir>', 'where to make the images (default: a temporary directory, removed afterwards)')
+    .addOption(new Option('--progress <mode>', 'progress on stderr').choices(['auto', 'json', 'none']).default('auto'))
+    .action(async (o: { dir?: string; progress: ProgressMode }) => {
+      const m = await runDemo(o);
+      print(m);
+    });
+
+  return program;
+}
+
+function describeIndex(file: string, n: Neighbourhood): string {
+  const info = n.info();
+  const t = new Table({ head: ['id', 'image', 'blocks', 'new contents indexed'], style: { head: [], border: [] } });
+  for (const im of info.images) t.push([im.id, im.path, im.blocks, im.added]);
+  return `${file}: ${info.images.length} images, ${info.entries} distinct blocks of ${info.blockSize} B, ` +
+    `${info.bytesPerEntry.toFixed(1)} bytes per entry in memory\n${t.toString()}`;
+}
+
+/** Runs the CLI; returns the exit code (0 ok, 1 error, 2 usage). Never throws. */
+export async function main(argv: string[]): Promise<number> {
+  const program = buildProgram();
+  program.exitOverride();
+  program.configureOutput({ writeErr: (s) => process.stderr.write(s) });
+  for (const c of program.commands) {
+    c.exitOverride();
+    for (const cc of c.commands) cc.exitOverride();
+  }
+  try {
+    await program.parseAsync(argv, { from: 'user' });
+    return 0;
+  } catch (e) {
+    if (e instanceof CommanderError) {
+      if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || e.code === 'commander.help') return 0;
+      return 2; // commander already printed the message
+    }
+    if (e instanceof BlockferryError) {
+      process.stderr.write(`blockferry: error ${e.code}: ${e.message}\n`);
+      return e.code === ErrorCode.USAGE ? 2 : 1;
+    }
+    process.stderr.write(`blockferry: internal error: ${(e as Error)?.stack ?? String(e)}\n`);
+    return 70;
+  }
+}

@@ -1,0 +1,95 @@
+// The blockferry command as a user runs it: a separate process, real files,
+// exit codes and stable error codes on stderr.
+import { after, before, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { seededBytes } from './util.js';
+
+const bin = new URL('../../bin/blockferry.js', import.meta.url).pathname;
+const run = (...args: string[]) => {
+  const r = spawnSync(process.execPath, [bin, ...args], { encoding: 'utf8' });
+  return { code: r.status, out: r.stdout, err: r.stderr };
+};
+
+let dir: string, a: string, b: string;
+before(() => {
+  dir = mkdtempSync(join(tmpdir(), 'bf-cli-'));
+  a = join(dir, 'a.img');
+  b = join(dir, 'b.img');
+  writeFileSync(a, Buffer.concat([seededBytes(1, 40 * 4096), Buffer.alloc(8 * 4096)]));
+  writeFileSync(b, Buffer.concat([seededBytes(1, 20 * 4096), seededBytes(2, 20 * 4096), Buffer.alloc(8 * 4096)]));
+});
+after(() => rmSync(dir, { recursive: true, force: true }));
+
+describe('blockferry CLI', () => {
+  it('scan --json reports blocks and writes a block map beside the image', () => {
+    const r = run('scan', '--json', '--progress=none', a);
+    assert.equal(r.code, 0, r.err);
+    const [row] = JSON.parse(r.out);
+    assert.deepEqual({ blocks: row.blocks, zero: row.zeroBlocks, distinct: row.distinctBlocks, map: row.map }, { blocks: 48, zero: 8, distinct: 40, map: 'scanned' });
+    assert.ok(existsSync(`${a}.4096.bfmap`));
+    assert.equal(JSON.parse(run('scan', '--json', a).out)[0].map, 'loaded');
+  });
+
+  it('similarity prints the matrix as JSON, CSV and Markdown', () => {
+    const j = run('similarity', '--json', a, b);
+    assert.equal(j.code, 0, j.err);
+    const m = JSON.parse(j.out);
+    assert.deepEqual(m.similarity, [[100, 50], [50, 100]]);
+    assert.deepEqual(m.bytesToSend, [[0, 20 * 4096], [20 * 4096, 0]]);
+    const csv = run('similarity', '--csv', a, b).out.trim().split('\n');
+    assert.equal(csv[0], 'block_size,base,target,similarity_percent,bytes_to_send');
+    assert.equal(csv.length, 5);
+    assert.match(run('similarity', '--markdown', a, b).out, /\| a\.img \| 100\.0 % \| 50\.0 % \| 50\.0 % \|/);
+    const sweep = JSON.parse(run('similarity', '--json', '--block-size', '4k-16k', a, b).out);
+    assert.deepEqual(sweep.map((x: { blockSize: number }) => x.blockSize), [4096, 8192, 16384]);
+  });
+
+  it('prints JSON progress lines on stderr with --progress=json', () => {
+    const r = run('scan', '--rescan', '--progress=json', '--json', a);
+    const lines = r.err.trim().split('\n').map((l) => JSON.parse(l));
+    assert.ok(lines.length >= 2);
+    assert.deepEqual(Object.keys(lines.at(-1)).sort(), ['done', 'eta', 'event', 'mbps', 'path', 'phase', 'total']);
+    assert.equal(lines.at(-1).done, lines.at(-1).total);
+  });
+
+  it('builds, extends and describes a block index', () => {
+    const idx = join(dir, 'n.bfidx');
+    assert.equal(run('index', 'build', '--out', idx, a).code, 0);
+    assert.equal(run('index', 'add', idx, b).code, 0);
+    const info = JSON.parse(run('index', 'info', '--json', idx).out);
+    assert.equal(info.images.length, 2);
+    assert.equal(info.entries, 60);
+  });
+
+  it('answers bad input with one line, a stable code and a non-zero exit, leaving nothing behind', () => {
+    const cases: Array<[string[], number, RegExp]> = [
+      [['scan', join(dir, 'missing.img')], 1, /ERR_BF_IMAGE_NOT_FOUND/],
+      [['scan', dir], 1, /ERR_BF_NOT_AN_IMAGE/],
+      [['scan', '--block-size', '1000', a], 1, /ERR_BF_BAD_BLOCK_SIZE/],
+      [['scan', '--block-size', 'lots', a], 2, /ERR_BF_USAGE/],
+      [['scan', '--workers', '0', a], 2, /ERR_BF_USAGE/],
+      [['similarity', a], 2, /ERR_BF_USAGE/],
+      [['scan', '--frobnicate', a], 2, /unknown option/],
+      [['index', 'info', a], 1, /ERR_BF_BAD_MAGIC/],
+    ];
+    for (const [args, code, re] of cases) {
+      const r = run(...args);
+      assert.equal(r.code, code, `${args.join(' ')}: ${r.err}`);
+      assert.match(r.err, re, args.join(' '));
+      assert.doesNotMatch(r.err, /at .*\.js:\d+/, 'no stack trace');
+    }
+    const out = join(dir, 'never.bfidx');
+    assert.equal(run('index', 'build', '--out', out, a, join(dir, 'missing.img')).code, 1);
+    assert.equal(existsSync(out), false, 'a failed build leaves no index file');
+  });
+
+  it('runs the demo', () => {
+    const r = run('demo', '--progress=none');
+    assert.equal(r.code, 0, r.err);
+    assert.match(r.out, /Moving clone\.img to a host that holds base\.img sends/);
+  });
+});
