@@ -1,4 +1,4 @@
-// npm run bench [-- --only hash,zero,bitmap,index] [-- --json [FILE]]
+// npm run bench [-- --only hash,zero,bitmap,scan,index] [-- --json [FILE]]
 // Every group checks its results against the reference before timing, runs
 // the peers in this one process, and prints ratios against the goals.
 import { writeFileSync } from 'node:fs';
@@ -8,12 +8,13 @@ import { benchHash } from './hash.js';
 import { benchZero } from './zero.js';
 import { benchBitmap } from './bitmap.js';
 import { benchBlockIndex } from './blockindex.js';
+import { benchScan } from './scan.js';
 
-const { values } = parseArgs({
-  options: { only: { type: 'string' }, json: { type: 'string' } },
-  allowPositionals: false,
-  args: process.argv.slice(2).map((a) => (a === '--json' ? '--json=bench-results.json' : a)),
-});
+// `--json` alone writes bench-results.json; `--json FILE` or `--json=FILE` names the file.
+const argv = process.argv.slice(2);
+const j = argv.indexOf('--json');
+if (j >= 0) argv.splice(j, argv[j + 1] && !argv[j + 1]!.startsWith('--') ? 2 : 1, `--json=${argv[j + 1] && !argv[j + 1]!.startsWith('--') ? argv[j + 1] : 'bench-results.json'}`);
+const { values } = parseArgs({ options: { only: { type: 'string' }, json: { type: 'string' } }, args: argv });
 const only = values.only?.split(',');
 const want = (name: string) => !only || only.includes(name);
 
@@ -24,6 +25,7 @@ const extra: Record<string, unknown> = {};
 if (want('hash')) groups.push(...(await benchHash()));
 if (want('zero')) groups.push(...(await benchZero()));
 if (want('bitmap')) groups.push(...(await benchBitmap()));
+if (want('scan')) groups.push(...(await benchScan()));
 if (want('index')) {
   const r = await benchBlockIndex();
   groups.push(...r.groups);

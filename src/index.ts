@@ -32,3 +32,10 @@ export {
   ErrorCode,
   type ErrorCodeValue,
 } from './errors.js';
+export { ImageError } from './errors.js';
+export { FileImageSource, statImage, currentIdentity, type ImageSource, type Extent, type ImageIdentity } from './image/source.js';
+export { Scanner, blockMapsFor, DEFAULT_RANGE, type ScanOptions, type ScannerOptions, type ScanProgress, type MapOptions, type MapResult } from './scan/scanner.js';
+export { BlockMap, blockMapPath, type BlockMapStats } from './blockmap/blockmap.js';
+export { TreeChecksum, treeChecksum, CHECKSUM_PIECE } from './engine/checksum.js';
+export { similarityMatrix, type SimilarityMatrix, type SimilarityImage } from './similarity/similarity.js';
+export { Neighbourhood, type NeighbourImage, type BlockLocation } from './blockindex/neighbourhood.js';

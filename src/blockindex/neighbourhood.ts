@@ -60,6 +60,7 @@ export class Neighbourhood {
     if (id > MAX_IMAGE_ID) throw new InvalidArgumentError('images', `at most ${MAX_IMAGE_ID + 1} images`, id + 1);
     const before = this.table.size;
     const own = map.distinctTable(undefined, id);
+    this.table.reserve(own.size);
     this.table.insertMany(own.entries());
     const entry: NeighbourImage = { id, path, identity: map.identity, blocks: map.count, added: this.table.size - before };
     this.list.push(entry);

@@ -114,9 +114,9 @@ export class BlockIndexTable {
   reserve(more: number): void {
     const need = this.count + more;
     if (need <= this.cap * MAX_LOAD) return;
-    let cap = this.cap;
-    while (need > cap * MAX_LOAD) cap = Math.ceil(cap * GROWTH);
-    this.resize(cap);
+    // Grow by GROWTH (amortised O(1) for one-at-a-time inserts), or straight
+    // to the size a known count needs when that is larger.
+    this.resize(Math.max(Math.ceil(this.cap * GROWTH), capacityFor(need)));
   }
 
   private resize(newCap: number): void {
