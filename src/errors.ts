@@ -34,6 +34,10 @@ export const ErrorCode = {
   STALE_BLOCK_MAP: 'ERR_BF_STALE_BLOCK_MAP',
   /** A file blockferry writes (block map, index) could not be written. */
   WRITE_FAILED: 'ERR_BF_WRITE_FAILED',
+  /** A backend that was asked for (BLOCKFERRY_BACKEND=native) is not available. */
+  BACKEND_UNAVAILABLE: 'ERR_BF_BACKEND_UNAVAILABLE',
+  /** A system call failed (the native addon); the error carries errno and syscall. */
+  SYSCALL: 'ERR_BF_SYSCALL',
   /** A command line that cannot be parsed (unknown option, missing argument). */
   USAGE: 'ERR_BF_USAGE',
 } as const;

@@ -6,14 +6,17 @@ import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { sha1 as hwSha1, xxhash3 } from 'hash-wasm';
 import { Engine, DIGEST_BYTES, ErrorCode } from '../src/index.js';
-import { seededBytes } from './util.js';
+import { seededBytes, testBackends } from './util.js';
 
-const engine = new Engine({ initialBytes: 8 << 20 });
+const wasmEngine = new Engine({ initialBytes: 8 << 20, backend: 'wasm' });
 const nodeSha1 = (d: Uint8Array) => createHash('sha1').update(d).digest('hex');
 const hex = (d: Uint8Array) => Buffer.from(d).toString('hex');
 const xxh = async (d: Uint8Array) => BigInt('0x' + (await xxhash3(d, 0, 0)));
 
-describe('SHA-1', () => {
+// One suite, every backend: native (when built), WASM, node:crypto.
+for (const backend of testBackends()) {
+const engine = new Engine({ initialBytes: 8 << 20, backend });
+describe(`SHA-1 on the ${backend} backend`, () => {
   it('matches the FIPS 180 examples', () => {
     assert.equal(hex(engine.sha1(Buffer.from('abc'))), 'a9993e364706816aba3e25717850c26c9cd0d89d');
     assert.equal(hex(engine.sha1(new Uint8Array(0))), 'da39a3ee5e6b4b0d3255bfef95601890afd80709');
@@ -90,6 +93,9 @@ describe('SHA-1', () => {
   });
 });
 
+}
+
+const engine = wasmEngine;
 describe('XXH3-64 fingerprint', () => {
   it('matches the reference golden values', () => {
     assert.equal(engine.xxh3(new Uint8Array(0)), 0x2d06800538d394c2n);

@@ -25,3 +25,10 @@ export function rng(seed: number): () => number {
     return x;
   };
 }
+
+import { nativeStatus, type BackendName } from '../src/engine/backend.js';
+
+/** The backends to run a suite on: native when the addon is built, always WASM and node:crypto. */
+export function testBackends(): BackendName[] {
+  return nativeStatus().loaded ? ['native', 'wasm', 'js'] : ['wasm', 'js'];
+}

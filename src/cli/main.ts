@@ -11,6 +11,9 @@ import { similarityMatrix, type SimilarityMatrix } from '../similarity/similarit
 import { Neighbourhood } from '../blockindex/neighbourhood.js';
 import { createProgress, human, type ProgressMode } from './progress.js';
 import { runDemo } from './demo.js';
+import { chooseBackend, nativeStatus } from '../engine/backend.js';
+import { wasmModule } from '../engine/wasm.js';
+import os from 'node:os';
 
 const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
 
@@ -218,6 +221,33 @@ export function buildProgram(): Command {
       const n = Neighbourhood.load(file);
       if (o.json) return print(JSON.stringify({ file, ...n.info() }, null, 2));
       print(describeIndex(file, n));
+    });
+
+  program
+    .command('doctor')
+    .description('which backend runs each kernel here, and why')
+    .option('--json', 'print JSON')
+    .action((o: { json?: boolean }) => {
+      wasmModule(); // throws ERR_BF_WASM_LOAD when the core is missing
+      const choice = chooseBackend();
+      const native = nativeStatus();
+      const report = {
+        blockferry: pkg.version,
+        node: process.version,
+        cpu: os.cpus()[0]?.model ?? 'unknown',
+        cores: os.availableParallelism(),
+        wasmCore: 'loaded',
+        nativeAddon: native.loaded ? { loaded: true, path: native.path, ...native.info } : { loaded: false, path: native.path, error: native.error },
+        sha1: choice.sha1,
+        extents: choice.native ? 'native (SEEK_DATA/SEEK_HOLE)' : 'none: every byte is read, holes found by the zero scan',
+        holePunching: choice.native ? 'native (fallocate)' : 'explicit zero writes',
+        reason: choice.reason,
+        forcedBy: process.env.BLOCKFERRY_BACKEND ? `BLOCKFERRY_BACKEND=${process.env.BLOCKFERRY_BACKEND}` : null,
+      };
+      if (o.json) return print(JSON.stringify(report, null, 2));
+      const t = new Table({ style: { head: [], border: [] } });
+      for (const [k, v] of Object.entries(report)) t.push({ [k]: typeof v === 'object' && v !== null ? JSON.stringify(v) : String(v) });
+      print(t.toString());
     });
 
   program

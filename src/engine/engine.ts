@@ -1,5 +1,7 @@
 import { BlockSizeError, InvalidArgumentError, OutOfMemoryError } from '../errors.js';
-import { instantiateCore, SHA1_SCRATCH, wasmModule, type WasmCore } from './wasm.js';
+import { createHash } from 'node:crypto';
+import { instantiateCore, wasmModule, type WasmCore } from './wasm.js';
+import { chooseBackend, type BackendChoice, type BackendName } from './backend.js';
 
 /** Smallest block size the block-level kernels accept: one disk sector. */
 export const MIN_BLOCK_SIZE = 512;
@@ -25,6 +27,8 @@ export interface EngineOptions {
   initialBytes?: number;
   /** A precompiled core module (workers receive it to skip compilation). */
   module?: WebAssembly.Module;
+  /** Force a backend (default: BLOCKFERRY_BACKEND, else the fastest available; src/engine/backend.ts). */
+  backend?: BackendName;
 }
 
 /** Throws unless bs is a power of two in [MIN_BLOCK_SIZE, MAX_BLOCK_SIZE]. */
@@ -56,6 +60,8 @@ const align = (n: number, a: number) => Math.ceil(n / a) * a;
 export class Engine {
   readonly memory: WebAssembly.Memory;
   readonly core: WasmCore;
+  /** Which implementation runs SHA-1, and the native addon for system calls (or null). */
+  readonly backend: BackendChoice;
   private top = RESERVED;
   private u8: Uint8Array;
 
@@ -65,6 +71,7 @@ export class Engine {
     this.memory = new WebAssembly.Memory({ initial: pages, maximum: MAX_PAGES });
     this.core = instantiateCore(this.memory, options.module ?? wasmModule());
     this.u8 = new Uint8Array(this.memory.buffer);
+    this.backend = chooseBackend(options.backend);
   }
 
   /** A view of all of linear memory; re-read after anything that may grow it. */
@@ -130,7 +137,31 @@ export class Engine {
   sha1At(ptr: number, len: number, out: number): void {
     this.checkRange('data', ptr, len);
     this.checkRange('out', out, DIGEST_BYTES);
-    this.core.sha1(ptr, len, out, 0);
+    this.sha1Raw(ptr, len, out);
+  }
+
+  private sha1Raw(ptr: number, len: number, out: number): void {
+    const buf = this.memory.buffer;
+    if (this.backend.sha1 === 'native') this.backend.native!.sha1(new Uint8Array(buf, ptr, len), new Uint8Array(buf, out, DIGEST_BYTES));
+    else if (this.backend.sha1 === 'js') new Uint8Array(buf, out, DIGEST_BYTES).set(createHash('sha1').update(new Uint8Array(buf, ptr, len)).digest());
+    else this.core.sha1(ptr, len, out, 0);
+  }
+
+  private sha1BlocksRaw(ptr: number, len: number, bs: number, out: number): number {
+    const buf = this.memory.buffer;
+    const n = blockCount(len, bs);
+    if (this.backend.sha1 === 'native') {
+      return this.backend.native!.sha1Blocks(new Uint8Array(buf, ptr, len), bs, new Uint8Array(buf, out, n * DIGEST_BYTES));
+    }
+    if (this.backend.sha1 === 'js') {
+      const u8 = new Uint8Array(buf);
+      for (let i = 0; i < n; i++) {
+        const start = ptr + i * bs;
+        u8.set(createHash('sha1').update(u8.subarray(start, Math.min(ptr + len, start + bs))).digest(), out + i * DIGEST_BYTES);
+      }
+      return n;
+    }
+    return this.core.sha1Blocks(ptr, len, bs, out, 0);
   }
 
   /** SHA-1 of every block of [ptr, ptr+len) to out (20 bytes each). Returns the block count. */
@@ -138,7 +169,7 @@ export class Engine {
     checkBlockSize(bs);
     this.checkRange('data', ptr, len);
     this.checkRange('out', out, blockCount(len, bs) * DIGEST_BYTES);
-    return this.core.sha1Blocks(ptr, len, bs, out, 0);
+    return this.sha1BlocksRaw(ptr, len, bs, out);
   }
 
   /** Fingerprint and signature of every block, as u64 arrays at outFp and outSig (0 to skip one). */
@@ -184,7 +215,7 @@ export class Engine {
   sha1(data: Uint8Array): Uint8Array {
     const p = this.copyIn(data, DIGEST_BYTES);
     const out = p + align(data.length, 64);
-    this.core.sha1(p, data.length, out, 0);
+    this.sha1Raw(p, data.length, out);
     return this.bytes.slice(out, out + DIGEST_BYTES);
   }
 
@@ -194,7 +225,7 @@ export class Engine {
     const n = blockCount(data.length, bs);
     const p = this.copyIn(data, n * DIGEST_BYTES);
     const out = p + align(data.length, 64);
-    this.core.sha1Blocks(p, data.length, bs, out, 0);
+    this.sha1BlocksRaw(p, data.length, bs, out);
     return this.bytes.slice(out, out + n * DIGEST_BYTES);
   }
 

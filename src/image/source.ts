@@ -1,5 +1,7 @@
 import { closeSync, fstatSync, openSync, readFileSync, readSync, statSync, type Stats } from 'node:fs';
-import { ErrorCode, ImageError, InvalidArgumentError } from '../errors.js';
+import { ErrorCode, ImageError, InvalidArgumentError, BlockferryError } from '../errors.js';
+import { chooseBackend } from '../engine/backend.js';
+import type { NativeAddon } from 'blockferry/native';
 
 /** A byte range [offset, offset + length) of an image. */
 export interface Extent {
@@ -51,8 +53,8 @@ export interface ImageSource {
   close(): void;
 }
 
-/** Opens a raw image file or block device read-only, with a clear error for anything else. */
-export function statImage(path: string): { stats: Stats; size: number; kind: 'file' | 'block-device' } {
+/** What a raw image is and how big, with a clear error for anything else. */
+export function statImage(path: string, native: NativeAddon | null = chooseBackend().native): { stats: Stats; size: number; kind: 'file' | 'block-device' } {
   let stats: Stats;
   try {
     stats = statSync(path);
@@ -62,16 +64,28 @@ export function statImage(path: string): { stats: Stats; size: number; kind: 'fi
     throw new ImageError(ErrorCode.IMAGE_UNREADABLE, path, `cannot stat (${code ?? 'error'})`, { cause });
   }
   if (stats.isFile()) return { stats, size: stats.size, kind: 'file' };
-  if (stats.isBlockDevice()) return { stats, size: blockDeviceSize(path, stats), kind: 'block-device' };
+  if (stats.isBlockDevice()) return { stats, size: blockDeviceSize(path, stats, native), kind: 'block-device' };
   const what = stats.isDirectory() ? 'a directory' : 'not a regular file or block device';
   throw new ImageError(ErrorCode.NOT_AN_IMAGE, path, `${what}, not an image`);
 }
 
 /**
- * Size of a block device without the BLKGETSIZE64 ioctl: Linux publishes
- * every block device's size in 512-byte sectors at /sys/dev/block/MAJ:MIN/size.
+ * Size of a block device: the BLKGETSIZE64 ioctl through the native addon,
+ * or without it /sys/dev/block/MAJ:MIN/size (512-byte sectors), which Linux
+ * publishes for every block device.
  */
-function blockDeviceSize(path: string, stats: Stats): number {
+function blockDeviceSize(path: string, stats: Stats, native: NativeAddon | null): number {
+  if (native) {
+    let fd: number | undefined;
+    try {
+      fd = openSync(path, 'r');
+      return native.blockDeviceSize(fd).size;
+    } catch {
+      // fall through to /sys
+    } finally {
+      if (fd !== undefined) closeSync(fd);
+    }
+  }
   const major = Math.floor(stats.rdev / 256) & 0xfff;
   const minor = (stats.rdev & 0xff) | ((stats.rdev >> 12) & 0xfff00);
   try {
@@ -94,15 +108,21 @@ export function currentIdentity(path: string): ImageIdentity {
   return { size, mtimeNs: stats.mtimeNs.toString(), ino: Number(stats.ino), dev: Number(stats.dev) };
 }
 
-/** A raw image file or block device, read with pread. */
+/**
+ * A raw image file or block device, read with pread. Extents come from
+ * SEEK_DATA/SEEK_HOLE through the native addon when it is available (holes
+ * are then never read); without it the whole range is reported as data.
+ */
 export class FileImageSource implements ImageSource {
   readonly path: string;
   readonly size: number;
   readonly kind: 'file' | 'block-device';
   private fd: number | undefined;
+  private readonly native: NativeAddon | null;
 
-  constructor(path: string) {
-    const { size, kind } = statImage(path);
+  constructor(path: string, native: NativeAddon | null = chooseBackend().native) {
+    this.native = native;
+    const { size, kind } = statImage(path, native);
     this.path = path;
     this.size = size;
     this.kind = kind;
@@ -137,7 +157,18 @@ export class FileImageSource implements ImageSource {
   }
 
   extents(offset: number, length: number): Extent[] {
-    return length > 0 ? [{ offset, length }] : [];
+    if (length <= 0) return [];
+    if (!this.native || this.kind !== 'file' || this.fd === undefined) return [{ offset, length }];
+    let flat: number[];
+    try {
+      flat = this.native.extents(this.fd, offset, length);
+    } catch (cause) {
+      if (cause instanceof BlockferryError) throw cause;
+      throw new ImageError(ErrorCode.IMAGE_UNREADABLE, this.path, `cannot list extents (${(cause as Error).message})`, { cause });
+    }
+    const out: Extent[] = [];
+    for (let i = 0; i < flat.length; i += 2) out.push({ offset: flat[i]!, length: flat[i + 1]! });
+    return out;
   }
 
   close(): void {

@@ -13,6 +13,8 @@ export interface ScanTask {
   sha1: boolean;
   /** The image size the main thread saw: a worker that sees another refuses. */
   imageSize: number;
+  /** Ask the source for extents and skip holes (false: read everything). */
+  extents: boolean;
 }
 
 export interface Section {

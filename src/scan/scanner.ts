@@ -3,6 +3,7 @@ import { existsSync } from 'node:fs';
 import { Piscina } from 'piscina';
 import { DIGEST_BYTES, blockCount, checkBlockSize, MAX_BLOCK_SIZE } from '../engine/engine.js';
 import { wasmModule } from '../engine/wasm.js';
+import { chooseBackend, type BackendChoice, type BackendName } from '../engine/backend.js';
 import { currentIdentity, statImage } from '../image/source.js';
 import { BlockMap, blockMapPath } from '../blockmap/blockmap.js';
 import { BlockferryError, ErrorCode, ImageError, InvalidArgumentError } from '../errors.js';
@@ -31,11 +32,15 @@ export interface ScanOptions {
   /** Bytes per task (4..16 MiB, a multiple of the largest block size). */
   rangeBytes?: number;
   onProgress?: (p: ScanProgress) => void;
+  /** Skip holes using the file's extents when the native addon can list them (default true). */
+  extents?: boolean;
 }
 
 export interface ScannerOptions {
   /** Worker threads; default one per core. */
   workers?: number;
+  /** Force a backend in the workers (default: BLOCKFERRY_BACKEND, else the fastest). */
+  backend?: BackendName;
 }
 
 /**
@@ -46,17 +51,20 @@ export interface ScannerOptions {
 export class Scanner {
   private readonly pool: Piscina;
   readonly workers: number;
+  /** What the workers use (resolved here, so a bad BLOCKFERRY_BACKEND fails before any work). */
+  readonly backend: BackendChoice;
 
   constructor(options: ScannerOptions = {}) {
     const workers = options.workers ?? os.availableParallelism();
     if (!Number.isInteger(workers) || workers < 1 || workers > 256) throw new InvalidArgumentError('workers', 'an integer from 1 to 256', workers);
     this.workers = workers;
+    this.backend = chooseBackend(options.backend);
     this.pool = new Piscina({
       filename: new URL('./worker.js', import.meta.url).href,
       minThreads: workers,
       maxThreads: workers,
       idleTimeout: 60_000,
-      workerData: { wasmModule: wasmModule() },
+      workerData: { wasmModule: wasmModule(), backend: options.backend ?? process.env.BLOCKFERRY_BACKEND },
     });
   }
 
@@ -82,7 +90,7 @@ export class Scanner {
     options.onProgress?.({ path, done, total: size });
     const tasks: Promise<void>[] = [];
     for (let offset = 0; offset < size; offset += range) {
-      const task: ScanTask = { path, offset, length: Math.min(range, size - offset), blockSizes: sizes, sha1, imageSize: size };
+      const task: ScanTask = { path, offset, length: Math.min(range, size - offset), blockSizes: sizes, sha1, imageSize: size, extents: options.extents ?? true };
       tasks.push(
         (this.pool.run(task) as Promise<ArrayBuffer>).then((buf) => {
           place(maps, task, buf);

@@ -8,11 +8,12 @@ import { Engine, type Region } from '../engine/engine.js';
 import { FileImageSource } from '../image/source.js';
 import { ErrorCode, ImageError } from '../errors.js';
 import { taskLayout, type ScanTask } from './layout.js';
+import type { BackendName } from '../engine/backend.js';
 
 /** The read window: 16 MiB, the largest task size, so a task is one read per extent. */
 export const WINDOW = 16 << 20;
 
-const module = (workerData as { wasmModule?: WebAssembly.Module } | undefined)?.wasmModule;
+const data = workerData as { wasmModule?: WebAssembly.Module; backend?: BackendName } | undefined;
 let engine: Engine | undefined;
 let window: Region;
 let results: Region;
@@ -21,7 +22,11 @@ let source: FileImageSource | undefined;
 
 function setup(resultBytes: number): Engine {
   if (!engine) {
-    engine = new Engine({ initialBytes: WINDOW + (4 << 20), ...(module ? { module } : {}) });
+    engine = new Engine({
+      initialBytes: WINDOW + (4 << 20),
+      ...(data?.wasmModule ? { module: data.wasmModule } : {}),
+      ...(data?.backend ? { backend: data.backend } : {}),
+    });
     window = engine.alloc(WINDOW);
     runs = engine.alloc((WINDOW / 512 / 2 + 1) * 8);
     results = engine.alloc(Math.max(resultBytes, 1 << 20));
@@ -35,7 +40,7 @@ function openSource(task: ScanTask): FileImageSource {
   if (source?.path !== task.path) {
     source?.close();
     source = undefined;
-    source = new FileImageSource(task.path);
+    source = new FileImageSource(task.path, engine!.backend.native);
   }
   if (source.size !== task.imageSize) {
     throw new ImageError(ErrorCode.IMAGE_CHANGED, task.path, `size is now ${source.size}, was ${task.imageSize} when the scan began`);
@@ -54,7 +59,7 @@ export default function scanRange(task: ScanTask): ArrayBuffer {
     const len = Math.min(WINDOW, task.length - done);
     const view = e.view(window, 0, len);
     // Holes are never read: zero them in memory, read only the data extents.
-    const extents = src.extents(task.offset + done, len);
+    const extents = task.extents ? src.extents(task.offset + done, len) : [{ offset: task.offset + done, length: len }];
     let at = 0;
     for (const x of extents) {
       const rel = x.offset - (task.offset + done);
