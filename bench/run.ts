@@ -1,4 +1,4 @@
-// npm run bench [-- --only hash,zero,bitmap,scan,index] [-- --json [FILE]]
+// npm run bench [-- --only hash,zero,bitmap,native,scan,index] [-- --json [FILE]]
 // Every group checks its results against the reference before timing, runs
 // the peers in this one process, and prints ratios against the goals.
 import { writeFileSync } from 'node:fs';
@@ -9,6 +9,7 @@ import { benchZero } from './zero.js';
 import { benchBitmap } from './bitmap.js';
 import { benchBlockIndex } from './blockindex.js';
 import { benchScan } from './scan.js';
+import { benchNative } from './native.js';
 
 // `--json` alone writes bench-results.json; `--json FILE` or `--json=FILE` names the file.
 const argv = process.argv.slice(2);
@@ -25,6 +26,7 @@ const extra: Record<string, unknown> = {};
 if (want('hash')) groups.push(...(await benchHash()));
 if (want('zero')) groups.push(...(await benchZero()));
 if (want('bitmap')) groups.push(...(await benchBitmap()));
+if (want('native')) groups.push(...(await benchNative()));
 if (want('scan')) groups.push(...(await benchScan()));
 if (want('index')) {
   const r = await benchBlockIndex();

@@ -45,7 +45,7 @@ describe('native addon', { skip: native ? false : `addon not loaded (${loadError
     }
   });
 
-  it('hashes many blocks: every block size 512 B..1 MiB, odd counts for the 2-way interleave, short tails, other array types', () => {
+  it('hashes many blocks: every block size 512 B..1 MiB, counts that are not multiples of the 4-way interleave, short tails, other array types', () => {
     for (let bs = 512; bs <= 1 << 20; bs *= 2) {
       for (const n of bs <= 65536 ? [1, 2, 3, 5, 8] : [1, 3]) {
         for (const tail of [0, 1, 63, 64, 65]) {

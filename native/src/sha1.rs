@@ -1,4 +1,4 @@
-//! SHA-1 of many equal blocks. With the x86 SHA extensions (SHA-NI) two
+//! SHA-1 of many equal blocks. With the x86 SHA extensions (SHA-NI) several
 //! blocks are compressed at once, their instruction streams interleaved:
 //! `sha1rnds4` has a latency of several cycles and one stream alone leaves
 //! the unit idle between dependent rounds. Without SHA-NI a portable scalar
@@ -87,70 +87,69 @@ fn sha1_portable(msg: &[u8], out: &mut [u8]) {
 mod ni {
     use core::arch::x86_64::*;
 
-    /// Compresses `chunks` 64-byte chunks of two messages at once into two
-    /// states. `abcd` holds A in lane 3 (reversed word order), `e` holds E in
-    /// lane 3, as the SHA instructions expect.
+    /// Compresses `chunks` 64-byte chunks of N messages at once into N
+    /// states, their instruction streams interleaved. `abcd` holds A in lane
+    /// 3 (reversed word order), `e` holds E in lane 3, as the SHA
+    /// instructions expect.
     #[target_feature(enable = "sha,sse4.1,ssse3")]
     #[allow(unused_assignments)] // the last schedule words written are not read again
-    pub unsafe fn compress2(st: &mut [(__m128i, __m128i); 2], p: [*const u8; 2], chunks: usize) {
+    pub unsafe fn compress<const N: usize>(st: &mut [(__m128i, __m128i); N], p: [*const u8; N], chunks: usize) {
         let mask = _mm_set_epi64x(0x0001_0203_0405_0607, 0x0809_0a0b_0c0d_0e0f);
-        let (mut abcd0, mut e0) = st[0];
-        let (mut abcd1, mut e1) = st[1];
+        let mut abcd = [_mm_setzero_si128(); N];
+        let mut e = [_mm_setzero_si128(); N];
+        for k in 0..N {
+            abcd[k] = st[k].0;
+            e[k] = st[k].1;
+        }
         for c in 0..chunks {
-            let q0 = p[0].add(64 * c);
-            let q1 = p[1].add(64 * c);
-            let (save_a0, save_e0, save_a1, save_e1) = (abcd0, e0, abcd1, e1);
+            let save_a = abcd;
+            let save_e = e;
             // Message words, W0 in lane 3.
-            let mut m0 = [
-                _mm_shuffle_epi8(_mm_loadu_si128(q0 as *const __m128i), mask),
-                _mm_shuffle_epi8(_mm_loadu_si128(q0.add(16) as *const __m128i), mask),
-                _mm_shuffle_epi8(_mm_loadu_si128(q0.add(32) as *const __m128i), mask),
-                _mm_shuffle_epi8(_mm_loadu_si128(q0.add(48) as *const __m128i), mask),
-            ];
-            let mut m1 = [
-                _mm_shuffle_epi8(_mm_loadu_si128(q1 as *const __m128i), mask),
-                _mm_shuffle_epi8(_mm_loadu_si128(q1.add(16) as *const __m128i), mask),
-                _mm_shuffle_epi8(_mm_loadu_si128(q1.add(32) as *const __m128i), mask),
-                _mm_shuffle_epi8(_mm_loadu_si128(q1.add(48) as *const __m128i), mask),
-            ];
+            let mut m = [[_mm_setzero_si128(); 4]; N];
+            for k in 0..N {
+                let q = p[k].add(64 * c);
+                for j in 0..4 {
+                    m[k][j] = _mm_shuffle_epi8(_mm_loadu_si128(q.add(16 * j) as *const __m128i), mask);
+                }
+            }
             // Group 0 (rounds 0..3): E plus the first four words.
-            let mut prev0 = abcd0;
-            let mut prev1 = abcd1;
-            abcd0 = _mm_sha1rnds4_epu32(abcd0, _mm_add_epi32(e0, m0[0]), 0);
-            abcd1 = _mm_sha1rnds4_epu32(abcd1, _mm_add_epi32(e1, m1[0]), 0);
+            let mut prev = abcd;
+            for k in 0..N {
+                abcd[k] = _mm_sha1rnds4_epu32(abcd[k], _mm_add_epi32(e[k], m[k][0]), 0);
+            }
             // Groups 1..19: the E of group i comes from A four rounds back
-            // (sha1nexte), the schedule from sha1msg1/xor/sha1msg2.
+            // (sha1nexte), the schedule from sha1msg1 / xor / sha1msg2.
             macro_rules! group {
                 ($i:expr, $f:expr) => {{
-                    let w0 = if $i < 4 { m0[$i % 4] } else {
-                        let w = _mm_sha1msg2_epu32(_mm_xor_si128(_mm_sha1msg1_epu32(m0[$i % 4], m0[($i + 1) % 4]), m0[($i + 2) % 4]), m0[($i + 3) % 4]);
-                        m0[$i % 4] = w;
-                        w
-                    };
-                    let w1 = if $i < 4 { m1[$i % 4] } else {
-                        let w = _mm_sha1msg2_epu32(_mm_xor_si128(_mm_sha1msg1_epu32(m1[$i % 4], m1[($i + 1) % 4]), m1[($i + 2) % 4]), m1[($i + 3) % 4]);
-                        m1[$i % 4] = w;
-                        w
-                    };
-                    let x0 = _mm_sha1nexte_epu32(prev0, w0);
-                    let x1 = _mm_sha1nexte_epu32(prev1, w1);
-                    prev0 = abcd0;
-                    prev1 = abcd1;
-                    abcd0 = _mm_sha1rnds4_epu32(abcd0, x0, $f);
-                    abcd1 = _mm_sha1rnds4_epu32(abcd1, x1, $f);
+                    for k in 0..N {
+                        let w = if $i < 4 {
+                            m[k][$i % 4]
+                        } else {
+                            let w = _mm_sha1msg2_epu32(
+                                _mm_xor_si128(_mm_sha1msg1_epu32(m[k][$i % 4], m[k][($i + 1) % 4]), m[k][($i + 2) % 4]),
+                                m[k][($i + 3) % 4],
+                            );
+                            m[k][$i % 4] = w;
+                            w
+                        };
+                        let x = _mm_sha1nexte_epu32(prev[k], w);
+                        prev[k] = abcd[k];
+                        abcd[k] = _mm_sha1rnds4_epu32(abcd[k], x, $f);
+                    }
                 }};
             }
             group!(1, 0); group!(2, 0); group!(3, 0); group!(4, 0);
             group!(5, 1); group!(6, 1); group!(7, 1); group!(8, 1); group!(9, 1);
             group!(10, 2); group!(11, 2); group!(12, 2); group!(13, 2); group!(14, 2);
             group!(15, 3); group!(16, 3); group!(17, 3); group!(18, 3); group!(19, 3);
-            e0 = _mm_sha1nexte_epu32(prev0, save_e0);
-            e1 = _mm_sha1nexte_epu32(prev1, save_e1);
-            abcd0 = _mm_add_epi32(abcd0, save_a0);
-            abcd1 = _mm_add_epi32(abcd1, save_a1);
+            for k in 0..N {
+                e[k] = _mm_sha1nexte_epu32(prev[k], save_e[k]);
+                abcd[k] = _mm_add_epi32(abcd[k], save_a[k]);
+            }
         }
-        st[0] = (abcd0, e0);
-        st[1] = (abcd1, e1);
+        for k in 0..N {
+            st[k] = (abcd[k], e[k]);
+        }
     }
 
     #[target_feature(enable = "sha,sse4.1,ssse3")]
@@ -171,20 +170,24 @@ mod ni {
     }
 }
 
-/// Hashes two messages of equal length with SHA-NI (message a and b may be the same).
+/// Hashes N messages of equal length with SHA-NI, digests to outs.
 #[cfg(target_arch = "x86_64")]
-unsafe fn sha1_pair_ni(a: &[u8], b: &[u8], out_a: &mut [u8], out_b: &mut [u8]) {
-    debug_assert_eq!(a.len(), b.len());
-    let len = a.len();
+unsafe fn sha1_group_ni<const N: usize>(msgs: [&[u8]; N], outs: &mut [u8]) {
+    let len = msgs[0].len();
     let full = len / 64;
-    let mut st = [ni::init(&IV), ni::init(&IV)];
-    ni::compress2(&mut st, [a.as_ptr(), b.as_ptr()], full);
-    let (pa, n) = padding(&a[full * 64..], len as u64);
-    let (pb, _) = padding(&b[full * 64..], len as u64);
-    ni::compress2(&mut st, [pa.as_ptr(), pb.as_ptr()], n);
-    store(&ni::finish(st[0]), out_a);
-    store(&ni::finish(st[1]), out_b);
+    let mut st = [ni::init(&IV); N];
+    ni::compress::<N>(&mut st, msgs.map(|m| m.as_ptr()), full);
+    let pads = msgs.map(|m| padding(&m[full * 64..], len as u64));
+    let n = pads[0].1;
+    ni::compress::<N>(&mut st, std::array::from_fn(|k| pads[k].0.as_ptr()), n);
+    for k in 0..N {
+        store(&ni::finish(st[k]), &mut outs[k * DIGEST..(k + 1) * DIGEST]);
+    }
 }
+
+/// Messages compressed together by sha1_blocks: enough independent streams
+/// to cover the latency of sha1rnds4.
+pub const STREAMS: usize = 4;
 
 /// Which compressor this process uses, fixed at load time.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -201,10 +204,7 @@ pub fn detect() -> Impl {
 pub fn sha1(imp: Impl, msg: &[u8], out: &mut [u8]) {
     match imp {
         #[cfg(target_arch = "x86_64")]
-        Impl::ShaNi => {
-            let mut spare = [0u8; DIGEST];
-            unsafe { sha1_pair_ni(msg, msg, out, &mut spare) }
-        }
+        Impl::ShaNi => unsafe { sha1_group_ni::<1>([msg], out) },
         _ => sha1_portable(msg, out),
     }
 }
@@ -218,9 +218,13 @@ pub fn sha1_blocks(imp: Impl, data: &[u8], bs: usize, out: &mut [u8]) -> usize {
     let mut i = 0;
     #[cfg(target_arch = "x86_64")]
     if imp == Impl::ShaNi {
-        while i + 2 <= full {
-            let (o1, o2) = out[i * DIGEST..(i + 2) * DIGEST].split_at_mut(DIGEST);
-            unsafe { sha1_pair_ni(&data[i * bs..(i + 1) * bs], &data[(i + 1) * bs..(i + 2) * bs], o1, o2) };
+        while i + STREAMS <= full {
+            let msgs: [&[u8]; STREAMS] = std::array::from_fn(|k| &data[(i + k) * bs..(i + k + 1) * bs]);
+            unsafe { sha1_group_ni::<STREAMS>(msgs, &mut out[i * DIGEST..(i + STREAMS) * DIGEST]) };
+            i += STREAMS;
+        }
+        if i + 2 <= full {
+            unsafe { sha1_group_ni::<2>([&data[i * bs..(i + 1) * bs], &data[(i + 1) * bs..(i + 2) * bs]], &mut out[i * DIGEST..(i + 2) * DIGEST]) };
             i += 2;
         }
     }

@@ -4,7 +4,7 @@ import { Piscina } from 'piscina';
 import { DIGEST_BYTES, blockCount, checkBlockSize, MAX_BLOCK_SIZE } from '../engine/engine.js';
 import { wasmModule } from '../engine/wasm.js';
 import { chooseBackend, type BackendChoice, type BackendName } from '../engine/backend.js';
-import { currentIdentity, statImage } from '../image/source.js';
+import { FileImageSource, currentIdentity, statImage, type Extent } from '../image/source.js';
 import { BlockMap, blockMapPath } from '../blockmap/blockmap.js';
 import { BlockferryError, ErrorCode, ImageError, InvalidArgumentError } from '../errors.js';
 import { taskLayout, type ScanTask } from './layout.js';
@@ -86,18 +86,27 @@ export class Scanner {
       const n = blockCount(size, bs);
       return new BlockMap(path, before, bs, new Uint8Array(n), new BigUint64Array(n), new BigUint64Array(n), sha1 ? new Uint8Array(n * DIGEST_BYTES) : undefined);
     });
-    let done = 0;
+    // Plan the work: with extents, only the data regions (rounded out to the
+    // largest block size) become tasks; holes are zero blocks without a read.
+    const useExtents = options.extents ?? true;
+    const regions = useExtents ? dataRegions(path, size, maxBs, this.backend) : [{ offset: 0, length: size }];
+    const covered = regions.reduce((n, r) => n + r.length, 0);
+    if (covered < size) for (const m of maps) m.zero.fill(1);
+    let done = size - covered;
     options.onProgress?.({ path, done, total: size });
     const tasks: Promise<void>[] = [];
-    for (let offset = 0; offset < size; offset += range) {
-      const task: ScanTask = { path, offset, length: Math.min(range, size - offset), blockSizes: sizes, sha1, imageSize: size, extents: options.extents ?? true };
-      tasks.push(
-        (this.pool.run(task) as Promise<ArrayBuffer>).then((buf) => {
-          place(maps, task, buf);
-          done += task.length;
-          options.onProgress?.({ path, done, total: size });
-        }),
-      );
+    for (const region of regions) {
+      for (let offset = region.offset; offset < region.offset + region.length; offset += range) {
+        const length = Math.min(range, region.offset + region.length - offset);
+        const task: ScanTask = { path, offset, length, blockSizes: sizes, sha1, imageSize: size, extents: useExtents };
+        tasks.push(
+          (this.pool.run(task) as Promise<ArrayBuffer>).then((buf) => {
+            place(maps, task, buf);
+            done += task.length;
+            options.onProgress?.({ path, done, total: size });
+          }),
+        );
+      }
     }
     await settleAll(tasks);
     const after = currentIdentity(path);
@@ -110,6 +119,31 @@ export class Scanner {
   async close(): Promise<void> {
     await this.pool.destroy();
   }
+}
+
+/**
+ * The parts of the image that hold data, as byte ranges aligned to the
+ * block size (the last one may end at the image's end). Without the native
+ * addon, or for a block device, the whole image.
+ */
+function dataRegions(path: string, size: number, bs: number, backend: BackendChoice): Extent[] {
+  if (!backend.native || size === 0) return size ? [{ offset: 0, length: size }] : [];
+  const src = new FileImageSource(path, backend.native);
+  let extents: Extent[];
+  try {
+    extents = src.kind === 'file' ? src.extents(0, size) : [{ offset: 0, length: size }];
+  } finally {
+    src.close();
+  }
+  const out: Extent[] = [];
+  for (const x of extents) {
+    const start = Math.floor(x.offset / bs) * bs;
+    const end = Math.min(size, Math.ceil((x.offset + x.length) / bs) * bs);
+    const last = out[out.length - 1];
+    if (last && start <= last.offset + last.length) last.length = Math.max(last.length, end - last.offset);
+    else out.push({ offset: start, length: end - start });
+  }
+  return out;
 }
 
 /** Waits for every task, then throws the first failure (no task is left running behind an error). */
