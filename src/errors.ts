@@ -38,6 +38,24 @@ export const ErrorCode = {
   BACKEND_UNAVAILABLE: 'ERR_BF_BACKEND_UNAVAILABLE',
   /** A system call failed (the native addon); the error carries errno and syscall. */
   SYSCALL: 'ERR_BF_SYSCALL',
+  /** A peer broke the protocol: a malformed, oversized, truncated or unexpected frame. */
+  PROTOCOL: 'ERR_BF_PROTOCOL',
+  /** The peers speak different protocol versions. */
+  PROTOCOL_VERSION: 'ERR_BF_PROTOCOL_VERSION',
+  /** Authentication failed (wrong key, or one side insecure and the other not). */
+  AUTH_FAILED: 'ERR_BF_AUTH_FAILED',
+  /** The connection closed or failed before the exchange finished. */
+  CONNECTION: 'ERR_BF_CONNECTION',
+  /** The destination refused the migration (bad name, image exists, busy, ...); see `remoteCode`. */
+  REFUSED: 'ERR_BF_REFUSED',
+  /** The end-to-end check found blocks that differ and they could not be repaired. */
+  VERIFY_FAILED: 'ERR_BF_VERIFY_FAILED',
+  /** An image name that is not a plain file name inside the data directory. */
+  NAME_INVALID: 'ERR_BF_NAME_INVALID',
+  /** The destination already holds a complete image of that name (ask for --overwrite). */
+  IMAGE_EXISTS: 'ERR_BF_IMAGE_EXISTS',
+  /** Another migration into the same name is running. */
+  BUSY: 'ERR_BF_BUSY',
   /** A command line that cannot be parsed (unknown option, missing argument). */
   USAGE: 'ERR_BF_USAGE',
 } as const;
@@ -110,4 +128,13 @@ function describe(v: unknown): string {
   if (typeof v === 'bigint') return `${v}n`;
   if (v === null || typeof v !== 'object') return String(v);
   return Object.prototype.toString.call(v);
+}
+
+/** An error in the exchange with a peer; `remoteCode` is the peer's code when it sent one. */
+export class ProtocolError extends BlockferryError {
+  readonly remoteCode: string | undefined;
+  constructor(code: ErrorCodeValue, message: string, remoteCode?: string, options?: { cause?: unknown }) {
+    super(code, message, options);
+    this.remoteCode = remoteCode;
+  }
 }

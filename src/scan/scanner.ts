@@ -34,6 +34,12 @@ export interface ScanOptions {
   onProgress?: (p: ScanProgress) => void;
   /** Skip holes using the file's extents when the native addon can list them (default true). */
   extents?: boolean;
+  /**
+   * The image is being written (a live migration): do not fail when it
+   * changes during the scan. The caller catches the changes itself (dirty
+   * bitmap or rescan rounds).
+   */
+  live?: boolean;
 }
 
 export interface ScannerOptions {
@@ -110,6 +116,7 @@ export class Scanner {
     }
     await settleAll(tasks);
     const after = currentIdentity(path);
+    if (options.live && after.size === before.size) return maps;
     if (after.size !== before.size || after.mtimeNs !== before.mtimeNs || after.ino !== before.ino) {
       throw new ImageError(ErrorCode.IMAGE_CHANGED, path, 'was modified while it was scanned; scan it again when it is quiet');
     }

@@ -1,0 +1,135 @@
+// Framing: every message is an 8-byte header and a payload.
+//   u32 payload length | u8 message type | u8 flags (0) | u16 reserved (0)
+// docs/PROTOCOL.md lists every message. A frame longer than MAX_PAYLOAD, a
+// header with non-zero reserved bits or an unknown type ends the connection
+// with ERR_BF_PROTOCOL before its payload is buffered.
+import { ErrorCode, ProtocolError } from '../errors.js';
+
+export const HEADER_BYTES = 8;
+/**
+ * Largest payload: one BLOCKS frame of 256 blocks of 4 KiB plus their
+ * fingerprints fits in 1.1 MiB; 1 MiB blocks go one per frame. 16 MiB leaves
+ * room for large block sizes and bounds what a hostile peer makes us buffer.
+ */
+export const MAX_PAYLOAD = 16 << 20;
+
+export const Msg = {
+  HELLO: 1,
+  HELLO_ACK: 2,
+  AUTH: 3,
+  READY: 4,
+  ERROR: 5,
+  BEGIN: 16,
+  BEGIN_OK: 17,
+  BLOCK_INFO: 18,
+  INFO_END: 19,
+  NEED: 20,
+  BLOCKS: 21,
+  COPY: 22,
+  ZERO: 23,
+  ROUND: 24,
+  VERIFY: 25,
+  VERIFY_RESULT: 26,
+  COMMIT: 27,
+  DONE: 28,
+  SYNC: 29,
+  SYNC_OK: 30,
+} as const;
+export type MsgType = (typeof Msg)[keyof typeof Msg];
+const KNOWN = new Set<number>(Object.values(Msg));
+export const msgName = (t: number) => Object.entries(Msg).find(([, v]) => v === t)?.[0] ?? `#${t}`;
+
+export interface Frame {
+  type: MsgType;
+  payload: Buffer;
+}
+
+export function encodeHeader(type: MsgType, length: number): Buffer {
+  if (length > MAX_PAYLOAD) throw new ProtocolError(ErrorCode.PROTOCOL, `frame of ${length} bytes exceeds the ${MAX_PAYLOAD}-byte limit`);
+  const h = Buffer.alloc(HEADER_BYTES);
+  h.writeUInt32LE(length, 0);
+  h.writeUInt8(type, 4);
+  return h;
+}
+
+/** Splits a byte stream into frames; throws ProtocolError on anything malformed. */
+export class FrameDecoder {
+  private chunks: Buffer[] = [];
+  private buffered = 0;
+  private need: { type: MsgType; length: number } | undefined;
+
+  push(chunk: Buffer): Frame[] {
+    this.chunks.push(chunk);
+    this.buffered += chunk.length;
+    const out: Frame[] = [];
+    for (;;) {
+      if (!this.need) {
+        if (this.buffered < HEADER_BYTES) break;
+        const h = this.take(HEADER_BYTES);
+        const length = h.readUInt32LE(0);
+        const type = h.readUInt8(4);
+        if (h.readUInt8(5) !== 0 || h.readUInt16LE(6) !== 0) throw new ProtocolError(ErrorCode.PROTOCOL, 'frame header has non-zero reserved bits');
+        if (!KNOWN.has(type)) throw new ProtocolError(ErrorCode.PROTOCOL, `unknown message type ${type}`);
+        if (length > MAX_PAYLOAD) throw new ProtocolError(ErrorCode.PROTOCOL, `frame of ${length} bytes exceeds the ${MAX_PAYLOAD}-byte limit`);
+        this.need = { type: type as MsgType, length };
+      }
+      if (this.buffered < this.need.length) break;
+      out.push({ type: this.need.type, payload: this.take(this.need.length) });
+      this.need = undefined;
+    }
+    return out;
+  }
+
+  /** Bytes of an unfinished frame (a connection ending now is truncated). */
+  get pending(): number {
+    return this.buffered + (this.need ? HEADER_BYTES : 0);
+  }
+
+  private take(n: number): Buffer {
+    const all = this.chunks.length === 1 ? this.chunks[0]! : Buffer.concat(this.chunks, this.buffered);
+    const out = all.subarray(0, n);
+    const rest = all.subarray(n);
+    this.chunks = rest.length ? [rest] : [];
+    this.buffered = rest.length;
+    return out;
+  }
+}
+
+/** A cursor over a payload that throws ProtocolError instead of reading past the end. */
+export class Reader {
+  private at = 0;
+  constructor(private readonly buf: Buffer, private readonly what: string) {}
+  private need(n: number): void {
+    if (this.at + n > this.buf.length) throw new ProtocolError(ErrorCode.PROTOCOL, `${this.what}: truncated payload (${this.buf.length} bytes)`);
+  }
+  u8(): number { this.need(1); return this.buf.readUInt8(this.at++); }
+  u16(): number { this.need(2); const v = this.buf.readUInt16LE(this.at); this.at += 2; return v; }
+  u32(): number { this.need(4); const v = this.buf.readUInt32LE(this.at); this.at += 4; return v; }
+  u64(): number {
+    this.need(8);
+    const v = this.buf.readBigUInt64LE(this.at);
+    this.at += 8;
+    if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new ProtocolError(ErrorCode.PROTOCOL, `${this.what}: value ${v} out of range`);
+    return Number(v);
+  }
+  /** A full 64-bit value (fingerprints, signatures). */
+  big(): bigint { this.need(8); const v = this.buf.readBigUInt64LE(this.at); this.at += 8; return v; }
+  bytes(n: number): Buffer { this.need(n); const v = this.buf.subarray(this.at, this.at + n); this.at += n; return v; }
+  str(): string { return this.bytes(this.u16()).toString('utf8'); }
+  get remaining(): number { return this.buf.length - this.at; }
+  end(): void {
+    if (this.at !== this.buf.length) throw new ProtocolError(ErrorCode.PROTOCOL, `${this.what}: ${this.buf.length - this.at} unexpected trailing bytes`);
+  }
+}
+
+/** Builds payloads field by field. */
+export class Writer {
+  private parts: Buffer[] = [];
+  u8(v: number): this { const b = Buffer.alloc(1); b.writeUInt8(v); this.parts.push(b); return this; }
+  u16(v: number): this { const b = Buffer.alloc(2); b.writeUInt16LE(v); this.parts.push(b); return this; }
+  u32(v: number): this { const b = Buffer.alloc(4); b.writeUInt32LE(v); this.parts.push(b); return this; }
+  u64(v: number): this { const b = Buffer.alloc(8); b.writeBigUInt64LE(BigInt(v)); this.parts.push(b); return this; }
+  bytes(b: Uint8Array): this { this.parts.push(Buffer.from(b.buffer, b.byteOffset, b.byteLength)); return this; }
+  str(s: string): this { const b = Buffer.from(s, 'utf8'); return this.u16(b.length).bytes(b); }
+  done(): Buffer { return Buffer.concat(this.parts); }
+}

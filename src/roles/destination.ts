@@ -1,0 +1,444 @@
+// The destination service: receives migrations into its data directory and
+// keeps the block index of the images it holds (its neighbourhood).
+import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
+import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readSync, renameSync, rmSync, ftruncateSync, writeSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { createHash } from 'node:crypto';
+import { Engine, DIGEST_BYTES } from '../engine/engine.js';
+import { BlockferryError, ErrorCode, ProtocolError } from '../errors.js';
+import { Channel } from '../protocol/channel.js';
+import { Msg, Reader, Writer } from '../protocol/frame.js';
+import { serverHandshake, type AuthOptions } from '../protocol/handshake.js';
+import { Neighbourhood } from '../blockindex/neighbourhood.js';
+import { NO_REF, refBlock, refImage } from '../blockindex/table.js';
+import { Scanner } from '../scan/scanner.js';
+import { FileImageSource } from '../image/source.js';
+import { BlockState, Journal } from './journal.js';
+
+export const INDEX_FILE = 'neighbourhood.bfidx';
+/** Image names: a plain file name, no path, no leading dot. */
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+/** Save the journal after this many bytes written since the last save. */
+const JOURNAL_EVERY = 64 << 20;
+
+export interface DestinationOptions {
+  dataDir: string;
+  host?: string;
+  port?: number;
+  auth: AuthOptions;
+  /** Block size of the neighbourhood index (migrations must use it). Default 4096. */
+  blockSize?: number;
+  /** Images to add to the neighbourhood at start. */
+  neighbours?: string[];
+  log?: (line: string) => void;
+}
+
+export interface SessionStats {
+  name: string;
+  neighbourBlocks: number;
+  resumedBlocks: number;
+  receivedBlocks: number;
+  copiedBlocks: number;
+  zeroedBlocks: number;
+}
+
+/**
+ * Accepts migrations over TCP. One failing migration never stops the
+ * service; several may run at once (into different names). An image is only
+ * visible under its name once complete and verified: until then it is
+ * NAME.img.partial with NAME.img.journal beside it.
+ */
+export class DestinationService {
+  private readonly server: Server;
+  private readonly active = new Set<string>();
+  private readonly sockets = new Set<Socket>();
+  readonly neighbourhood: Neighbourhood;
+  private readonly scanner: Scanner;
+  readonly completed: SessionStats[] = [];
+
+  private constructor(readonly options: DestinationOptions, neighbourhood: Neighbourhood, scanner: Scanner) {
+    this.neighbourhood = neighbourhood;
+    this.scanner = scanner;
+    this.server = createServer((s) => this.accept(s));
+  }
+
+  static async start(options: DestinationOptions): Promise<DestinationService> {
+    mkdirSync(options.dataDir, { recursive: true });
+    const bs = options.blockSize ?? 4096;
+    const indexFile = join(options.dataDir, INDEX_FILE);
+    let n = existsSync(indexFile) ? Neighbourhood.load(indexFile) : new Neighbourhood(bs);
+    if (n.blockSize !== bs) n = new Neighbourhood(bs);
+    const scanner = new Scanner({ workers: 1 });
+    for (const p of options.neighbours ?? []) {
+      if (n.images.some((i) => i.path === resolve(p))) continue;
+      const [map] = await scanner.scan(p, { blockSize: bs });
+      n.add(map!);
+    }
+    n.save(indexFile);
+    const svc = new DestinationService(options, n, scanner);
+    await new Promise<void>((res, rej) => {
+      svc.server.once('error', rej);
+      svc.server.listen(options.port ?? 0, options.host ?? '127.0.0.1', () => res());
+    });
+    return svc;
+  }
+
+  get address(): { host: string; port: number } {
+    const a = this.server.address() as AddressInfo;
+    return { host: a.address, port: a.port };
+  }
+
+  private log(line: string): void {
+    this.options.log?.(line);
+  }
+
+  private accept(socket: Socket): void {
+    this.sockets.add(socket);
+    socket.on('close', () => this.sockets.delete(socket));
+    const ch = new Channel(socket);
+    this.session(ch).catch((e: Error) => {
+      const code = e instanceof BlockferryError ? e.code : 'ERR_BF_INTERNAL';
+      this.log(`migration from ${socket.remoteAddress} failed: ${code}: ${e.message}`);
+      void ch.sendError(code, e.message);
+    });
+  }
+
+  async close(): Promise<void> {
+    await new Promise<void>((res) => {
+      this.server.close(() => res());
+      for (const s of this.sockets) s.destroy();
+    });
+    await this.scanner.close();
+  }
+
+  private async session(ch: Channel): Promise<void> {
+    await serverHandshake(ch, this.options.auth);
+    const begin = new Reader((await ch.recv(Msg.BEGIN)).payload, 'BEGIN');
+    const name = begin.str();
+    const size = begin.u64();
+    const bs = begin.u32();
+    const strategy = begin.u8();
+    const flags = begin.u8();
+    begin.end();
+    if (!NAME_RE.test(name) || name.includes('..')) throw new BlockferryError(ErrorCode.NAME_INVALID, `image name ${JSON.stringify(name)} is not a plain file name`);
+    if (bs !== this.neighbourhood.blockSize) throw new BlockferryError(ErrorCode.INVALID_ARGUMENT, `this destination works at ${this.neighbourhood.blockSize}-byte blocks, not ${bs}`);
+    if (strategy > 1) throw new ProtocolError(ErrorCode.PROTOCOL, `unknown strategy ${strategy}`);
+    if (this.active.has(name)) throw new BlockferryError(ErrorCode.BUSY, `a migration into ${name} is already running`);
+    const overwrite = (flags & 1) !== 0;
+    const final = join(this.options.dataDir, `${name}.img`);
+    if (existsSync(final) && !overwrite) throw new BlockferryError(ErrorCode.IMAGE_EXISTS, `${name} exists at the destination (migrate with --overwrite to replace it)`);
+    this.active.add(name);
+    try {
+      const s = new Session(this, ch, name, size, bs, strategy === 1, final);
+      const stats = await s.run();
+      this.completed.push(stats);
+      this.log(`migration into ${name} complete: ${JSON.stringify(stats)}`);
+    } finally {
+      this.active.delete(name);
+    }
+  }
+
+  /** Adds a completed image to the neighbourhood and saves the index. */
+  async indexImage(path: string): Promise<void> {
+    const [map] = await this.scanner.scan(path, { blockSize: this.neighbourhood.blockSize });
+    const existing = this.neighbourhood.images.find((i) => i.path === resolve(path));
+    if (!existing) this.neighbourhood.add(map!);
+    this.neighbourhood.save(join(this.options.dataDir, INDEX_FILE));
+  }
+}
+
+/** One migration into one image. */
+class Session {
+  private readonly partial: string;
+  private readonly journalFile: string;
+  private readonly journal: Journal;
+  private readonly fd: number;
+  private readonly engine = new Engine({ initialBytes: 8 << 20 });
+  private readonly fresh: boolean;
+  private sinceSave = 0;
+  private readonly stats: SessionStats;
+  private readonly sources = new Map<number, FileImageSource | null>();
+
+  constructor(
+    private readonly svc: DestinationService,
+    private readonly ch: Channel,
+    name: string,
+    private readonly size: number,
+    private readonly bs: number,
+    private readonly similarity: boolean,
+    private readonly final: string,
+  ) {
+    this.partial = `${final}.partial`;
+    this.journalFile = `${final}.journal`;
+    this.stats = { name, neighbourBlocks: 0, resumedBlocks: 0, receivedBlocks: 0, copiedBlocks: 0, zeroedBlocks: 0 };
+    let j: Journal | undefined;
+    try {
+      j = existsSync(this.partial) ? Journal.load(this.journalFile) : undefined;
+    } catch {
+      j = undefined; // a damaged journal: start over, never trust it
+    }
+    if (j && (j.size !== size || j.blockSize !== bs)) j = undefined;
+    this.fresh = !j;
+    if (!j) rmSync(this.partial, { force: true });
+    this.journal = j ?? Journal.fresh(size, bs);
+    this.fd = openSync(this.partial, this.fresh ? 'w+' : 'r+', 0o644);
+    if (this.fresh) ftruncateSync(this.fd, size);
+  }
+
+  private len(block: number): number {
+    return Math.min(this.bs, this.size - block * this.bs);
+  }
+
+  async run(): Promise<SessionStats> {
+    const ch = this.ch;
+    try {
+      const verified = this.journal.state.reduce((n, s) => n + (s === BlockState.Verified ? 1 : 0), 0);
+      await ch.send(Msg.BEGIN_OK, new Writer().u8(this.fresh ? 0 : 1).u64(verified).done());
+      await this.blockInfo();
+      for (;;) {
+        const f = await ch.recv();
+        switch (f.type) {
+          case Msg.BLOCKS: this.blocks(f.payload); break;
+          case Msg.COPY: this.copies(f.payload); break;
+          case Msg.ZERO: this.zeros(new Reader(f.payload, 'ZERO')); break;
+          case Msg.ROUND: break;
+          case Msg.SYNC:
+            this.saveJournal();
+            await ch.send(Msg.SYNC_OK);
+            break;
+          case Msg.VERIFY: await ch.send(Msg.VERIFY_RESULT, this.verify(f.payload)); break;
+          case Msg.COMMIT:
+            await this.commit();
+            await ch.send(Msg.DONE, new Writer().u64(this.stats.neighbourBlocks).u64(this.stats.resumedBlocks).u64(this.stats.receivedBlocks).u64(this.stats.copiedBlocks).u64(this.stats.zeroedBlocks).done());
+            ch.close();
+            return this.stats;
+          default:
+            throw new ProtocolError(ErrorCode.PROTOCOL, `unexpected message type ${f.type} during a migration`);
+        }
+      }
+    } catch (e) {
+      // Keep what was verified: a migration run again resumes from it.
+      try { this.saveJournal(); } catch { /* the disk may be the problem */ }
+      throw e;
+    } finally {
+      try { closeSync(this.fd); } catch { /* already closed by commit */ }
+      for (const s of this.sources.values()) s?.close();
+    }
+  }
+
+  private saveJournal(): void {
+    fsyncSync(this.fd);
+    this.journal.save(this.journalFile);
+    this.sinceSave = 0;
+  }
+
+  private write(block: number, data: Uint8Array): void {
+    for (let at = 0; at < data.length; ) at += writeSync(this.fd, data, at, data.length - at, block * this.bs + at);
+    this.sinceSave += data.length;
+  }
+
+  /** Phase 1: the source's fingerprints. Keep what the journal has, fill from neighbours, ask for the rest. */
+  private async blockInfo(): Promise<void> {
+    const need: Array<[number, number]> = [];
+    const addNeed = (b: number) => {
+      const last = need[need.length - 1];
+      if (last && last[0] + last[1] === b) last[1]++;
+      else need.push([b, 1]);
+    };
+    const zeroRuns: Array<[number, number]> = [];
+    for (;;) {
+      const f = await this.ch.recv(Msg.BLOCK_INFO, Msg.INFO_END);
+      if (f.type === Msg.INFO_END) break;
+      const r = new Reader(f.payload, 'BLOCK_INFO');
+      const first = r.u64();
+      const count = r.u32();
+      if (first + count > this.journal.count) throw new ProtocolError(ErrorCode.PROTOCOL, `BLOCK_INFO for blocks ${first}+${count} past the image's ${this.journal.count}`);
+      const zero = r.bytes(count);
+      const nonZero = zero.reduce((n, z) => n + (z ? 0 : 1), 0);
+      const fps = new BigUint64Array(nonZero), sigs = new BigUint64Array(nonZero);
+      for (let i = 0; i < nonZero; i++) { fps[i] = r.big(); sigs[i] = r.big(); }
+      r.end();
+      const refs = this.similarity ? this.svc.neighbourhood.lookupColumns(fps, sigs) : undefined;
+      let k = 0;
+      for (let i = 0; i < count; i++) {
+        const b = first + i;
+        const st = this.journal.state[b]!;
+        if (zero[i]) {
+          if (st !== BlockState.Zero && !this.fresh) {
+            const last = zeroRuns[zeroRuns.length - 1];
+            if (last && last[0] + last[1] === b) last[1]++;
+            else zeroRuns.push([b, 1]);
+          }
+          this.journal.state[b] = BlockState.Zero;
+          continue;
+        }
+        const fp = fps[k]!, sig = sigs[k]!, ref = refs?.[k];
+        k++;
+        if (st === BlockState.Verified && this.journal.fps[b] === fp && this.journal.sigs[b] === sig) {
+          this.stats.resumedBlocks++;
+          continue;
+        }
+        this.journal.state[b] = BlockState.Unknown;
+        if (ref !== undefined && ref !== NO_REF && this.fillFromNeighbour(b, ref, fp, sig)) continue;
+        addNeed(b);
+      }
+    }
+    for (const [b, n] of zeroRuns) this.zeroRange(b, n);
+    if (this.sinceSave > 0 || !this.fresh) this.saveJournal();
+    // NEED frames: (first u64, count u32) pairs, 64 Ki intervals a frame; the last frame has flag 1.
+    for (let i = 0; i === 0 || i < need.length; i += 65536) {
+      const part = need.slice(i, i + 65536);
+      const w = new Writer().u8(i + 65536 >= need.length ? 1 : 0).u32(part.length);
+      for (const [b, n] of part) w.u64(b).u32(n);
+      await this.ch.send(Msg.NEED, w.done());
+    }
+  }
+
+  /** Reads the candidate block from a neighbour image and keeps it only if its data matches. */
+  private fillFromNeighbour(block: number, ref: bigint, fp: bigint, sig: bigint): boolean {
+    const id = refImage(ref);
+    let src = this.sources.get(id);
+    if (src === undefined) {
+      const im = this.svc.neighbourhood.images[id];
+      try {
+        src = im ? new FileImageSource(im.path) : null;
+      } catch {
+        src = null; // the neighbour went away: its blocks are just not there
+      }
+      this.sources.set(id, src);
+    }
+    if (!src) return false;
+    const nb = refBlock(ref);
+    const len = this.len(block);
+    if (nb * this.bs + len > src.size) return false;
+    const buf = Buffer.allocUnsafe(len);
+    try {
+      src.readInto(buf, nb * this.bs, len);
+    } catch {
+      return false;
+    }
+    const got = this.engine.fingerprints(buf, this.bs);
+    if (got.fingerprints[0] !== fp || got.signatures[0] !== sig) return false; // stale index or a collision: not the block
+    this.write(block, buf);
+    this.journal.state[block] = BlockState.Verified;
+    this.journal.fps[block] = fp;
+    this.journal.sigs[block] = sig;
+    this.stats.neighbourBlocks++;
+    return true;
+  }
+
+  /** BLOCKS: count u32, (block u64, fp u64) per block, then the blocks' data. Verified before it is written. */
+  private blocks(payload: Buffer): void {
+    const r = new Reader(payload, 'BLOCKS');
+    const count = r.u32();
+    if (count > 65536) throw new ProtocolError(ErrorCode.PROTOCOL, `BLOCKS with ${count} blocks`);
+    const ids: number[] = [], fps: bigint[] = [];
+    for (let i = 0; i < count; i++) {
+      const b = r.u64();
+      if (b >= this.journal.count) throw new ProtocolError(ErrorCode.PROTOCOL, `block ${b} is past the end of the image`);
+      ids.push(b);
+      fps.push(r.big());
+    }
+    for (let i = 0; i < count; i++) {
+      const b = ids[i]!;
+      const data = r.bytes(this.len(b));
+      const got = this.engine.fingerprints(data, this.bs);
+      if (got.fingerprints[0] !== fps[i]) throw new ProtocolError(ErrorCode.PROTOCOL, `block ${b} does not match its fingerprint: corrupted in transit`);
+      this.write(b, data);
+      this.journal.state[b] = BlockState.Verified;
+      this.journal.fps[b] = got.fingerprints[0]!;
+      this.journal.sigs[b] = got.signatures[0]!;
+      this.stats.receivedBlocks++;
+    }
+    r.end();
+    if (this.sinceSave >= JOURNAL_EVERY) this.saveJournal();
+  }
+
+  /** COPY: count u32, (dst u64, src u64, fp u64) each: the source already sent src's content. */
+  private copies(payload: Buffer): void {
+    const r = new Reader(payload, 'COPY');
+    const count = r.u32();
+    const buf = Buffer.allocUnsafe(this.bs);
+    for (let i = 0; i < count; i++) {
+      const dst = r.u64(), src = r.u64(), fp = r.big();
+      if (dst >= this.journal.count || src >= this.journal.count) throw new ProtocolError(ErrorCode.PROTOCOL, `COPY ${src} -> ${dst} outside the image`);
+      const len = this.len(dst);
+      if (this.journal.state[src] !== BlockState.Verified || this.journal.fps[src] !== fp || this.len(src) !== len) {
+        this.journal.state[dst] = BlockState.Unknown; // the end-to-end check will find it and the source resend it
+        continue;
+      }
+      readSync(this.fd, buf, 0, len, src * this.bs);
+      this.write(dst, buf.subarray(0, len));
+      this.journal.state[dst] = BlockState.Verified;
+      this.journal.fps[dst] = fp;
+      this.journal.sigs[dst] = this.journal.sigs[src]!;
+      this.stats.copiedBlocks++;
+    }
+    r.end();
+  }
+
+  /** ZERO: count u32, (first u64, count u32) intervals that must read as zeros. */
+  private zeros(r: Reader): void {
+    const count = r.u32();
+    for (let i = 0; i < count; i++) {
+      const first = r.u64(), n = r.u32();
+      if (first + n > this.journal.count) throw new ProtocolError(ErrorCode.PROTOCOL, `ZERO ${first}+${n} outside the image`);
+      this.zeroRange(first, n);
+      this.journal.state.fill(BlockState.Zero, first, first + n);
+    }
+    r.end();
+  }
+
+  private zeroRange(first: number, n: number): void {
+    const off = first * this.bs;
+    const len = Math.min(n * this.bs, this.size - off);
+    const native = this.engine.backend.native;
+    if (native) {
+      native.punchHole(this.fd, off, len);
+    } else {
+      const z = Buffer.alloc(Math.min(len, 1 << 20));
+      for (let at = 0; at < len; at += z.length) writeSync(this.fd, z, 0, Math.min(z.length, len - at), off + at);
+    }
+    this.stats.zeroedBlocks += n;
+  }
+
+  /**
+   * VERIFY: first u32 (extent index), extentBlocks u32, count u32, then per
+   * extent a kind byte (0 = all zero, 1 = data) and for data its SHA-1.
+   * Answer: VERIFY_RESULT with the indexes of the extents that differ.
+   */
+  private verify(payload: Buffer): Buffer {
+    const r = new Reader(payload, 'VERIFY');
+    const first = r.u32(), per = r.u32(), count = r.u32();
+    if (per === 0 || per > 65536) throw new ProtocolError(ErrorCode.PROTOCOL, `VERIFY extent of ${per} blocks`);
+    const bad: number[] = [];
+    const buf = Buffer.allocUnsafe(per * this.bs);
+    if (ZEROS.length < buf.length) ZEROS = Buffer.alloc(buf.length);
+    for (let i = 0; i < count; i++) {
+      const e = first + i;
+      const kind = r.u8();
+      const digest = kind === 1 ? r.bytes(DIGEST_BYTES) : undefined;
+      const off = e * per * this.bs;
+      const len = Math.min(per * this.bs, this.size - off);
+      if (len <= 0) throw new ProtocolError(ErrorCode.PROTOCOL, `VERIFY extent ${e} outside the image`);
+      const data = buf.subarray(0, len);
+      for (let at = 0; at < len; ) at += readSync(this.fd, data, at, len - at, off + at);
+      const ok = digest ? createHash('sha1').update(data).digest().equals(digest) : data.equals(ZEROS.subarray(0, len));
+      if (!ok) bad.push(e);
+    }
+    r.end();
+    const w = new Writer().u32(bad.length);
+    for (const e of bad) w.u32(e);
+    return w.done();
+  }
+
+  private async commit(): Promise<void> {
+    fsyncSync(this.fd);
+    closeSync(this.fd);
+    renameSync(this.partial, this.final);
+    rmSync(this.journalFile, { force: true });
+    await this.svc.indexImage(this.final);
+  }
+}
+
+let ZEROS = Buffer.alloc(1 << 20);
