@@ -1,4 +1,9 @@
-import { mkdtempSync, rmSync, openSync, writeSync, closeSync, mkdirSync } from 'node:fs';
+import { mkdtempSync, rmSync, openSync, writeSync, closeSync, mkdirSync, readFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { DestinationService } from '../roles/destination.js';
+import { migrate } from '../migrate/migrate.js';
+import { TrackedImage } from '../migrate/tracked.js';
+import { describeMigration } from './main.js';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Scanner, blockMapsFor } from '../scan/scanner.js';
@@ -10,7 +15,7 @@ import { basename } from 'node:path';
 const MiB = 1 << 20;
 
 /** Deterministic pseudo-random bytes: the same seed gives the same image everywhere. */
-function fillRandom(buf: Uint8Array, seed: number): void {
+export function fillRandom(buf: Uint8Array, seed: number): void {
   const u32 = new Uint32Array(buf.buffer, buf.byteOffset, buf.byteLength >>> 2);
   let x = seed >>> 0 || 1;
   for (let i = 0; i < u32.length; i++) {
@@ -57,39 +62,59 @@ export async function runDemo(o: { dir?: string; progress: ProgressMode }): Prom
   if (o.dir) mkdirSync(dir, { recursive: true });
   const scanner = new Scanner();
   const progress = createProgress(o.progress);
+  let svc: DestinationService | undefined;
+  let writer: NodeJS.Timeout | undefined;
   try {
-    const images = makeDemoImages(dir);
-    const t0 = performance.now();
+    const [base, clone, sibling] = makeDemoImages(dir) as [string, string, string];
     const maps = [];
-    let bytes = 0;
-    for (const p of images) {
+    for (const p of [base, clone, sibling]) {
       const r = await blockMapsFor(scanner, p, { blockSize: 4096, rescan: true, noSave: !o.dir, onProgress: (u) => progress.update({ phase: 'scan', ...u }) });
       maps.push(r.maps[0]!);
-      bytes += r.maps[0]!.imageSize;
     }
     progress.stop();
-    const seconds = (performance.now() - t0) / 1000;
     const m = similarityMatrix(maps);
     const names = m.images.map((i) => basename(i.path));
-    const sim = new Table({ head: ['base \\ target', ...names, 'average'], style: { head: [], border: [] } });
-    m.similarity.forEach((row, b) => sim.push([names[b]!, ...row.map((v) => `${v.toFixed(1)} %`), `${m.average[b]!.toFixed(1)} %`]));
-    const send = new Table({ head: ['still to send, base \\ target', ...names], style: { head: [], border: [] } });
-    m.bytesToSend.forEach((row, b) => send.push([names[b]!, ...row.map((v) => human(v))]));
-    const cloneIdx = 1;
-    const full = m.images[cloneIdx]!.nonZeroBlocks * m.blockSize;
+    const sim = new Table({ head: ['base \\ target', ...names], style: { head: [], border: [] } });
+    m.similarity.forEach((row, b) => sim.push([names[b]!, ...row.map((v) => `${v.toFixed(1)} %`)]));
+
+    // A destination on loopback that already holds base.img and sibling.img.
+    const key = randomBytes(32);
+    svc = await DestinationService.start({ dataDir: join(dir, 'destination'), auth: { key }, neighbours: [base, sibling] });
+    // clone.img is a running VM's disk: a writer rewrites random blocks until cutover pauses it.
+    const tracked = new TrackedImage(clone);
+    let writes = 0, seed = 99;
+    const block = new Uint8Array(4096);
+    writer = setInterval(() => {
+      for (let k = 0; k < 4; k++) {
+        seed = (seed * 1103515245 + 12345) >>> 0;
+        fillRandom(block, seed);
+        tracked.write((seed % tracked.blocks) * 4096, block);
+        writes++;
+      }
+    }, 2);
+    const r = await migrate(clone, {
+      to: `127.0.0.1:${svc.address.port}`, name: 'clone', strategy: 'similarity', auth: { key }, tracked, scanner, dirtyThreshold: 16,
+      pause: () => { clearInterval(writer); writer = undefined; },
+    });
+    tracked.close();
+    const same = readFileSync(clone).equals(readFileSync(join(dir, 'destination', 'clone.img')));
+    const nonZero = maps[1]!.nonZeroBlocks().length * 4096;
     return [
-      `blockferry demo: 3 images of ${human(maps[0]!.imageSize)} in ${o.dir ?? 'a temporary directory'}, scanned at 4 KiB blocks with ${scanner.workers} workers in ${seconds.toFixed(2)} s (${(bytes / seconds / 1e6).toFixed(0)} MB/s)`,
+      `blockferry demo: three 96 MiB images in ${o.dir ?? 'a temporary directory'}; base.img and sibling.img already sit at the destination.`,
       '',
       'Similarity: % of the target\'s non-zero blocks found in the base',
       sim.toString(),
       '',
-      'Bytes a deduplicating transfer still sends when the destination holds the base',
-      send.toString(),
+      `Live migration of clone.img to a destination service on 127.0.0.1:${svc.address.port} (pre-shared key), strategy similarity,`,
+      `while a writer rewrote ${writes} random 4 KiB blocks until cutover paused it:`,
+      describeMigration(r),
       '',
-      `Moving clone.img to a host that holds base.img sends ${human(m.bytesToSend[0]![cloneIdx]!)} instead of ${human(full)} of non-zero data.`,
+      `Destination image byte-identical to the source: ${same ? 'yes' : 'NO'}. A full copy would have sent ${human(nonZero)} of block data; this one sent ${human(r.wire.sent.data)}.`,
     ].join('\n');
   } finally {
+    if (writer) clearInterval(writer);
     progress.stop();
+    await svc?.close();
     await scanner.close();
     if (!o.dir) rmSync(dir, { recursive: true, force: true });
   }

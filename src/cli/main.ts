@@ -11,6 +11,9 @@ import { similarityMatrix, type SimilarityMatrix } from '../similarity/similarit
 import { Neighbourhood } from '../blockindex/neighbourhood.js';
 import { createProgress, human, type ProgressMode } from './progress.js';
 import { runDemo } from './demo.js';
+import { DestinationService } from '../roles/destination.js';
+import { migrate, type MigrationResult } from '../migrate/migrate.js';
+import { spawnSync } from 'node:child_process';
 import { chooseBackend, nativeStatus } from '../engine/backend.js';
 import { wasmModule } from '../engine/wasm.js';
 import os from 'node:os';
@@ -92,6 +95,55 @@ async function mapsFor(images: string[], sizes: number[], o: CommonOptions & { s
     await scanner.close();
     for (const n of notices) process.stderr.write(`blockferry: notice: ${n}\n`);
   }
+}
+
+/** --bwlimit: bytes per second, with k/M/G suffixes (powers of 1000), or bits with kbit/mbit/gbit. */
+export function parseRate(v: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*(k|m|g|kbit|mbit|gbit)?$/i.exec(v.trim());
+  if (!m) throw new UsageError(`--bwlimit ${JSON.stringify(v)}: expected a rate like 12.5M (bytes/s) or 100mbit`);
+  const n = Number(m[1]);
+  const unit = (m[2] ?? '').toLowerCase();
+  const mult: Record<string, number> = { '': 1, k: 1e3, m: 1e6, g: 1e9, kbit: 1e3 / 8, mbit: 1e6 / 8, gbit: 1e9 / 8 };
+  const r = n * mult[unit]!;
+  if (!(r >= 1024)) throw new UsageError(`--bwlimit ${v} is below 1 KiB/s`);
+  return r;
+}
+
+/** The pre-shared key: --key-file, else BLOCKFERRY_KEY; none with --insecure. */
+function authFrom(o: { keyFile?: string; insecure?: boolean }) {
+  if (o.insecure) return { insecure: true };
+  let key: Buffer | undefined;
+  if (o.keyFile) {
+    try {
+      key = readFileSync(o.keyFile);
+    } catch (e) {
+      throw new UsageError(`--key-file ${o.keyFile}: ${(e as Error).message}`);
+    }
+    if (key.at(-1) === 10) key = key.subarray(0, key.length - 1);
+  } else if (process.env.BLOCKFERRY_KEY) key = Buffer.from(process.env.BLOCKFERRY_KEY, 'utf8');
+  if (!key || key.length < 16) throw new UsageError('a key of at least 16 bytes is needed: --key-file FILE or BLOCKFERRY_KEY (or --insecure on both sides, for loopback demos)');
+  return { key };
+}
+
+function runCmd(what: string, cmd: string): void {
+  const r = spawnSync('/bin/sh', ['-c', cmd], { stdio: ['ignore', 'inherit', 'inherit'] });
+  if (r.status !== 0) throw new BlockferryError(ErrorCode.INVALID_ARGUMENT, `${what} ${JSON.stringify(cmd)} exited with ${r.status ?? r.signal}`);
+}
+
+export function describeMigration(r: MigrationResult): string {
+  const t = new Table({ style: { head: [], border: [] } });
+  const sentTotal = Object.values(r.wire.sent).reduce((a, b) => a + b, 0);
+  t.push(
+    { image: `${r.name}: ${human(r.imageSize)}, ${r.blocks.total} blocks of ${r.blockSize} B` },
+    { strategy: r.strategy },
+    { time: `${r.seconds.toFixed(2)} s total, downtime ${(r.downtimeSeconds * 1000).toFixed(0)} ms, ${r.rounds} rounds` },
+    { 'sent on the wire': `${human(sentTotal)}: data ${human(r.wire.sent.data)}, fingerprints ${human(r.wire.sent.fingerprints)}, verification ${human(r.wire.sent.verify)}, control ${human(r.wire.sent.control)}` },
+    { 'received': human(Object.values(r.wire.received).reduce((a, b) => a + b, 0)) },
+    { 'blocks sent': `${r.blocks.sent} (${r.blocks.resent} of them again after being dirtied, ${r.blocks.repaired} repaired)` },
+    { 'filled at the destination': `${r.blocks.filledFromNeighbours} from neighbour images, ${r.blocks.copied} copied from blocks already sent, ${r.blocks.resumed} kept from an earlier attempt, ${r.blocks.zero} zero` },
+    { verified: r.verified ? 'yes: every extent\'s SHA-1 matches the source' : 'NO' },
+  );
+  return t.toString();
 }
 
 function print(s: string): void {
@@ -224,6 +276,62 @@ export function buildProgram(): Command {
     });
 
   program
+    .command('serve')
+    .description('run the destination service: receive migrations into a data directory')
+    .requiredOption('--listen <addr>', 'HOST:PORT to listen on (port 0: any free port)')
+    .requiredOption('--data-dir <dir>', 'where migrated images (NAME.img) and the neighbourhood index live')
+    .option('--neighbour <image>', 'an image whose blocks migrations may reuse (repeatable)', (v: string, acc: string[]) => acc.concat(v), [] as string[])
+    .option('--block-size <size>', 'block size of the neighbourhood index', '4096')
+    .option('--key-file <file>', 'pre-shared key (default: BLOCKFERRY_KEY)')
+    .option('--insecure', 'plain TCP without authentication (loopback demos only)')
+    .action(async (o: { listen: string; dataDir: string; neighbour: string[]; blockSize: string; keyFile?: string; insecure?: boolean }) => {
+      const m = /^\[?([^\]]*?)\]?:(\d{1,5})$/.exec(o.listen);
+      if (!m) throw new UsageError(`--listen ${o.listen}: expected HOST:PORT`);
+      const [bs, ...rest] = parseBlockSizes(o.blockSize);
+      if (rest.length) throw new UsageError('one block size');
+      const svc = await DestinationService.start({
+        dataDir: o.dataDir, host: m[1] || '0.0.0.0', port: Number(m[2]), auth: authFrom(o), blockSize: bs!, neighbours: o.neighbour,
+        log: (l) => process.stderr.write(`blockferry serve: ${l}\n`),
+      });
+      const a = svc.address;
+      print(JSON.stringify({ event: 'listening', host: a.host, port: a.port, dataDir: o.dataDir, neighbours: svc.neighbourhood.images.length }));
+      await new Promise<void>((res) => {
+        process.once('SIGINT', res);
+        process.once('SIGTERM', res);
+      });
+      await svc.close();
+    });
+
+  program
+    .command('migrate')
+    .description('migrate an image to a destination service, live: rounds of dirty blocks, then cutover')
+    .argument('<image>', 'the source image')
+    .requiredOption('--to <addr>', 'HOST:PORT of the destination service')
+    .option('--name <name>', 'name at the destination (default: the file name without extension)')
+    .addOption(new Option('--strategy <s>', 'what to send').choices(['full', 'similarity']).default('similarity'))
+    .option('--key-file <file>', 'pre-shared key (default: BLOCKFERRY_KEY)')
+    .option('--insecure', 'plain TCP without authentication (loopback demos only)')
+    .option('--bwlimit <rate>', 'bandwidth limit: bytes/s (12.5M) or bits (100mbit)')
+    .option('--overwrite', 'replace a complete image of the same name at the destination')
+    .option('--rescan', 'another process writes the image: rescan each round for changed blocks')
+    .option('--max-rounds <n>', 'pre-copy rounds at most', intArg('--max-rounds', 0, 1000), 8)
+    .option('--dirty-threshold <n>', 'cut over when a round has this many dirty blocks or fewer', intArg('--dirty-threshold', 0, 2 ** 31), 256)
+    .option('--pause-cmd <cmd>', 'run at cutover to pause the writer (e.g. a hypervisor suspend)')
+    .option('--resume-cmd <cmd>', 'run once the destination holds the verified image')
+    .option('--json', 'print the result as JSON')
+    .action(async (image: string, o: { to: string; name?: string; strategy: 'full' | 'similarity'; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; maxRounds: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean }) => {
+      const r = await migrate(image, {
+        to: o.to, strategy: o.strategy, auth: authFrom(o), overwrite: !!o.overwrite, rescan: !!o.rescan,
+        maxRounds: o.maxRounds, dirtyThreshold: o.dirtyThreshold,
+        ...(o.name ? { name: o.name } : {}),
+        ...(o.bwlimit ? { bwlimit: parseRate(o.bwlimit) } : {}),
+        ...(o.pauseCmd ? { pause: () => runCmd('--pause-cmd', o.pauseCmd!) } : {}),
+        ...(o.resumeCmd ? { resume: () => runCmd('--resume-cmd', o.resumeCmd!) } : {}),
+      });
+      print(o.json ? JSON.stringify(r, null, 2) : describeMigration(r));
+    });
+
+  program
     .command('doctor')
     .description('which backend runs each kernel here, and why')
     .option('--json', 'print JSON')
@@ -252,7 +360,7 @@ export function buildProgram(): Command {
 
   program
     .command('demo')
-    .description('the main job on an embedded default: make similar images, scan them, print the similarity matrix')
+    .description('the main job on an embedded default: similar images, a destination service on loopback, a live migration')
     .option('--dir <dir>', 'where to make the images (default: a temporary directory, removed afterwards)')
     .addOption(new Option('--progress <mode>', 'progress on stderr').choices(['auto', 'json', 'none']).default('auto'))
     .action(async (o: { dir?: string; progress: ProgressMode }) => {
