@@ -93,17 +93,23 @@ export class Channel {
       this.nextSendAt = start + (bytes / this.rate) * 1000;
       if (start - now > 1) await sleep(start - now);
     }
+    // The connection may have failed while we were pacing.
+    if (this.failure) throw this.failure;
+    if (this.socket.destroyed) throw new ProtocolError(ErrorCode.CONNECTION, 'connection closed');
     this.sent[KIND[type] ?? 'control'] += bytes;
     const header = encodeHeader(type, payload.length);
     this.socket.write(header);
     const ok = this.socket.write(payload);
     if (!ok) {
+      if (this.failure) throw this.failure;
+      if (this.socket.destroyed) throw new ProtocolError(ErrorCode.CONNECTION, 'connection closed');
       await new Promise<void>((resolve, reject) => {
         const onDrain = () => { cleanup(); resolve(); };
         const onClose = () => { cleanup(); reject(this.failure ?? new ProtocolError(ErrorCode.CONNECTION, 'connection closed')); };
-        const cleanup = () => { this.socket.off('drain', onDrain); this.socket.off('close', onClose); };
+        const cleanup = () => { this.socket.off('drain', onDrain); this.socket.off('close', onClose); this.socket.off('error', onClose); };
         this.socket.on('drain', onDrain);
         this.socket.on('close', onClose);
+        this.socket.on('error', onClose);
       });
     }
   }

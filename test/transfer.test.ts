@@ -1,0 +1,179 @@
+// Migrations over real TCP sockets on loopback, destination service in this
+// process: byte-for-byte results, which blocks crossed the network, live
+// writes, resume after a dropped connection, and hostile peers.
+import { after, before, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { connect } from 'node:net';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync, readdirSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { DestinationService } from '../src/roles/destination.js';
+import { migrate } from '../src/migrate/migrate.js';
+import { TrackedImage } from '../src/migrate/tracked.js';
+import { Channel } from '../src/protocol/channel.js';
+import { FrameDecoder, Msg, encodeHeader, MAX_PAYLOAD, Writer } from '../src/protocol/frame.js';
+import { clientHandshake } from '../src/protocol/handshake.js';
+import { ErrorCode } from '../src/index.js';
+import { seededBytes } from './util.js';
+
+const BS = 4096;
+const key = Buffer.from('blockferry-test-key-0123456789ab');
+let dir: string;
+let svc: DestinationService;
+let to: string;
+const neighbour = () => join(dir, 'neighbour.img');
+
+/** 64 blocks from the neighbour, 16 new, 8 zero, 8 repeating block 70 (new content, sent once). */
+function makeSource(name: string): { path: string; data: Buffer } {
+  const n = readFileSync(neighbour());
+  const parts = [n.subarray(0, 64 * BS), Buffer.from(seededBytes(500, 16 * BS)), Buffer.alloc(8 * BS)];
+  for (let i = 0; i < 8; i++) parts.push(Buffer.from(seededBytes(500, 16 * BS).subarray(6 * BS, 7 * BS)));
+  const data = Buffer.concat(parts);
+  const path = join(dir, name);
+  writeFileSync(path, data);
+  return { path, data };
+}
+
+before(async () => {
+  dir = mkdtempSync(join(tmpdir(), 'bf-xfer-'));
+  writeFileSync(neighbour(), seededBytes(1, 128 * BS));
+  svc = await DestinationService.start({ dataDir: join(dir, 'dst'), auth: { key }, neighbours: [neighbour()] });
+  to = `127.0.0.1:${svc.address.port}`;
+});
+after(async () => { await svc.close(); rmSync(dir, { recursive: true, force: true }); });
+
+describe('migration over TCP', () => {
+  it('similarity: fills from the neighbour, sends only the missing contents once, ends byte-identical', async () => {
+    const { path, data } = makeSource('a.img');
+    const r = await migrate(path, { to, name: 'a', strategy: 'similarity', auth: { key } });
+    assert.deepEqual(readFileSync(join(dir, 'dst', 'a.img')), data);
+    assert.equal(r.blocks.filledFromNeighbours, 64);
+    assert.equal(r.blocks.sent, 16, 'the 16 new blocks; the 8 repeats of block 70 are copied');
+    assert.equal(r.blocks.copied, 8);
+    assert.equal(r.blocks.zero, 8);
+    assert.ok(r.wire.sent.data < 17 * (BS + 16) + 64, `data bytes ${r.wire.sent.data}`);
+    assert.equal(r.verified, true);
+  });
+
+  it('full: sends every non-zero block content, ignores the neighbourhood', async () => {
+    const { path, data } = makeSource('b.img');
+    const r = await migrate(path, { to, name: 'b', strategy: 'full', auth: { key } });
+    assert.deepEqual(readFileSync(join(dir, 'dst', 'b.img')), data);
+    assert.equal(r.blocks.filledFromNeighbours, 0);
+    assert.equal(r.blocks.sent, 64 + 16);
+    assert.equal(r.blocks.copied, 8);
+  });
+
+  it('keeps up with live writes through a tracked image and cuts over with pause/resume', async () => {
+    const { path } = makeSource('live.img');
+    const tracked = new TrackedImage(path);
+    let writes = 0;
+    const timer = setInterval(() => { tracked.write(((writes * 13) % 90) * BS + 100, seededBytes(writes, 5000)); writes++; }, 1);
+    const events: string[] = [];
+    const r = await migrate(path, {
+      to, name: 'live', auth: { key }, tracked, dirtyThreshold: 2,
+      pause: () => { clearInterval(timer); events.push('pause'); },
+      resume: () => { events.push('resume'); },
+    });
+    tracked.close();
+    assert.deepEqual(events, ['pause', 'resume']);
+    assert.ok(writes > 0);
+    assert.ok(r.rounds >= 1);
+    assert.ok(r.downtimeSeconds > 0 && r.downtimeSeconds <= r.seconds);
+    assert.deepEqual(readFileSync(join(dir, 'dst', 'live.img')), readFileSync(path));
+  });
+
+  it('resumes after a dropped connection without resending verified blocks', async () => {
+    const path = join(dir, 'big.img');
+    writeFileSync(path, seededBytes(77, 2048 * BS));
+    // Slow link; drop the connection once some data has arrived.
+    let dropped = false;
+    const first = migrate(path, { to, name: 'big', strategy: 'full', auth: { key }, bwlimit: 4 << 20, onEvent: (e) => {
+      if (e.phase === 'transfer' && !dropped) {
+        dropped = true;
+        setTimeout(() => { for (const s of (svc as unknown as { sockets: Set<{ destroy(): void }> }).sockets) s.destroy(); }, 600);
+      }
+    } });
+    await assert.rejects(first, (e: Error & { code?: string }) => e.code === ErrorCode.CONNECTION || e.code === ErrorCode.REFUSED || e.code === ErrorCode.PROTOCOL);
+    assert.ok(existsSync(join(dir, 'dst', 'big.img.partial')), 'the partial image stays');
+    assert.ok(existsSync(join(dir, 'dst', 'big.img.journal')), 'with its journal');
+    assert.equal(existsSync(join(dir, 'dst', 'big.img')), false, 'an incomplete image is never presented as complete');
+    const r = await migrate(path, { to, name: 'big', strategy: 'full', auth: { key } });
+    assert.ok(r.blocks.resumed > 100, `resumed ${r.blocks.resumed}`);
+    assert.equal(r.blocks.sent + r.blocks.resumed, 2048);
+    assert.deepEqual(readFileSync(join(dir, 'dst', 'big.img')), readFileSync(path));
+    assert.equal(existsSync(join(dir, 'dst', 'big.img.journal')), false);
+  });
+
+  it('refuses names that escape the data directory, and does not overwrite unless asked', async () => {
+    const { path } = makeSource('c.img');
+    for (const name of ['../evil', '/etc/passwd', '.hidden', 'a/b', '', 'x'.repeat(200)]) {
+      await assert.rejects(migrate(path, { to, name, auth: { key } }), (e: Error & { remoteCode?: string }) => e.remoteCode === ErrorCode.NAME_INVALID, name);
+    }
+    assert.deepEqual(readdirSync(dir).filter((f) => f.startsWith('evil')), []);
+    await migrate(path, { to, name: 'c', auth: { key } });
+    await assert.rejects(migrate(path, { to, name: 'c', auth: { key } }), (e: Error & { remoteCode?: string }) => e.remoteCode === ErrorCode.IMAGE_EXISTS);
+    writeFileSync(path, seededBytes(3, 100 * BS));
+    await migrate(path, { to, name: 'c', auth: { key }, overwrite: true });
+    assert.deepEqual(readFileSync(join(dir, 'dst', 'c.img')), readFileSync(path));
+  });
+
+  it('refuses a wrong key, an insecure client and a bad version, and keeps serving', async () => {
+    const { path, data } = makeSource('d.img');
+    await assert.rejects(migrate(path, { to, auth: { key: Buffer.from('another-key-of-32-bytes-00000000') } }), { code: ErrorCode.AUTH_FAILED });
+    await assert.rejects(migrate(path, { to, auth: { insecure: true } }), { code: ErrorCode.AUTH_FAILED });
+    const s = connect(svc.address.port, '127.0.0.1');
+    await new Promise((r) => s.once('connect', r));
+    const ch = new Channel(s);
+    await ch.send(Msg.HELLO, new Writer().bytes(Buffer.from('BFRY')).u16(99).u16(0).u32(0).bytes(Buffer.alloc(32)).done());
+    await assert.rejects(ch.recv(), { code: ErrorCode.PROTOCOL_VERSION });
+    await migrate(path, { to, name: 'd', auth: { key } });
+    assert.deepEqual(readFileSync(join(dir, 'dst', 'd.img')), data);
+  });
+
+  it('closes connections that send oversized, unknown or malformed frames, and keeps serving', async () => {
+    const hostile = [
+      encodeHeader(Msg.HELLO, 10).fill(0xff, 0, 4), // declared length past the limit
+      Buffer.from([4, 0, 0, 0, 99, 0, 0, 0, 1, 2, 3, 4]), // unknown type
+      Buffer.from([0, 0, 0, 0, Msg.HELLO, 7, 0, 0]), // reserved bits set
+      Buffer.concat([encodeHeader(Msg.HELLO, 3), Buffer.from([1, 2, 3])]), // HELLO too short
+    ];
+    for (const bytes of hostile) {
+      const s = connect(svc.address.port, '127.0.0.1');
+      await new Promise((r) => s.once('connect', r));
+      s.write(bytes);
+      await new Promise<void>((resolve) => { s.on('close', () => resolve()); s.on('error', () => {}); s.resume(); });
+    }
+    // A handshaken client that then sends garbage mid-migration.
+    const s = connect(svc.address.port, '127.0.0.1');
+    await new Promise((r) => s.once('connect', r));
+    const ch = new Channel(s);
+    await clientHandshake(ch, { key });
+    await ch.send(Msg.BEGIN, new Writer().str('garbage').u64(10 * BS).u32(BS).u8(0).u8(0).done());
+    await ch.recv(Msg.BEGIN_OK);
+    await ch.send(Msg.BLOCKS, new Writer().u32(1).u64(999).u64(0).done());
+    await assert.rejects(ch.recv(), (e: Error & { code?: string }) => e.code === ErrorCode.PROTOCOL || e.code === ErrorCode.CONNECTION);
+    assert.equal(existsSync(join(dir, 'dst', 'garbage.img')), false);
+    const { path, data } = makeSource('e.img');
+    await migrate(path, { to, name: 'e', auth: { key } });
+    assert.deepEqual(readFileSync(join(dir, 'dst', 'e.img')), data);
+  });
+});
+
+describe('frame decoder', () => {
+  it('splits frames across any chunking and rejects what is past the limits', () => {
+    const frames = [encodeHeader(Msg.READY, 0), Buffer.concat([encodeHeader(Msg.SYNC, 5), Buffer.from('hello')])];
+    const all = Buffer.concat(frames);
+    for (let cut = 0; cut <= all.length; cut++) {
+      const d = new FrameDecoder();
+      const got = [...d.push(all.subarray(0, cut)), ...d.push(all.subarray(cut))];
+      assert.deepEqual(got.map((f) => [f.type, f.payload.toString()]), [[Msg.READY, ''], [Msg.SYNC, 'hello']]);
+    }
+    const big = Buffer.alloc(8); big.writeUInt32LE(MAX_PAYLOAD + 1, 0); big[4] = Msg.BLOCKS;
+    assert.throws(() => new FrameDecoder().push(big), { code: ErrorCode.PROTOCOL });
+    assert.throws(() => encodeHeader(Msg.BLOCKS, MAX_PAYLOAD + 1), { code: ErrorCode.PROTOCOL });
+    const partial = new FrameDecoder();
+    partial.push(frames[1]!.subarray(0, 10));
+    assert.ok(partial.pending > 0, 'a connection closing now is mid-frame');
+  });
+});
