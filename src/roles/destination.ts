@@ -18,8 +18,14 @@ import { BlockState, Journal } from './journal.js';
 export const INDEX_FILE = 'neighbourhood.bfidx';
 /** Image names: a plain file name, no path, no leading dot. */
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
-/** Save the journal after this many bytes written since the last save. */
-const JOURNAL_EVERY = 64 << 20;
+/**
+ * Save the journal after this many bytes written since the last save, or 4x
+ * the journal's own size when that is larger. A killed destination then
+ * loses at most that much verified data, and rewriting the journal costs at
+ * most a quarter of what was written. (An append-only journal would remove
+ * the second bound; the rewrite keeps the format simple for now.)
+ */
+const JOURNAL_EVERY = 8 << 20;
 
 export interface DestinationOptions {
   dataDir: string;
@@ -351,7 +357,7 @@ class Session {
       this.stats.receivedBlocks++;
     }
     r.end();
-    if (this.sinceSave >= JOURNAL_EVERY) this.saveJournal();
+    if (this.sinceSave >= Math.max(JOURNAL_EVERY, 4 * 17 * this.journal.count)) this.saveJournal();
   }
 
   /** COPY: count u32, (dst u64, src u64, fp u64) each: the source already sent src's content. */
