@@ -56,6 +56,7 @@ export interface ScannerOptions {
  */
 export class Scanner {
   private readonly pool: Piscina;
+  private poolError: Error | undefined;
   readonly workers: number;
   /** What the workers use (resolved here, so a bad BLOCKFERRY_BACKEND fails before any work). */
   readonly backend: BackendChoice;
@@ -66,12 +67,15 @@ export class Scanner {
     this.workers = workers;
     this.backend = chooseBackend(options.backend);
     this.pool = new Piscina({
-      filename: new URL('./worker.js', import.meta.url).href,
+      filename: new URL('./worker-entry.cjs', import.meta.url).href,
       minThreads: workers,
       maxThreads: workers,
       idleTimeout: 60_000,
       workerData: { wasmModule: wasmModule(), backend: options.backend ?? process.env.BLOCKFERRY_BACKEND },
     });
+    // A worker that dies outside a task (it could not load, say) must not take
+    // the process down: its tasks fail with the error instead.
+    this.pool.on('error', (e: Error) => { this.poolError = e; });
   }
 
   /** Scans one image at one or more block sizes; one BlockMap per block size, in the order asked. */
@@ -115,6 +119,7 @@ export class Scanner {
       }
     }
     await settleAll(tasks);
+    if (this.poolError) throw new BlockferryError(ErrorCode.WASM_LOAD, `a scan worker failed: ${this.poolError.message}`, { cause: this.poolError });
     const after = currentIdentity(path);
     if (options.live && after.size === before.size) return maps;
     if (after.size !== before.size || after.mtimeNs !== before.mtimeNs || after.ino !== before.ino) {
