@@ -5,6 +5,8 @@ import os from 'node:os';
 export interface Task {
   name: string;
   fn: () => unknown;
+  /** Untimed setup before each run of fn (re-seeding a destination, say). */
+  beforeEach?: () => unknown | Promise<unknown>;
   /** The blockferry task the ratios are taken from. */
   ours?: boolean;
 }
@@ -51,7 +53,7 @@ export async function runGroup(spec: GroupSpec): Promise<GroupResult> {
     iterations: spec.iterations ?? 5,
     throws: true,
   });
-  for (const t of spec.tasks) bench.add(t.name, t.fn);
+  for (const t of spec.tasks) bench.add(t.name, t.fn, t.beforeEach ? { beforeEach: t.beforeEach as () => Promise<void> } : {});
   await bench.run();
   const perSecond = new Map<string, { v: number; rme: number; samples: number }>();
   for (const task of bench.tasks) {

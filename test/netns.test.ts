@@ -156,13 +156,13 @@ describe(`migration between ${netns ? 'network namespaces over a 100 Mbit/s veth
 
   it('resumes after the destination process is killed mid-transfer, without resending verified blocks', async () => {
     const image = join(dir, 'big.img');
-    writeFileSync(image, seededBytes(9, 32 * MiB));
+    writeFileSync(image, seededBytes(9, 40 * MiB));
     const data = join(dir, 'dst2');
     const first = await serve(data, []);
     const args = migrateArgs(image, first.port, ['--name', 'big', '--strategy', 'full', ...(netns ? [] : ['--bwlimit', '12.5M'])]);
     const p = spawn(args[0]!, args.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
     const exited = new Promise<number | null>((r) => p.once('exit', (c) => r(c)));
-    // Kill the destination once it has saved a journal (every 8 MiB), well before the 24 MiB are through.
+    // Kill the destination once it has saved a journal (about once a second), before the 32 MiB are through.
     const journal = join(data, 'big.img.journal');
     for (let t = 0; t < 400 && !existsSync(journal); t++) await new Promise((r) => setTimeout(r, 25));
     assert.ok(existsSync(journal), 'the destination saved a journal during the transfer');
@@ -174,7 +174,7 @@ describe(`migration between ${netns ? 'network namespaces over a 100 Mbit/s veth
       assert.equal(r.code, 0, r.err);
       const res = JSON.parse(r.out);
       assert.ok(res.blocks.resumed > 0, `resumed ${res.blocks.resumed}`);
-      assert.equal(res.blocks.resumed + res.blocks.sent, (32 * MiB) / BS);
+      assert.equal(res.blocks.resumed + res.blocks.sent, (40 * MiB) / BS);
       assert.deepEqual(readFileSync(join(data, 'big.img')), readFileSync(image));
     } finally {
       await second.stop();
