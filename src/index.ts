@@ -39,3 +39,10 @@ export { BlockMap, blockMapPath, type BlockMapStats } from './blockmap/blockmap.
 export { TreeChecksum, treeChecksum, CHECKSUM_PIECE } from './engine/checksum.js';
 export { similarityMatrix, type SimilarityMatrix, type SimilarityImage } from './similarity/similarity.js';
 export { Neighbourhood, type NeighbourImage, type BlockLocation } from './blockindex/neighbourhood.js';
+export { DestinationService, type DestinationOptions, type SessionStats } from './roles/destination.js';
+export { migrate, type MigrateOptions, type MigrationResult, type Strategy } from './migrate/migrate.js';
+export { TrackedImage } from './migrate/tracked.js';
+export { ProtocolError } from './errors.js';
+export { chooseBackend, nativeStatus, type BackendName, type BackendChoice } from './engine/backend.js';
+export type { AuthOptions } from './protocol/handshake.js';
+export type { Traffic, TrafficKind } from './protocol/channel.js';

@@ -136,7 +136,7 @@ export function describeMigration(r: MigrationResult): string {
   t.push(
     { image: `${r.name}: ${human(r.imageSize)}, ${r.blocks.total} blocks of ${r.blockSize} B` },
     { strategy: r.strategy },
-    { time: `${r.seconds.toFixed(2)} s total, downtime ${(r.downtimeSeconds * 1000).toFixed(0)} ms, ${r.rounds} rounds` },
+    { time: `${r.seconds.toFixed(2)} s total, downtime ${(r.downtimeSeconds * 1000).toFixed(0)} ms, ${r.rounds} round${r.rounds === 1 ? '' : 's'}` },
     { 'sent on the wire': `${human(sentTotal)}: data ${human(r.wire.sent.data)}, fingerprints ${human(r.wire.sent.fingerprints)}, verification ${human(r.wire.sent.verify)}, control ${human(r.wire.sent.control)}` },
     { 'received': human(Object.values(r.wire.received).reduce((a, b) => a + b, 0)) },
     { 'blocks sent': `${r.blocks.sent} (${r.blocks.resent} of them again after being dirtied, ${r.blocks.repaired} repaired)` },
@@ -397,7 +397,9 @@ export async function main(argv: string[]): Promise<number> {
       return 2; // commander already printed the message
     }
     if (e instanceof BlockferryError) {
-      process.stderr.write(`blockferry: error ${e.code}: ${e.message}\n`);
+      const remote = (e as { remoteCode?: string }).remoteCode;
+      const code = remote && remote !== e.code ? `${e.code} (${remote})` : e.code;
+      process.stderr.write(`blockferry: error ${code}: ${e.message}\n`);
       return e.code === ErrorCode.USAGE ? 2 : 1;
     }
     process.stderr.write(`blockferry: internal error: ${(e as Error)?.stack ?? String(e)}\n`);
