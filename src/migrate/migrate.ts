@@ -144,7 +144,15 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
       pending = await dirtyNow();
     }
 
-    // Cutover: pause, last round, end-to-end check, commit, resume.
+    // The end-to-end check of every extent while the image is still live:
+    // the destination only changes when we tell it to, so after the pause
+    // only the extents the last round touches need checking again.
+    ev('verify');
+    const differ = await m.verify(undefined, false); // live: writes may still land; no repairs yet
+    m.touched.clear();
+    for (const e of differ) m.touched.add(e);
+
+    // Cutover: pause, last round, check what it touched, commit, resume.
     const tPause = performance.now();
     const paused = options.pause !== undefined;
     ev('cutover', { dirty: pending.length });
@@ -153,8 +161,7 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
     rounds++;
     await ch.send(Msg.ROUND, new Writer().u32(rounds).done());
     await m.sendBlocks([...new Set(pending)].sort((a, b) => a - b));
-    ev('verify');
-    await m.verifyAll();
+    await m.verify([...m.touched].sort((a, b) => a - b));
     await ch.send(Msg.COMMIT);
     const done = new Reader((await ch.recv(Msg.DONE)).payload, 'DONE');
     const dest = { neighbour: done.u64(), resumed: done.u64(), received: done.u64(), copied: done.u64(), zeroed: done.u64() };
@@ -206,6 +213,8 @@ class Migration {
   private readonly sigs = this.engine.alloc((DATA_BATCH / 512) * 8);
   private readonly flags = this.engine.alloc(DATA_BATCH / 512);
   private readonly digest = this.engine.alloc(DIGEST_BYTES);
+  /** Extents (EXTENT_BLOCKS blocks each) that sendBlocks changed at the destination since the last clear. */
+  readonly touched = new Set<number>();
   sentBlocks = 0;
   copiedBlocks = 0;
   resentBlocks = 0;
@@ -303,6 +312,7 @@ class Migration {
       const dataIds: Array<[number, bigint, number]> = [];
       for (let k = 0; k < count; k++) {
         const b = first + k;
+        this.touched.add(Math.floor(b / EXTENT_BLOCKS));
         if (flags[k]) {
           zeros.u64(b).u32(1);
           zeroCount++;
@@ -366,10 +376,16 @@ class Migration {
     await this.ch.recv(Msg.SYNC_OK);
   }
 
-  /** The end-to-end check: SHA-1 of every data extent (zero extents cost nothing); repairs what differs. */
-  async verifyAll(): Promise<void> {
+  /**
+   * The end-to-end check of the given extents (default: all): SHA-1 of each
+   * data extent (zero extents cost nothing). With repair (the image paused),
+   * extents that differ are sent again and checked again; without (the image
+   * still live, where a difference may just be a fresh write), it returns
+   * the extents that differ.
+   */
+  async verify(which?: number[], repair = true): Promise<number[]> {
     const n = this.map.count;
-    let extents = Array.from({ length: Math.ceil(n / EXTENT_BLOCKS) }, (_, e) => e);
+    let extents = which ?? Array.from({ length: Math.ceil(n / EXTENT_BLOCKS) }, (_, e) => e);
     for (let attempt = 0; extents.length; attempt++) {
       if (attempt === VERIFY_ATTEMPTS) {
         throw new BlockferryError(ErrorCode.VERIFY_FAILED, `${extents.length} extents still differ after ${VERIFY_ATTEMPTS} repairs; the destination image is not complete`);
@@ -388,6 +404,7 @@ class Migration {
         r.end();
         i = j;
       }
+      if (!repair) return bad;
       if (bad.length) {
         this.ev('repair', { extents: bad.length });
         const blocks: number[] = [];
@@ -401,6 +418,7 @@ class Migration {
       }
       extents = bad;
     }
+    return [];
   }
 
   /** kind byte 0 for an all-zero extent (no read), else 1 and the SHA-1 of its bytes. */

@@ -156,6 +156,18 @@ export class DestinationService {
   }
 }
 
+/** A block the neighbourhood may hold: destination block, neighbour image and block, expected fingerprint and signature. */
+interface Hit {
+  block: number;
+  image: number;
+  nb: number;
+  fp: bigint;
+  sig: bigint;
+}
+
+/** Bytes read from a neighbour per run: 1 MiB, like the source's batches. */
+const NEIGHBOUR_RUN_BYTES = 1 << 20;
+
 /** One migration into one image. */
 class Session {
   private readonly partial: string;
@@ -218,9 +230,11 @@ class Session {
             break;
           case Msg.VERIFY: await ch.send(Msg.VERIFY_RESULT, this.verify(f.payload)); break;
           case Msg.COMMIT:
-            await this.commit();
+            this.commit();
             await ch.send(Msg.DONE, new Writer().u64(this.stats.neighbourBlocks).u64(this.stats.resumedBlocks).u64(this.stats.receivedBlocks).u64(this.stats.copiedBlocks).u64(this.stats.zeroedBlocks).done());
             ch.close();
+            // Indexing the new image is not part of the migration's downtime: after DONE.
+            await this.svc.indexImage(this.final);
             return this.stats;
           default:
             throw new ProtocolError(ErrorCode.PROTOCOL, `unexpected message type ${f.type} during a migration`);
@@ -256,12 +270,7 @@ class Session {
 
   /** Phase 1: the source's fingerprints. Keep what the journal has, fill from neighbours, ask for the rest. */
   private async blockInfo(): Promise<void> {
-    const need: Array<[number, number]> = [];
-    const addNeed = (b: number) => {
-      const last = need[need.length - 1];
-      if (last && last[0] + last[1] === b) last[1]++;
-      else need.push([b, 1]);
-    };
+    const needed = new Uint8Array(this.journal.count);
     const zeroRuns: Array<[number, number]> = [];
     for (;;) {
       const f = await this.ch.recv(Msg.BLOCK_INFO, Msg.INFO_END);
@@ -276,6 +285,7 @@ class Session {
       for (let i = 0; i < nonZero; i++) { fps[i] = r.big(); sigs[i] = r.big(); }
       r.end();
       const refs = this.similarity ? this.svc.neighbourhood.lookupColumns(fps, sigs) : undefined;
+      const hits: Hit[] = [];
       let k = 0;
       for (let i = 0; i < count; i++) {
         const b = first + i;
@@ -296,12 +306,20 @@ class Session {
           continue;
         }
         this.journal.state[b] = BlockState.Unknown;
-        if (ref !== undefined && ref !== NO_REF && this.fillFromNeighbour(b, ref, fp, sig)) continue;
-        addNeed(b);
+        if (ref !== undefined && ref !== NO_REF) hits.push({ block: b, image: refImage(ref), nb: refBlock(ref), fp, sig });
+        else needed[b] = 1;
       }
+      this.fillFromNeighbours(hits, needed);
     }
     for (const [b, n] of zeroRuns) this.zeroRange(b, n);
     if (this.sinceSave > 0 || !this.fresh) this.saveJournal();
+    const need: Array<[number, number]> = [];
+    for (let b = 0; b < needed.length; b++) {
+      if (!needed[b]) continue;
+      const last = need[need.length - 1];
+      if (last && last[0] + last[1] === b) last[1]++;
+      else need.push([b, 1]);
+    }
     // NEED frames: (first u64, count u32) pairs, 64 Ki intervals a frame; the last frame has flag 1.
     for (let i = 0; i === 0 || i < need.length; i += 65536) {
       const part = need.slice(i, i + 65536);
@@ -311,9 +329,7 @@ class Session {
     }
   }
 
-  /** Reads the candidate block from a neighbour image and keeps it only if its data matches. */
-  private fillFromNeighbour(block: number, ref: bigint, fp: bigint, sig: bigint): boolean {
-    const id = refImage(ref);
+  private source(id: number): FileImageSource | null {
     let src = this.sources.get(id);
     if (src === undefined) {
       const im = this.svc.neighbourhood.images[id];
@@ -324,24 +340,54 @@ class Session {
       }
       this.sources.set(id, src);
     }
-    if (!src) return false;
-    const nb = refBlock(ref);
-    const len = this.len(block);
-    if (nb * this.bs + len > src.size) return false;
-    const buf = Buffer.allocUnsafe(len);
-    try {
-      src.readInto(buf, nb * this.bs, len);
-    } catch {
-      return false;
+    return src;
+  }
+
+  /**
+   * Fills blocks from neighbour images, keeping each only if the data read
+   * has the fingerprint and signature the source sent (a stale index or a
+   * fingerprint collision never puts a wrong block in place). Runs of
+   * consecutive blocks that map to consecutive blocks of one neighbour take
+   * one read, one fingerprint call and one write. Blocks that fail go to
+   * `needed`.
+   */
+  private fillFromNeighbours(hits: Hit[], needed: Uint8Array): void {
+    const maxRun = Math.max(1, Math.floor(NEIGHBOUR_RUN_BYTES / this.bs));
+    for (let i = 0; i < hits.length; ) {
+      let j = i + 1;
+      const h0 = hits[i]!;
+      while (j < hits.length && j - i < maxRun && hits[j]!.block === h0.block + (j - i) && hits[j]!.image === h0.image && hits[j]!.nb === h0.nb + (j - i)) j++;
+      const run = hits.slice(i, j);
+      i = j;
+      const src = this.source(h0.image);
+      const len = run.reduce((n, h) => n + this.len(h.block), 0);
+      if (!src || h0.nb * this.bs + len > src.size || run.some((h, x) => x < run.length - 1 && this.len(h.block) < this.bs)) {
+        for (const h of run) needed[h.block] = 1;
+        continue;
+      }
+      const buf = Buffer.allocUnsafe(len);
+      try {
+        src.readInto(buf, h0.nb * this.bs, len);
+      } catch {
+        for (const h of run) needed[h.block] = 1;
+        continue;
+      }
+      const got = this.engine.fingerprints(buf, this.bs);
+      let allGood = true;
+      run.forEach((h, x) => {
+        if (got.fingerprints[x] !== h.fp || got.signatures[x] !== h.sig) { allGood = false; needed[h.block] = 1; }
+      });
+      run.forEach((h, x) => {
+        if (needed[h.block]) return;
+        if (!allGood) this.write(h.block, buf.subarray(x * this.bs, x * this.bs + this.len(h.block)));
+        this.journal.state[h.block] = BlockState.Verified;
+        this.journal.fps[h.block] = h.fp;
+        this.journal.sigs[h.block] = h.sig;
+        this.stats.neighbourBlocks++;
+      });
+      if (allGood) this.write(h0.block, buf);
     }
-    const got = this.engine.fingerprints(buf, this.bs);
-    if (got.fingerprints[0] !== fp || got.signatures[0] !== sig) return false; // stale index or a collision: not the block
-    this.write(block, buf);
-    this.journal.state[block] = BlockState.Verified;
-    this.journal.fps[block] = fp;
-    this.journal.sigs[block] = sig;
-    this.stats.neighbourBlocks++;
-    return true;
+    this.maybeSaveJournal();
   }
 
   /**
@@ -465,12 +511,11 @@ class Session {
     return w.done();
   }
 
-  private async commit(): Promise<void> {
+  private commit(): void {
     fsyncSync(this.fd);
     closeSync(this.fd);
     renameSync(this.partial, this.final);
     rmSync(this.journalFile, { force: true });
-    await this.svc.indexImage(this.final);
   }
 }
 
