@@ -160,6 +160,45 @@ describe('migration over TCP', () => {
   });
 });
 
+describe('neighbourhood and concurrency', () => {
+  it('never fills a block from a neighbour whose data no longer matches the index', async () => {
+    const stale = join(dir, 'stale-neighbour.img');
+    writeFileSync(stale, seededBytes(42, 64 * BS));
+    const own = await DestinationService.start({ dataDir: join(dir, 'dst-stale'), auth: { key }, neighbours: [stale] });
+    try {
+      const src = join(dir, 'stale-src.img');
+      const data = Buffer.from(seededBytes(42, 64 * BS));
+      writeFileSync(src, data);
+      // The neighbour changes after it was indexed: its first 16 blocks now hold other bytes.
+      const changed = Buffer.from(data);
+      changed.set(seededBytes(43, 16 * BS), 0);
+      writeFileSync(stale, changed);
+      const r = await migrate(src, { to: `127.0.0.1:${own.address.port}`, name: 'stale', auth: { key } });
+      assert.equal(r.blocks.filledFromNeighbours, 48, 'only the blocks whose data still matches');
+      assert.equal(r.blocks.sent, 16, 'the others are asked for and sent');
+      assert.deepEqual(readFileSync(join(dir, 'dst-stale', 'stale.img')), data);
+    } finally {
+      await own.close();
+    }
+  });
+
+  it('runs several migrations at once, and refuses a second one into the same name', async () => {
+    const images = [0, 1, 2].map((i) => { const p = join(dir, `par${i}.img`); writeFileSync(p, seededBytes(600 + i, 512 * BS)); return p; });
+    const slow = { bwlimit: 2 << 20 };
+    const both = await Promise.allSettled([
+      migrate(images[0]!, { to, name: 'par0', auth: { key }, ...slow }),
+      migrate(images[1]!, { to, name: 'par1', auth: { key }, ...slow }),
+      new Promise((r) => setTimeout(r, 150)).then(() => migrate(images[2]!, { to, name: 'par0', auth: { key } })),
+    ]);
+    assert.equal(both[0].status, 'fulfilled');
+    assert.equal(both[1].status, 'fulfilled');
+    assert.equal(both[2].status, 'rejected');
+    assert.equal(((both[2] as PromiseRejectedResult).reason as { remoteCode?: string }).remoteCode, ErrorCode.BUSY);
+    assert.deepEqual(readFileSync(join(dir, 'dst', 'par0.img')), readFileSync(images[0]!));
+    assert.deepEqual(readFileSync(join(dir, 'dst', 'par1.img')), readFileSync(images[1]!));
+  });
+});
+
 describe('frame decoder', () => {
   it('splits frames across any chunking and rejects what is past the limits', () => {
     const frames = [encodeHeader(Msg.READY, 0), Buffer.concat([encodeHeader(Msg.SYNC, 5), Buffer.from('hello')])];

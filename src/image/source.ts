@@ -133,6 +133,7 @@ export class FileImageSource implements ImageSource {
       throw new ImageError(ErrorCode.IMAGE_UNREADABLE, path, `cannot open for reading (${code ?? 'error'})`, { cause });
     }
     if (kind === 'file' && fstatSync(this.fd).size !== size) {
+      this.close();
       throw new ImageError(ErrorCode.IMAGE_CHANGED, path, 'size changed while opening');
     }
   }

@@ -112,13 +112,14 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
   const src = new FileImageSource(path);
   try {
     await clientHandshake(ch, options.auth);
+    // Ask first: a refused migration (name, existing image, busy) costs no scan.
+    await ch.send(Msg.BEGIN, new Writer().str(name).u64(src.size).u32(bs).u8(strategy === 'similarity' ? 1 : 0).u8(options.overwrite ? 1 : 0).done());
+    new Reader((await ch.recv(Msg.BEGIN_OK)).payload, 'BEGIN_OK');
     options.tracked?.takeDirty(); // writes from here on are this migration's business
     ev('scan');
     const live = !!options.tracked || !!options.rescan;
     const [map] = await scanner.scan(path, { blockSize: bs, live });
     const m = new Migration(ch, src, map!, bs, ev);
-    await ch.send(Msg.BEGIN, new Writer().str(name).u64(src.size).u32(bs).u8(strategy === 'similarity' ? 1 : 0).u8(options.overwrite ? 1 : 0).done());
-    new Reader((await ch.recv(Msg.BEGIN_OK)).payload, 'BEGIN_OK');
     ev('fingerprints');
     const need = await m.exchangeFingerprints();
     ev('transfer', { blocks: need.length });

@@ -178,6 +178,7 @@ class Session {
   private readonly fresh: boolean;
   private sinceSave = 0;
   private savedAt = performance.now();
+  private closed = false;
   private readonly stats: SessionStats;
   private readonly sources = new Map<number, FileImageSource | null>();
 
@@ -245,7 +246,9 @@ class Session {
       try { this.saveJournal(); } catch { /* the disk may be the problem */ }
       throw e;
     } finally {
-      try { closeSync(this.fd); } catch { /* already closed by commit */ }
+      // Exactly once: a second close could hit a descriptor number another
+      // thread (a scan worker's event loop) has been given meanwhile.
+      this.closeImage();
       for (const s of this.sources.values()) s?.close();
     }
   }
@@ -511,9 +514,15 @@ class Session {
     return w.done();
   }
 
+  private closeImage(): void {
+    if (this.closed) return;
+    this.closed = true;
+    closeSync(this.fd);
+  }
+
   private commit(): void {
     fsyncSync(this.fd);
-    closeSync(this.fd);
+    this.closeImage();
     renameSync(this.partial, this.final);
     rmSync(this.journalFile, { force: true });
   }

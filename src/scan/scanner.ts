@@ -68,7 +68,10 @@ export class Scanner {
     this.backend = chooseBackend(options.backend);
     this.pool = new Piscina({
       filename: new URL('./worker-entry.cjs', import.meta.url).href,
-      minThreads: workers,
+      // Threads start with the first task, not here: a pool closed before any
+      // task would otherwise terminate workers still loading their modules,
+      // which can abort the process (seen with Node 20).
+      minThreads: 0,
       maxThreads: workers,
       idleTimeout: 60_000,
       workerData: { wasmModule: wasmModule(), backend: options.backend ?? process.env.BLOCKFERRY_BACKEND },
