@@ -11,7 +11,6 @@ import { check, randomFill, runGroup, type GroupResult } from './lib.js';
 
 const bin = new URL('../../bin/blockferry.js', import.meta.url).pathname;
 const MiB = 1 << 20;
-const BS = 4096;
 const sh = (a: string[]) => spawnSync(a[0]!, a.slice(1), { stdio: 'ignore' }).status === 0;
 
 function run(args: string[]): { code: number | null; out: string; err: string } {
@@ -44,7 +43,7 @@ export async function benchTransfer(): Promise<GroupResult[]> {
     writeFileSync(image, t);
     const missing = 16 * MiB;
     out.push(...(await wan(dir, keyFile, neighbour, image, t, missing)));
-    out.push(...(await loopback(dir, keyFile, image, t)));
+    out.push(...(await loopback(dir, keyFile, t)));
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
@@ -148,7 +147,7 @@ async function wan(dir: string, keyFile: string, neighbour: string, image: strin
   }
 }
 
-async function loopback(dir: string, keyFile: string, image: string, t: Buffer): Promise<GroupResult[]> {
+async function loopback(dir: string, keyFile: string, t: Buffer): Promise<GroupResult[]> {
   // Full copy with verification on, against a plain pipe of the same bytes between two Node processes (1 MiB writes).
   const full = Buffer.alloc(t.length);
   randomFill(full, 9);

@@ -1,6 +1,7 @@
-import { closeSync, fsyncSync, openSync, readFileSync, renameSync, rmSync, writeSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { BlockMap } from '../blockmap/blockmap.js';
+import { writeFileAtomic } from '../io/atomic.js';
 import { TreeChecksum } from '../engine/checksum.js';
 import { checkBlockSize } from '../engine/engine.js';
 import { BlockferryError, ErrorCode, FormatError, InvalidArgumentError } from '../errors.js';
@@ -95,20 +96,7 @@ export class Neighbourhood {
     const sum = new TreeChecksum().update(header).update(list).update(table).digest();
     const trailer = Buffer.alloc(TRAILER);
     trailer.writeBigUInt64LE(sum);
-    const tmp = `${file}.tmp-${process.pid}`;
-    let fd: number | undefined;
-    try {
-      fd = openSync(tmp, 'w', 0o644);
-      for (const p of [header, list, table, trailer]) for (let at = 0; at < p.length; ) at += writeSync(fd, p, at, p.length - at);
-      fsyncSync(fd);
-      closeSync(fd);
-      fd = undefined;
-      renameSync(tmp, file);
-    } catch (cause) {
-      if (fd !== undefined) closeSync(fd);
-      rmSync(tmp, { force: true });
-      throw new BlockferryError(ErrorCode.WRITE_FAILED, `cannot write block index ${file}: ${(cause as Error).message}`, { cause });
-    }
+    writeFileAtomic(file, [header, list, table, trailer], 'block index');
   }
 
   static load(file: string): Neighbourhood {

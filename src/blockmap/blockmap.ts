@@ -1,5 +1,6 @@
-import { closeSync, fsyncSync, openSync, readFileSync, renameSync, rmSync, writeSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { DIGEST_BYTES, checkBlockSize, blockCount } from '../engine/engine.js';
+import { writeFileAtomic } from '../io/atomic.js';
 import { TreeChecksum } from '../engine/checksum.js';
 import { BlockIndexTable, makeRef } from '../blockindex/table.js';
 import { BlockferryError, ErrorCode, FormatError } from '../errors.js';
@@ -132,22 +133,7 @@ export class BlockMap {
     const trailer = Buffer.alloc(TRAILER);
     trailer.writeBigUInt64LE(sum.digest());
     parts.push(trailer);
-    const tmp = `${file}.tmp-${process.pid}`;
-    let fd: number | undefined;
-    try {
-      fd = openSync(tmp, 'w', 0o644);
-      for (const p of parts) {
-        for (let at = 0; at < p.length; ) at += writeSync(fd, p, at, p.length - at);
-      }
-      fsyncSync(fd);
-      closeSync(fd);
-      fd = undefined;
-      renameSync(tmp, file);
-    } catch (cause) {
-      if (fd !== undefined) closeSync(fd);
-      rmSync(tmp, { force: true });
-      throw new BlockferryError(ErrorCode.WRITE_FAILED, `cannot write block map ${file}: ${(cause as Error).message}`, { cause });
-    }
+    writeFileAtomic(file, parts, 'block map');
   }
 
   /** Reads a map written by save(); a damaged file throws a FormatError with a stable code. */

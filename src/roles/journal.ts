@@ -1,6 +1,7 @@
-import { closeSync, fsyncSync, openSync, readFileSync, renameSync, rmSync, writeSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
+import { writeFileAtomic } from '../io/atomic.js';
 import { TreeChecksum } from '../engine/checksum.js';
-import { BlockferryError, ErrorCode, FormatError } from '../errors.js';
+import { ErrorCode, FormatError } from '../errors.js';
 
 /** File layout: docs/FORMATS.md, "Migration journal". */
 const MAGIC = Buffer.from('BFJOURNL', 'latin1');
@@ -56,20 +57,7 @@ export class Journal {
     const trailer = Buffer.alloc(8);
     trailer.writeBigUInt64LE(sum.digest());
     parts.push(trailer);
-    const tmp = `${file}.tmp`;
-    try {
-      const fd = openSync(tmp, 'w', 0o600);
-      try {
-        for (const p of parts) for (let at = 0; at < p.length; ) at += writeSync(fd, p, at, p.length - at);
-        fsyncSync(fd);
-      } finally {
-        closeSync(fd);
-      }
-      renameSync(tmp, file);
-    } catch (cause) {
-      rmSync(tmp, { force: true });
-      throw new BlockferryError(ErrorCode.WRITE_FAILED, `cannot write journal ${file}: ${(cause as Error).message}`, { cause });
-    }
+    writeFileAtomic(file, parts, 'journal', 0o600);
   }
 
   /** The journal at file, or undefined when there is none. A damaged one throws a FormatError. */
