@@ -75,6 +75,12 @@ describe('blockferry CLI', () => {
       [['similarity', a], 2, /ERR_BF_USAGE/],
       [['scan', '--frobnicate', a], 2, /unknown option/],
       [['index', 'info', a], 1, /ERR_BF_BAD_MAGIC/],
+      [['migrate', join(dir, 'missing.img'), '--to', '127.0.0.1:1', '--insecure'], 1, /ERR_BF_IMAGE_NOT_FOUND/],
+      [['migrate', a, '--to', 'nohost', '--insecure'], 1, /ERR_BF_INVALID_ARGUMENT/],
+      [['migrate', a, '--to', '127.0.0.1:1', '--insecure'], 1, /ERR_BF_CONNECTION/],
+      [['migrate', a, '--to', '127.0.0.1:1'], 2, /ERR_BF_USAGE: a key of at least 16 bytes/],
+      [['migrate', a, '--to', '127.0.0.1:1', '--insecure', '--bwlimit', 'lots'], 2, /ERR_BF_USAGE/],
+      [['serve', '--listen', 'nowhere', '--data-dir', dir, '--insecure'], 2, /ERR_BF_USAGE/],
     ];
     for (const [args, code, re] of cases) {
       const r = run(...args);

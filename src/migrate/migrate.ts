@@ -10,7 +10,7 @@ import { BlockferryError, ErrorCode, InvalidArgumentError, ProtocolError } from 
 import { Channel, type Traffic } from '../protocol/channel.js';
 import { Msg, Reader, Writer } from '../protocol/frame.js';
 import { clientHandshake, type AuthOptions } from '../protocol/handshake.js';
-import { FileImageSource } from '../image/source.js';
+import { FileImageSource, statImage } from '../image/source.js';
 import { Scanner } from '../scan/scanner.js';
 import type { BlockMap } from '../blockmap/blockmap.js';
 import type { TrackedImage } from './tracked.js';
@@ -99,6 +99,7 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
   checkBlockSize(bs);
   const name = options.name ?? basename(path).replace(/\.[^.]*$/, '');
   const target = parseTarget(options.to);
+  statImage(path); // a missing or unusable image is reported before any connection is made
   const ownScanner = !options.scanner;
   const scanner = options.scanner ?? new Scanner();
   const ev = (phase: string, detail?: unknown) => options.onEvent?.({ phase, detail });
