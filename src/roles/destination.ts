@@ -3,6 +3,10 @@
 import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readSync, renameSync, rmSync, ftruncateSync, writeSync } from 'node:fs';
 import { join, resolve } from 'node:path';
+import { write as writeCb } from 'node:fs';
+import { promisify } from 'node:util';
+
+const writeAt = promisify(writeCb) as (fd: number, buf: Uint8Array, off: number, len: number, pos: number) => Promise<{ bytesWritten: number }>;
 import { Engine, DIGEST_BYTES } from '../engine/engine.js';
 import { BlockferryError, ErrorCode, ProtocolError } from '../errors.js';
 import { Channel } from '../protocol/channel.js';
@@ -137,13 +141,20 @@ export class DestinationService {
     const final = join(this.options.dataDir, `${name}.img`);
     if (existsSync(final) && !overwrite) throw new BlockferryError(ErrorCode.IMAGE_EXISTS, `${name} exists at the destination (migrate with --overwrite to replace it)`);
     this.active.add(name);
+    let stats: SessionStats;
     try {
-      const s = new Session(this, ch, name, size, bs, strategy === 1, final);
-      const stats = await s.run();
-      this.completed.push(stats);
-      this.log(`migration into ${name} complete: ${JSON.stringify(stats)}`);
+      stats = await new Session(this, ch, name, size, bs, strategy === 1, final).run();
     } finally {
       this.active.delete(name);
+    }
+    this.completed.push(stats);
+    this.log(`migration into ${name} complete: ${JSON.stringify(stats)}`);
+    // After DONE and outside the busy window: indexing is not part of the
+    // migration, and the complete image is no longer "being migrated".
+    try {
+      await this.indexImage(final);
+    } catch (e) {
+      this.log(`indexing ${final} failed: ${(e as Error).message}`);
     }
   }
 
@@ -221,7 +232,7 @@ class Session {
       for (;;) {
         const f = await ch.recv();
         switch (f.type) {
-          case Msg.BLOCKS: this.blocks(f.payload); break;
+          case Msg.BLOCKS: await this.blocks(f.payload); break;
           case Msg.COPY: this.copies(f.payload); break;
           case Msg.ZERO: this.zeros(new Reader(f.payload, 'ZERO')); break;
           case Msg.ROUND: break;
@@ -234,8 +245,6 @@ class Session {
             this.commit();
             await ch.send(Msg.DONE, new Writer().u64(this.stats.neighbourBlocks).u64(this.stats.resumedBlocks).u64(this.stats.receivedBlocks).u64(this.stats.copiedBlocks).u64(this.stats.zeroedBlocks).done());
             ch.close();
-            // Indexing the new image is not part of the migration's downtime: after DONE.
-            await this.svc.indexImage(this.final);
             return this.stats;
           default:
             throw new ProtocolError(ErrorCode.PROTOCOL, `unexpected message type ${f.type} during a migration`);
@@ -264,6 +273,20 @@ class Session {
     const due = this.sinceSave >= Math.max(JOURNAL_MAX_BYTES, 4 * 17 * this.journal.count) ||
       (this.sinceSave >= JOURNAL_MIN_BYTES && performance.now() - this.savedAt >= JOURNAL_INTERVAL_MS);
     if (due) this.saveJournal();
+  }
+
+  /**
+   * Like write(), on libuv's thread pool: while the disk works, the event loop
+   * keeps reading the socket (up to the channel's queue limit), so the source
+   * is not stalled by the destination's disk. Frames are still applied in
+   * order: the session awaits each one.
+   */
+  private async writeAsync(block: number, data: Uint8Array): Promise<void> {
+    for (let at = 0; at < data.length; ) {
+      const { bytesWritten } = await writeAt(this.fd, data, at, data.length - at, block * this.bs + at);
+      at += bytesWritten;
+    }
+    this.sinceSave += data.length;
   }
 
   private write(block: number, data: Uint8Array): void {
@@ -399,7 +422,7 @@ class Session {
    * frame is written; the frame is fingerprinted in one kernel call and each
    * run of consecutive blocks written with one pwrite.
    */
-  private blocks(payload: Buffer): void {
+  private async blocks(payload: Buffer): Promise<void> {
     const r = new Reader(payload, 'BLOCKS');
     const count = r.u32();
     if (count > 65536) throw new ProtocolError(ErrorCode.PROTOCOL, `BLOCKS with ${count} blocks`);
@@ -423,7 +446,7 @@ class Session {
     for (let i = 0; i < count; ) {
       let j = i + 1;
       while (j < count && ids[j] === ids[j - 1]! + 1) j++;
-      this.write(ids[i]!, data.subarray(i * this.bs, Math.min(data.length, j * this.bs)));
+      await this.writeAsync(ids[i]!, data.subarray(i * this.bs, Math.min(data.length, j * this.bs)));
       for (let k = i; k < j; k++) {
         const b = ids[k]!;
         this.journal.state[b] = BlockState.Verified;
