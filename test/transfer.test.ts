@@ -98,9 +98,16 @@ describe('migration over TCP', () => {
     assert.ok(existsSync(join(dir, 'dst', 'big.img.partial')), 'the partial image stays');
     assert.ok(existsSync(join(dir, 'dst', 'big.img.journal')), 'with its journal');
     assert.equal(existsSync(join(dir, 'dst', 'big.img')), false, 'an incomplete image is never presented as complete');
+    // Meanwhile the source's first 64 blocks (verified in the first attempt) became zero:
+    // the destination must zero them, not keep what it has.
+    const img = readFileSync(path);
+    img.fill(0, 0, 64 * BS);
+    writeFileSync(path, img);
     const r = await migrate(path, { to, name: 'big', strategy: 'full', auth: { key } });
     assert.ok(r.blocks.resumed > 100, `resumed ${r.blocks.resumed}`);
-    assert.equal(r.blocks.sent + r.blocks.resumed, 2048);
+    assert.equal(r.blocks.zero, 64);
+    assert.equal(r.blocks.repaired, 0, 'zeroed at the fingerprint phase, not repaired by the end-to-end check');
+    assert.equal(r.blocks.sent + r.blocks.resumed, 2048 - 64);
     assert.deepEqual(readFileSync(join(dir, 'dst', 'big.img')), readFileSync(path));
     assert.equal(existsSync(join(dir, 'dst', 'big.img.journal')), false);
   });

@@ -256,18 +256,20 @@ export class Engine {
     return this.bytes.slice(out, out + n);
   }
 
-  /** The runs of zero blocks of data, as [first block, count] pairs. */
-  zeroRuns(data: Uint8Array, bs: number): Array<[number, number]> {
-    checkBlockSize(bs);
-    const n = blockCount(data.length, bs);
-    const p = this.copyIn(data, n + 64 + Math.ceil(n / 2) * 8);
-    const flags = p + align(data.length, 64);
-    const runs = align(flags + n, 64);
-    this.core.zeroFlags(p, data.length, bs, flags);
-    const count = this.core.flagRuns(flags, n, runs, 1);
+  /** The runs of set (non-zero) flag bytes, or of clear ones, as [first, count] pairs. */
+  flagRuns(flags: Uint8Array, set = true): Array<[number, number]> {
+    const n = flags.length;
+    const p = this.copyIn(flags, Math.ceil(n / 2) * 8 + 64);
+    const runs = p + align(n, 64);
+    const count = this.core.flagRuns(p, n, runs, set ? 1 : 0);
     const u32 = new Uint32Array(this.memory.buffer, runs, count * 2);
     const out: Array<[number, number]> = [];
     for (let i = 0; i < count; i++) out.push([u32[2 * i]!, u32[2 * i + 1]!]);
     return out;
+  }
+
+  /** The runs of zero blocks of data, as [first block, count] pairs. */
+  zeroRuns(data: Uint8Array, bs: number): Array<[number, number]> {
+    return this.flagRuns(this.zeroFlags(data, bs));
   }
 }

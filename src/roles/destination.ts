@@ -297,7 +297,7 @@ class Session {
   /** Phase 1: the source's fingerprints. Keep what the journal has, fill from neighbours, ask for the rest. */
   private async blockInfo(): Promise<void> {
     const needed = new Uint8Array(this.journal.count);
-    const zeroRuns: Array<[number, number]> = [];
+    const toZero = new Uint8Array(this.journal.count);
     for (;;) {
       const f = await this.ch.recv(Msg.BLOCK_INFO, Msg.INFO_END);
       if (f.type === Msg.INFO_END) break;
@@ -317,11 +317,7 @@ class Session {
         const b = first + i;
         const st = this.journal.state[b]!;
         if (zero[i]) {
-          if (st !== BlockState.Zero && !this.fresh) {
-            const last = zeroRuns[zeroRuns.length - 1];
-            if (last && last[0] + last[1] === b) last[1]++;
-            else zeroRuns.push([b, 1]);
-          }
+          if (st !== BlockState.Zero && !this.fresh) toZero[b] = 1;
           this.journal.state[b] = BlockState.Zero;
           continue;
         }
@@ -337,15 +333,9 @@ class Session {
       }
       this.fillFromNeighbours(hits, needed);
     }
-    for (const [b, n] of zeroRuns) this.zeroRange(b, n);
+    if (!this.fresh) for (const [b, n] of this.engine.flagRuns(toZero)) this.zeroRange(b, n);
     if (this.sinceSave > 0 || !this.fresh) this.saveJournal();
-    const need: Array<[number, number]> = [];
-    for (let b = 0; b < needed.length; b++) {
-      if (!needed[b]) continue;
-      const last = need[need.length - 1];
-      if (last && last[0] + last[1] === b) last[1]++;
-      else need.push([b, 1]);
-    }
+    const need = this.engine.flagRuns(needed);
     // NEED frames: (first u64, count u32) pairs, 64 Ki intervals a frame; the last frame has flag 1.
     for (let i = 0; i === 0 || i < need.length; i += 65536) {
       const part = need.slice(i, i + 65536);
