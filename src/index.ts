@@ -22,7 +22,7 @@ export {
   ENTRY_BYTES,
   MAX_LOAD,
   type TableStats,
-} from './blockindex/table.js';
+} from './table/table.js';
 export {
   BlockferryError,
   InvalidArgumentError,
@@ -41,7 +41,7 @@ export { similarityMatrix, type SimilarityMatrix, type SimilarityImage } from '.
 export { Neighbourhood, type NeighbourImage, type BlockLocation } from './blockindex/neighbourhood.js';
 export { DestinationService, type DestinationOptions, type SessionStats } from './roles/destination.js';
 export { migrate, type MigrateOptions, type MigrationResult, type Strategy } from './migrate/migrate.js';
-export { TrackedImage } from './migrate/tracked.js';
+export { TrackedImage } from './image/tracked.js';
 export { ProtocolError } from './errors.js';
 export { chooseBackend, nativeStatus, type BackendName, type BackendChoice } from './engine/backend.js';
 export type { AuthOptions } from './protocol/handshake.js';

@@ -6,7 +6,7 @@ import { TreeChecksum } from '../engine/checksum.js';
 import { checkBlockSize } from '../engine/engine.js';
 import { BlockferryError, ErrorCode, FormatError, InvalidArgumentError } from '../errors.js';
 import type { ImageIdentity } from '../image/source.js';
-import { BlockIndexTable, MAX_IMAGE_ID, NO_REF, refBlock, refImage } from './table.js';
+import { BlockIndexTable, MAX_IMAGE_ID, NO_REF, refBlock, refImage } from '../table/table.js';
 
 /** File layout: docs/FORMATS.md, "Block index file". */
 export const NEIGHBOURHOOD_MAGIC = Buffer.from('BFNBHOOD', 'latin1');

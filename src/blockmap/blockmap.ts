@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs';
 import { DIGEST_BYTES, checkBlockSize, blockCount } from '../engine/engine.js';
 import { writeFileAtomic } from '../io/atomic.js';
 import { TreeChecksum } from '../engine/checksum.js';
-import { BlockIndexTable, makeRef } from '../blockindex/table.js';
+import { BlockIndexTable, makeRef } from '../table/table.js';
 import { BlockferryError, ErrorCode, FormatError } from '../errors.js';
 import type { ImageIdentity } from '../image/source.js';
 

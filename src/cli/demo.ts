@@ -2,7 +2,7 @@ import { mkdtempSync, rmSync, openSync, writeSync, closeSync, mkdirSync, readFil
 import { randomBytes } from 'node:crypto';
 import { DestinationService } from '../roles/destination.js';
 import { migrate } from '../migrate/migrate.js';
-import { TrackedImage } from '../migrate/tracked.js';
+import { TrackedImage } from '../image/tracked.js';
 import { describeMigration } from './main.js';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';

@@ -5,7 +5,7 @@ import { connect } from 'node:net';
 import { createHash } from 'node:crypto';
 import { basename } from 'node:path';
 import { Engine, DIGEST_BYTES, checkBlockSize } from '../engine/engine.js';
-import { BlockIndexTable, makeRef, refBlock } from '../blockindex/table.js';
+import { BlockIndexTable, makeRef, refBlock } from '../table/table.js';
 import { BlockferryError, ErrorCode, InvalidArgumentError, ProtocolError } from '../errors.js';
 import { Channel, type Traffic } from '../protocol/channel.js';
 import { Msg, Reader, Writer } from '../protocol/frame.js';
@@ -13,7 +13,7 @@ import { clientHandshake, type AuthOptions } from '../protocol/handshake.js';
 import { FileImageSource, statImage } from '../image/source.js';
 import { Scanner } from '../scan/scanner.js';
 import type { BlockMap } from '../blockmap/blockmap.js';
-import type { TrackedImage } from './tracked.js';
+import type { TrackedImage } from '../image/tracked.js';
 
 export type Strategy = 'full' | 'similarity';
 

@@ -13,7 +13,7 @@ import { Channel } from '../protocol/channel.js';
 import { Msg, Reader, Writer } from '../protocol/frame.js';
 import { serverHandshake, type AuthOptions } from '../protocol/handshake.js';
 import { Neighbourhood } from '../blockindex/neighbourhood.js';
-import { NO_REF, refBlock, refImage } from '../blockindex/table.js';
+import { NO_REF, refBlock, refImage } from '../table/table.js';
 import { Scanner } from '../scan/scanner.js';
 import { FileImageSource } from '../image/source.js';
 import { BlockState, Journal } from './journal.js';

@@ -1,5 +1,5 @@
 import { BlockMap } from '../blockmap/blockmap.js';
-import { NO_REF } from '../blockindex/table.js';
+import { NO_REF } from '../table/table.js';
 import { InvalidArgumentError } from '../errors.js';
 
 export interface SimilarityImage {
