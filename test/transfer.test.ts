@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DestinationService } from '../src/roles/destination.js';
 import { migrate } from '../src/migrate/migrate.js';
-import { TrackedImage } from '../src/migrate/tracked.js';
+import { TrackedImage } from '../src/image/tracked.js';
 import { Channel } from '../src/protocol/channel.js';
 import { FrameDecoder, Msg, encodeHeader, MAX_PAYLOAD, Writer } from '../src/protocol/frame.js';
 import { clientHandshake } from '../src/protocol/handshake.js';
