@@ -39,8 +39,14 @@ export { BlockMap, blockMapPath, type BlockMapStats } from './blockmap/blockmap.
 export { TreeChecksum, treeChecksum, CHECKSUM_PIECE } from './engine/checksum.js';
 export { similarityMatrix, type SimilarityMatrix, type SimilarityImage } from './similarity/similarity.js';
 export { Neighbourhood, type NeighbourImage, type BlockLocation } from './blockindex/neighbourhood.js';
-export { DestinationService, type DestinationOptions, type SessionStats } from './roles/destination.js';
+export { DestinationService, type DestinationOptions, type SessionStats } from './roles/destination/service.js';
 export { migrate, type MigrateOptions, type MigrationResult, type Strategy } from './migrate/migrate.js';
+export { STRATEGIES } from './migrate/strategies.js';
+export type { Strategy as MigrationStrategy, MigrationContext, StrategyOutcome, MigrationEvent, LiveOptions } from './migrate/strategy.js';
+export { FileImageSink, type ImageSink } from './image/sink.js';
+export { IntervalSet, blockLength, consecutiveRuns, type Interval } from './blocks/intervals.js';
+export { PROTOCOL_VERSION } from './protocol/messages.js';
+export type { CompressMode } from './protocol/compression.js';
 export { TrackedImage } from './image/tracked.js';
 export { ProtocolError } from './errors.js';
 export { chooseBackend, nativeStatus, type BackendName, type BackendChoice } from './engine/backend.js';

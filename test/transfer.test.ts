@@ -7,7 +7,7 @@ import { connect } from 'node:net';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync, readdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { DestinationService } from '../src/roles/destination.js';
+import { DestinationService } from '../src/roles/destination/service.js';
 import { migrate } from '../src/migrate/migrate.js';
 import { TrackedImage } from '../src/image/tracked.js';
 import { Channel } from '../src/protocol/channel.js';

@@ -1,6 +1,6 @@
 import { mkdtempSync, rmSync, openSync, writeSync, closeSync, mkdirSync, readFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
-import { DestinationService } from '../roles/destination.js';
+import { DestinationService } from '../roles/destination/service.js';
 import { migrate } from '../migrate/migrate.js';
 import { TrackedImage } from '../image/tracked.js';
 import { describeMigration } from './main.js';

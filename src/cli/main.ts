@@ -11,7 +11,7 @@ import { similarityMatrix, type SimilarityMatrix } from '../similarity/similarit
 import { Neighbourhood } from '../blockindex/neighbourhood.js';
 import { createProgress, human, type ProgressMode } from './progress.js';
 import { runDemo } from './demo.js';
-import { DestinationService } from '../roles/destination.js';
+import { DestinationService } from '../roles/destination/service.js';
 import { migrate, type MigrationResult } from '../migrate/migrate.js';
 import { spawnSync } from 'node:child_process';
 import { chooseBackend, nativeStatus } from '../engine/backend.js';

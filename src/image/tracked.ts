@@ -2,6 +2,7 @@ import { closeSync, fstatSync, openSync, writeSync } from 'node:fs';
 import { Bitmap } from '../bitmap/bitmap.js';
 import { checkBlockSize } from '../engine/engine.js';
 import { InvalidArgumentError } from '../errors.js';
+import type { Interval } from '../blocks/intervals.js';
 
 /**
  * An image whose writes go through blockferry: every write sets the bits of
@@ -15,8 +16,8 @@ export class TrackedImage {
   readonly blocks: number;
   private fd: number | undefined;
   private dirty: Bitmap;
-  /** Writes seen per block since the image was opened. */
-  readonly writeCounts: Uint32Array;
+  /** Writes seen per written block since the image was opened (only blocks written have an entry). */
+  readonly writeCounts = new Map<number, number>();
 
   constructor(readonly path: string, readonly blockSize = 4096) {
     checkBlockSize(blockSize);
@@ -24,7 +25,6 @@ export class TrackedImage {
     this.size = fstatSync(this.fd).size;
     this.blocks = Math.ceil(this.size / blockSize);
     this.dirty = new Bitmap(this.blocks);
-    this.writeCounts = new Uint32Array(this.blocks);
   }
 
   /** Writes data at offset (inside the image) and marks the blocks it touches dirty. */
@@ -38,17 +38,16 @@ export class TrackedImage {
     const first = Math.floor(offset / this.blockSize);
     const last = Math.floor((offset + data.length - 1) / this.blockSize);
     this.dirty.setRange(first, last - first + 1);
-    for (let b = first; b <= last; b++) this.writeCounts[b]!++;
+    for (let b = first; b <= last; b++) this.writeCounts.set(b, (this.writeCounts.get(b) ?? 0) + 1);
   }
 
   get dirtyCount(): number {
     return this.dirty.count();
   }
 
-  /** The dirty blocks, in order, and a clean bitmap for the writes to come. */
-  takeDirty(): number[] {
-    const out: number[] = [];
-    for (const run of this.dirty.allRuns(true)) for (let b = run.start; b < run.start + run.length; b++) out.push(b);
+  /** The dirty blocks as runs, in order, and a clean bitmap for the writes to come. */
+  takeDirty(): Interval[] {
+    const out = [...this.dirty.allRuns(true)].map((r) => ({ start: r.start, count: r.length }));
     this.dirty.clearRange(0, this.blocks);
     return out;
   }

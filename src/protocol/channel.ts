@@ -1,26 +1,41 @@
 import type { Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ErrorCode, ProtocolError } from '../errors.js';
-import { encodeHeader, FrameDecoder, HEADER_BYTES, Msg, msgName, Reader, Writer, type Frame, type MsgType } from './frame.js';
+import { encodeHeader, FLAG_COMPRESSED, FrameDecoder, HEADER_BYTES, Msg, msgName, Reader, type Frame, type MsgType } from './frame.js';
+import { decode, encode, ERROR, kindOf, type MessageDef, type Traffic } from './messages.js';
 
-/** What a frame carries, for the accounting every migration reports. */
-export type TrafficKind = 'control' | 'fingerprints' | 'data' | 'verify';
-export type Traffic = Record<TrafficKind, number>;
-
-const KIND: Partial<Record<number, TrafficKind>> = {
-  [Msg.BLOCK_INFO]: 'fingerprints',
-  [Msg.BLOCKS]: 'data',
-  [Msg.VERIFY]: 'verify',
-  [Msg.VERIFY_RESULT]: 'verify',
-};
+export type { Traffic, TrafficKind } from './messages.js';
 
 /** Frames received but not yet consumed before the socket is paused: bounds memory when the reader is slower than the link. */
 const MAX_QUEUED_BYTES = 32 << 20;
 
+/** Compresses frame payloads on one side of a connection (one stream for the whole connection). */
+export interface FrameCompressor {
+  /** Whether this payload should go compressed; decided before compressing (the stream's state must match what the peer sees). */
+  wants(kind: string, length: number): boolean;
+  compress(payload: Buffer): Buffer;
+  /** Told how long the sender waited for the link after a frame (the link, not the compressor, was the limit). */
+  observe?(rawBytes: number, wireBytes: number, compressSeconds: number, waitSeconds: number): void;
+}
+
+export interface FrameDecompressor {
+  /** Decompresses one frame's payload into exactly `size` bytes; anything else is a ProtocolError. */
+  decompress(data: Buffer, size: number): Buffer;
+}
+
 export interface ChannelOptions {
   /** Bandwidth limit for what this side sends, bytes per second (0 or undefined: none). */
   bwlimit?: number;
+  /** Largest frame accepted until setFrameLimit() raises it (handshake messages are small). */
+  frameLimit?: number;
 }
+
+interface Waiter {
+  resolve: (f: Frame) => void;
+  reject: (e: Error) => void;
+}
+
+const zeroTraffic = (): Traffic => ({ control: 0, fingerprints: 0, data: 0, verify: 0 });
 
 /**
  * A framed, flow-controlled connection. send() resolves when the frame is
@@ -28,40 +43,39 @@ export interface ChannelOptions {
  * 'drain'), so a producer that awaits it never buffers more than a frame
  * ahead of the link. Incoming frames queue up to MAX_QUEUED_BYTES, then the
  * socket is paused until the consumer catches up.
+ *
+ * Requests carry ids: request() sends a frame with a fresh id and resolves
+ * with the reply that carries it, so several requests can be in flight while
+ * other frames stream past (next() sees only frames that answer nothing).
  */
 export class Channel {
-  readonly sent: Traffic = { control: 0, fingerprints: 0, data: 0, verify: 0 };
-  readonly received: Traffic = { control: 0, fingerprints: 0, data: 0, verify: 0 };
+  readonly sent: Traffic = zeroTraffic();
+  readonly received: Traffic = zeroTraffic();
+  /** Payload bytes before compression, by kind (equal to the wire figures minus headers when nothing is compressed). */
+  readonly sentRaw: Traffic = zeroTraffic();
   private readonly decoder = new FrameDecoder();
   private readonly queue: Frame[] = [];
   private queuedBytes = 0;
-  private waiter: { resolve: (f: Frame) => void; reject: (e: Error) => void } | undefined;
+  private readonly waiters: Waiter[] = [];
+  private readonly pending = new Map<number, Waiter>();
+  private nextId = 1;
   private failure: Error | undefined;
   private nextSendAt = 0;
   private readonly rate: number;
+  private compressor: FrameCompressor | undefined;
+  private decompressor: FrameDecompressor | undefined;
 
   constructor(readonly socket: Socket, options: ChannelOptions = {}) {
     this.rate = options.bwlimit ?? 0;
+    if (options.frameLimit) this.decoder.limit = options.frameLimit;
     socket.setNoDelay(true);
     socket.on('data', (chunk: Buffer) => {
-      let frames: Frame[];
       try {
-        frames = this.decoder.push(chunk);
+        for (const f of this.decoder.push(chunk)) this.deliver(f);
       } catch (e) {
         this.fail(e as Error);
         socket.destroy();
         return;
-      }
-      for (const f of frames) {
-        this.received[KIND[f.type] ?? 'control'] += f.payload.length + HEADER_BYTES;
-        if (this.waiter) {
-          const w = this.waiter;
-          this.waiter = undefined;
-          w.resolve(f);
-        } else {
-          this.queue.push(f);
-          this.queuedBytes += f.payload.length;
-        }
       }
       if (this.queuedBytes > MAX_QUEUED_BYTES) socket.pause();
     });
@@ -73,20 +87,78 @@ export class Channel {
     socket.on('close', () => this.fail(new ProtocolError(ErrorCode.CONNECTION, 'connection closed')));
   }
 
-  private fail(e: Error): void {
-    if (this.failure) return;
-    this.failure = e;
-    if (this.waiter) {
-      const w = this.waiter;
-      this.waiter = undefined;
-      w.reject(e);
+  /** Raises (or lowers) the largest frame this side accepts: after authentication, the protocol's limit. */
+  setFrameLimit(bytes: number): void {
+    this.decoder.limit = bytes;
+  }
+
+  /** Turns on compression of what this side sends, and/or acceptance of compressed frames from the peer. */
+  setCodec(compressor: FrameCompressor | undefined, decompressor: FrameDecompressor | undefined): void {
+    this.compressor = compressor;
+    this.decompressor = decompressor;
+  }
+
+  private deliver(raw: Frame): void {
+    const wire = raw.payload.length + HEADER_BYTES;
+    this.received[kindOf(raw.type)] += wire;
+    let f = raw;
+    if (raw.flags & FLAG_COMPRESSED) {
+      if (!this.decompressor) throw new ProtocolError(ErrorCode.PROTOCOL, `a compressed ${msgName(raw.type)} frame, but no compression was agreed`);
+      if (raw.payload.length < 4) throw new ProtocolError(ErrorCode.PROTOCOL, 'a compressed frame without its length');
+      const size = raw.payload.readUInt32LE(0);
+      if (size > this.decoder.limit) throw new ProtocolError(ErrorCode.PROTOCOL, `a compressed frame declaring ${size} bytes, over the ${this.decoder.limit}-byte limit`);
+      f = { ...raw, payload: this.decompressor.decompress(raw.payload.subarray(4), size) };
+    }
+    const w = f.id !== 0 ? this.pending.get(f.id) : undefined;
+    if (w) {
+      this.pending.delete(f.id);
+      w.resolve(f);
+      return;
+    }
+    const next = this.waiters.shift();
+    if (next) next.resolve(f);
+    else {
+      this.queue.push(f);
+      this.queuedBytes += f.payload.length;
     }
   }
 
-  /** Sends one frame; waits while the socket's buffer is full or the bandwidth limit says so. */
-  async send(type: MsgType, payload: Buffer = Buffer.alloc(0)): Promise<void> {
+  private fail(e: Error): void {
+    if (this.failure) return;
+    this.failure = e;
+    for (const w of this.waiters.splice(0)) w.reject(e);
+    for (const w of this.pending.values()) w.reject(e);
+    this.pending.clear();
+  }
+
+  get failed(): Error | undefined {
+    return this.failure;
+  }
+
+  /** Sends a message; waits while the socket's buffer is full or the bandwidth limit says so. */
+  async send<T>(d: MessageDef<T>, m: T, id = 0): Promise<void> {
+    await this.sendFrame(d.type, encode(d, m), id);
+  }
+
+  /** Sends one frame of raw bytes (tests use it to play a broken peer). */
+  async sendFrame(type: MsgType, payload: Buffer = Buffer.alloc(0), id = 0): Promise<void> {
     if (this.failure) throw this.failure;
-    const bytes = payload.length + HEADER_BYTES;
+    const kind = kindOf(type);
+    let body = payload;
+    let flags = 0;
+    let compressSeconds = 0;
+    const c = this.compressor;
+    if (c && c.wants(kind, payload.length)) {
+      const t = performance.now();
+      const z = c.compress(payload);
+      compressSeconds = (performance.now() - t) / 1000;
+      const len = Buffer.alloc(4);
+      len.writeUInt32LE(payload.length);
+      body = Buffer.concat([len, z]);
+      flags = FLAG_COMPRESSED;
+    }
+    const bytes = body.length + HEADER_BYTES;
+    const t0 = performance.now();
     if (this.rate > 0) {
       const now = performance.now();
       const start = Math.max(now, this.nextSendAt);
@@ -96,10 +168,10 @@ export class Channel {
     // The connection may have failed while we were pacing.
     if (this.failure) throw this.failure;
     if (this.socket.destroyed) throw new ProtocolError(ErrorCode.CONNECTION, 'connection closed');
-    this.sent[KIND[type] ?? 'control'] += bytes;
-    const header = encodeHeader(type, payload.length);
-    this.socket.write(header);
-    const ok = this.socket.write(payload);
+    this.sent[kind] += bytes;
+    this.sentRaw[kind] += payload.length + HEADER_BYTES;
+    this.socket.write(encodeHeader(type, body.length, id, flags));
+    const ok = this.socket.write(body);
     if (!ok) {
       if (this.failure) throw this.failure;
       if (this.socket.destroyed) throw new ProtocolError(ErrorCode.CONNECTION, 'connection closed');
@@ -112,20 +184,21 @@ export class Channel {
         this.socket.on('error', onClose);
       });
     }
+    if (flags) c!.observe?.(payload.length, body.length, compressSeconds, (performance.now() - t0) / 1000);
   }
 
   /** Sends an ERROR frame (best effort) and closes. */
   async sendError(code: string, message: string): Promise<void> {
     try {
-      await this.send(Msg.ERROR, new Writer().str(code).str(message.slice(0, 1000)).done());
+      await this.send(ERROR, { code, message });
     } catch {
       // the peer is gone already
     }
     this.socket.end();
   }
 
-  /** The next frame; an ERROR frame becomes a thrown ProtocolError, an unexpected type too. */
-  async recv(...expect: MsgType[]): Promise<Frame> {
+  /** The next frame that answers no request; an ERROR frame becomes a thrown ProtocolError. */
+  async next(): Promise<Frame> {
     let f: Frame;
     const queued = this.queue.shift();
     if (queued) {
@@ -134,22 +207,48 @@ export class Channel {
       f = queued;
     } else {
       if (this.failure) throw this.failure;
-      f = await new Promise<Frame>((resolve, reject) => { this.waiter = { resolve, reject }; });
+      f = await new Promise<Frame>((resolve, reject) => { this.waiters.push({ resolve, reject }); });
     }
-    if (f.type === Msg.ERROR) {
-      const r = new Reader(f.payload, 'ERROR');
-      const code = r.str();
-      const message = r.str();
-      const local = code === ErrorCode.AUTH_FAILED || code === ErrorCode.PROTOCOL_VERSION || code === ErrorCode.PROTOCOL ? code : ErrorCode.REFUSED;
-      throw new ProtocolError(local as ProtocolError['code'], `peer: ${message}`, code);
-    }
-    if (expect.length && !expect.includes(f.type)) {
-      throw new ProtocolError(ErrorCode.PROTOCOL, `expected ${expect.map(msgName).join(' or ')}, got ${msgName(f.type)}`);
-    }
-    return f;
+    return checkError(f);
+  }
+
+  /** The next frame, which must be message d. */
+  async recv<T>(d: MessageDef<T>): Promise<T> {
+    const f = await this.next();
+    if (f.type !== d.type) throw new ProtocolError(ErrorCode.PROTOCOL, `expected ${d.name}, got ${msgName(f.type)}`);
+    return decode(d, f.payload);
+  }
+
+  /** Sends a request and waits for the reply that carries its id. */
+  async request<Q, A>(d: MessageDef<Q>, m: Q, answer: MessageDef<A>): Promise<A> {
+    if (this.failure) throw this.failure;
+    const id = this.nextId++;
+    if (this.nextId > 0xffffffff) this.nextId = 1;
+    const reply = new Promise<Frame>((resolve, reject) => this.pending.set(id, { resolve, reject }));
+    reply.catch(() => {}); // a send failure below is the one reported
+    await this.send(d, m, id);
+    const f = checkError(await reply);
+    if (f.type !== answer.type) throw new ProtocolError(ErrorCode.PROTOCOL, `expected ${answer.name} in reply to ${d.name}, got ${msgName(f.type)}`);
+    return decode(answer, f.payload);
+  }
+
+  /** Answers the request frame `to`. */
+  async reply<T>(to: Frame, d: MessageDef<T>, m: T): Promise<void> {
+    await this.send(d, m, to.id);
   }
 
   close(): void {
     this.socket.end();
   }
+}
+
+function checkError(f: Frame): Frame {
+  if (f.type === Msg.ERROR) {
+    const r = new Reader(f.payload, 'ERROR');
+    const code = r.str();
+    const message = r.str();
+    const local = code === ErrorCode.AUTH_FAILED || code === ErrorCode.PROTOCOL_VERSION || code === ErrorCode.PROTOCOL ? code : ErrorCode.REFUSED;
+    throw new ProtocolError(local as ProtocolError['code'], `peer: ${message}`, code);
+  }
+  return f;
 }

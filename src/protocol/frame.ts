@@ -1,11 +1,15 @@
-// Framing: every message is an 8-byte header and a payload.
-//   u32 payload length | u8 message type | u8 flags (0) | u16 reserved (0)
-// docs/PROTOCOL.md lists every message. A frame longer than MAX_PAYLOAD, a
-// header with non-zero reserved bits or an unknown type ends the connection
-// with ERR_BF_PROTOCOL before its payload is buffered.
+// Framing: every message is a 12-byte header and a payload.
+//   u32 payload length | u8 message type | u8 flags | u16 reserved (0) | u32 request id
+// docs/PROTOCOL.md lists every message (their byte layouts live in
+// messages.ts, nowhere else). A frame longer than the receiver's limit, a
+// header with unknown flags or non-zero reserved bits, or an unknown type
+// ends the connection with ERR_BF_PROTOCOL before its payload is buffered.
 import { ErrorCode, ProtocolError } from '../errors.js';
 
-export const HEADER_BYTES = 8;
+export const HEADER_BYTES = 12;
+/** Frame flag: the payload is compressed with the codec the handshake agreed on (u32 decompressed length, then the codec's bytes). */
+export const FLAG_COMPRESSED = 1;
+const KNOWN_FLAGS = FLAG_COMPRESSED;
 /**
  * Largest payload: one BLOCKS frame of 256 blocks of 4 KiB plus their
  * fingerprints fits in 1.1 MiB; 1 MiB blocks go one per frame. 16 MiB leaves
@@ -42,13 +46,18 @@ export const msgName = (t: number) => Object.entries(Msg).find(([, v]) => v === 
 export interface Frame {
   type: MsgType;
   payload: Buffer;
+  /** Request id: a reply carries its request's id; 0 for a frame that is neither. */
+  id: number;
+  flags: number;
 }
 
-export function encodeHeader(type: MsgType, length: number): Buffer {
+export function encodeHeader(type: MsgType, length: number, id = 0, flags = 0): Buffer {
   if (length > MAX_PAYLOAD) throw new ProtocolError(ErrorCode.PROTOCOL, `frame of ${length} bytes exceeds the ${MAX_PAYLOAD}-byte limit`);
   const h = Buffer.alloc(HEADER_BYTES);
   h.writeUInt32LE(length, 0);
   h.writeUInt8(type, 4);
+  h.writeUInt8(flags, 5);
+  h.writeUInt32LE(id, 8);
   return h;
 }
 
@@ -56,7 +65,9 @@ export function encodeHeader(type: MsgType, length: number): Buffer {
 export class FrameDecoder {
   private chunks: Buffer[] = [];
   private buffered = 0;
-  private need: { type: MsgType; length: number } | undefined;
+  private need: { type: MsgType; length: number; id: number; flags: number } | undefined;
+  /** Largest payload accepted: small before authentication (the handshake's messages), MAX_PAYLOAD after. */
+  limit = MAX_PAYLOAD;
 
   push(chunk: Buffer): Frame[] {
     this.chunks.push(chunk);
@@ -68,13 +79,14 @@ export class FrameDecoder {
         const h = this.take(HEADER_BYTES);
         const length = h.readUInt32LE(0);
         const type = h.readUInt8(4);
-        if (h.readUInt8(5) !== 0 || h.readUInt16LE(6) !== 0) throw new ProtocolError(ErrorCode.PROTOCOL, 'frame header has non-zero reserved bits');
+        const flags = h.readUInt8(5);
+        if (flags & ~KNOWN_FLAGS || h.readUInt16LE(6) !== 0) throw new ProtocolError(ErrorCode.PROTOCOL, 'frame header has unknown flags or non-zero reserved bits');
         if (!KNOWN.has(type)) throw new ProtocolError(ErrorCode.PROTOCOL, `unknown message type ${type}`);
-        if (length > MAX_PAYLOAD) throw new ProtocolError(ErrorCode.PROTOCOL, `frame of ${length} bytes exceeds the ${MAX_PAYLOAD}-byte limit`);
-        this.need = { type: type as MsgType, length };
+        if (length > this.limit) throw new ProtocolError(ErrorCode.PROTOCOL, `frame of ${length} bytes exceeds the ${this.limit}-byte limit`);
+        this.need = { type: type as MsgType, length, id: h.readUInt32LE(8), flags };
       }
       if (this.buffered < this.need.length) break;
-      out.push({ type: this.need.type, payload: this.take(this.need.length) });
+      out.push({ type: this.need.type, payload: this.take(this.need.length), id: this.need.id, flags: this.need.flags });
       this.need = undefined;
     }
     return out;
@@ -122,14 +134,27 @@ export class Reader {
   }
 }
 
-/** Builds payloads field by field. */
+/** Builds payloads field by field, in one growing buffer. */
 export class Writer {
-  private parts: Buffer[] = [];
-  u8(v: number): this { const b = Buffer.alloc(1); b.writeUInt8(v); this.parts.push(b); return this; }
-  u16(v: number): this { const b = Buffer.alloc(2); b.writeUInt16LE(v); this.parts.push(b); return this; }
-  u32(v: number): this { const b = Buffer.alloc(4); b.writeUInt32LE(v); this.parts.push(b); return this; }
-  u64(v: number): this { const b = Buffer.alloc(8); b.writeBigUInt64LE(BigInt(v)); this.parts.push(b); return this; }
-  bytes(b: Uint8Array): this { this.parts.push(Buffer.from(b.buffer, b.byteOffset, b.byteLength)); return this; }
+  private buf: Buffer;
+  private at = 0;
+  constructor(initial = 256) {
+    this.buf = Buffer.allocUnsafe(initial);
+  }
+  private room(n: number): void {
+    if (this.at + n <= this.buf.length) return;
+    const next = Buffer.allocUnsafe(Math.max(this.at + n, this.buf.length * 2));
+    this.buf.copy(next, 0, 0, this.at);
+    this.buf = next;
+  }
+  u8(v: number): this { this.room(1); this.buf.writeUInt8(v, this.at); this.at += 1; return this; }
+  u16(v: number): this { this.room(2); this.buf.writeUInt16LE(v, this.at); this.at += 2; return this; }
+  u32(v: number): this { this.room(4); this.buf.writeUInt32LE(v, this.at); this.at += 4; return this; }
+  u64(v: number): this { this.room(8); this.buf.writeBigUInt64LE(BigInt(v), this.at); this.at += 8; return this; }
+  /** A full 64-bit value (fingerprints, signatures). */
+  big(v: bigint): this { this.room(8); this.buf.writeBigUInt64LE(v, this.at); this.at += 8; return this; }
+  bytes(b: Uint8Array): this { this.room(b.length); this.buf.set(b, this.at); this.at += b.length; return this; }
   str(s: string): this { const b = Buffer.from(s, 'utf8'); return this.u16(b.length).bytes(b); }
-  done(): Buffer { return Buffer.concat(this.parts); }
+  get length(): number { return this.at; }
+  done(): Buffer { return this.buf.subarray(0, this.at); }
 }

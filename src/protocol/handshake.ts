@@ -3,17 +3,20 @@
 // unless both sides run --insecure. docs/PROTOCOL.md, "Handshake".
 import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 import { ErrorCode, ProtocolError } from '../errors.js';
-import { Msg, Reader, Writer } from './frame.js';
+import { MAX_PAYLOAD } from './frame.js';
+import { AUTH, HELLO, HELLO_ACK, NONCE_BYTES, PROOF_BYTES, PROTOCOL_VERSION, READY } from './messages.js';
 import type { Channel } from './channel.js';
 
-export const PROTOCOL_MAGIC = Buffer.from('BFRY', 'latin1');
-export const PROTOCOL_VERSION = 1;
-const NONCE = 32;
+export { PROTOCOL_VERSION } from './messages.js';
 const FLAG_INSECURE = 1;
-/** Capability bits; a session uses what both sides announce. */
+/** Capability bits; a session uses what both sides announce (the handshake returns the intersection). */
 export const CAP_SIMILARITY = 1;
 export const CAP_RESUME = 2;
-export const CAPABILITIES = CAP_SIMILARITY | CAP_RESUME;
+/** zstd-compressed frames (docs/PROTOCOL.md, "Compression"). */
+export const CAP_ZSTD = 4;
+export const CAPABILITIES = CAP_SIMILARITY | CAP_RESUME | CAP_ZSTD;
+/** Largest frame before authentication: the handshake's messages are under 100 bytes. */
+export const HANDSHAKE_FRAME_LIMIT = 256;
 
 export interface AuthOptions {
   /** The pre-shared key (at least 16 bytes). */
@@ -33,17 +36,12 @@ function checkAuth(o: AuthOptions): void {
 }
 
 /** Client side; resolves with the capabilities both sides share. */
-export async function clientHandshake(ch: Channel, o: AuthOptions): Promise<number> {
+export async function clientHandshake(ch: Channel, o: AuthOptions, capabilities = CAPABILITIES): Promise<number> {
   checkAuth(o);
-  const nonceC = randomBytes(NONCE);
-  await ch.send(Msg.HELLO, new Writer().bytes(PROTOCOL_MAGIC).u16(PROTOCOL_VERSION).u16(o.insecure ? FLAG_INSECURE : 0).u32(CAPABILITIES).bytes(nonceC).done());
-  const ack = new Reader((await ch.recv(Msg.HELLO_ACK)).payload, 'HELLO_ACK');
-  const version = ack.u16();
-  const flags = ack.u16();
-  const caps = ack.u32();
-  const nonceS = ack.bytes(NONCE);
-  const serverProof = ack.bytes(32);
-  ack.end();
+  ch.setFrameLimit(HANDSHAKE_FRAME_LIMIT);
+  const nonceC = randomBytes(NONCE_BYTES);
+  await ch.send(HELLO, { version: PROTOCOL_VERSION, flags: o.insecure ? FLAG_INSECURE : 0, capabilities, nonce: nonceC });
+  const { version, flags, capabilities: caps, nonce: nonceS, proof: serverProof } = await ch.recv(HELLO_ACK);
   if (version !== PROTOCOL_VERSION) throw new ProtocolError(ErrorCode.PROTOCOL_VERSION, `server speaks protocol version ${version}, this client ${PROTOCOL_VERSION}`);
   if (o.insecure) {
     if (!(flags & FLAG_INSECURE)) throw new ProtocolError(ErrorCode.AUTH_FAILED, 'the server requires authentication');
@@ -53,22 +51,17 @@ export async function clientHandshake(ch: Channel, o: AuthOptions): Promise<numb
       throw new ProtocolError(ErrorCode.AUTH_FAILED, 'the server does not know the key (wrong key, or not the server you meant)');
     }
   }
-  await ch.send(Msg.AUTH, o.insecure ? Buffer.alloc(32) : proof(o.key!, 'bf-client', nonceS, nonceC));
-  await ch.recv(Msg.READY);
-  return caps & CAPABILITIES;
+  await ch.send(AUTH, { proof: o.insecure ? Buffer.alloc(PROOF_BYTES) : proof(o.key!, 'bf-client', nonceS, nonceC) });
+  await ch.recv(READY);
+  ch.setFrameLimit(MAX_PAYLOAD);
+  return caps & capabilities;
 }
 
 /** Server side; resolves with the shared capabilities, or sends ERROR and throws. */
-export async function serverHandshake(ch: Channel, o: AuthOptions): Promise<number> {
+export async function serverHandshake(ch: Channel, o: AuthOptions, capabilities = CAPABILITIES): Promise<number> {
   checkAuth(o);
-  const hello = new Reader((await ch.recv(Msg.HELLO)).payload, 'HELLO');
-  const magic = hello.bytes(4);
-  const version = hello.u16();
-  const flags = hello.u16();
-  const caps = hello.u32();
-  const nonceC = hello.bytes(NONCE);
-  hello.end();
-  if (!magic.equals(PROTOCOL_MAGIC)) throw new ProtocolError(ErrorCode.PROTOCOL, 'not a blockferry client (bad magic)');
+  ch.setFrameLimit(HANDSHAKE_FRAME_LIMIT);
+  const { version, flags, capabilities: caps, nonce: nonceC } = await ch.recv(HELLO);
   if (version !== PROTOCOL_VERSION) {
     await ch.sendError(ErrorCode.PROTOCOL_VERSION, `server speaks protocol version ${PROTOCOL_VERSION}, client ${version}`);
     throw new ProtocolError(ErrorCode.PROTOCOL_VERSION, `client speaks protocol version ${version}`);
@@ -79,14 +72,15 @@ export async function serverHandshake(ch: Channel, o: AuthOptions): Promise<numb
     await ch.sendError(ErrorCode.AUTH_FAILED, msg);
     throw new ProtocolError(ErrorCode.AUTH_FAILED, msg);
   }
-  const nonceS = randomBytes(NONCE);
-  const mine = o.insecure ? Buffer.alloc(32) : proof(o.key!, 'bf-server', nonceC, nonceS);
-  await ch.send(Msg.HELLO_ACK, new Writer().u16(PROTOCOL_VERSION).u16(o.insecure ? FLAG_INSECURE : 0).u32(CAPABILITIES).bytes(nonceS).bytes(mine).done());
-  const auth = (await ch.recv(Msg.AUTH)).payload;
-  if (!o.insecure && (auth.length !== 32 || !timingSafeEqual(auth, proof(o.key!, 'bf-client', nonceS, nonceC)))) {
+  const nonceS = randomBytes(NONCE_BYTES);
+  const mine = o.insecure ? Buffer.alloc(PROOF_BYTES) : proof(o.key!, 'bf-server', nonceC, nonceS);
+  await ch.send(HELLO_ACK, { version: PROTOCOL_VERSION, flags: o.insecure ? FLAG_INSECURE : 0, capabilities, nonce: nonceS, proof: mine });
+  const { proof: auth } = await ch.recv(AUTH);
+  if (!o.insecure && !timingSafeEqual(auth, proof(o.key!, 'bf-client', nonceS, nonceC))) {
     await ch.sendError(ErrorCode.AUTH_FAILED, 'wrong key');
     throw new ProtocolError(ErrorCode.AUTH_FAILED, 'client failed to prove the key');
   }
-  await ch.send(Msg.READY);
-  return caps & CAPABILITIES;
+  await ch.send(READY, undefined);
+  ch.setFrameLimit(MAX_PAYLOAD);
+  return caps & capabilities;
 }

@@ -1,0 +1,144 @@
+// Where a destination writes an image. A sink takes writes and zero ranges
+// at byte offsets, reads back what it holds (for copies and verification),
+// reports its allocated extents (verification skips holes), and becomes the
+// named image only on commit. Raw files are the first kind; a qcow2 writer
+// or an NBD export of the image in flight implement the same contract.
+import { constants, promises as fsp, type Stats } from 'node:fs';
+import { rm, rename } from 'node:fs/promises';
+import { BlockferryError, ErrorCode, ImageError } from '../errors.js';
+import { chooseBackend } from '../engine/backend.js';
+import type { NativeAddon } from 'blockferry/native';
+import type { Extent } from './source.js';
+
+export interface ImageSink {
+  readonly size: number;
+  /** Writes data at offset; resolves once the kernel has it (not necessarily the disk: see flush). */
+  write(offset: number, data: Uint8Array): Promise<void>;
+  /** Makes [offset, offset + length) read as zeros, punching a hole where the file system can. */
+  zero(offset: number, length: number): Promise<void>;
+  /** Fills buf[0, length) from offset. */
+  read(buf: Uint8Array, offset: number, length: number): Promise<void>;
+  /** Allocated extents inside a range (a sink that cannot tell returns the whole range). */
+  extents(offset: number, length: number): Extent[];
+  /** Everything written so far is durable. */
+  flush(): Promise<void>;
+  /** Durable, then visible under its final name (replacing what was there). The sink is closed. */
+  commit(): Promise<void>;
+  /** Closes without committing: what was written stays for a resume. */
+  close(): Promise<void>;
+}
+
+const ZEROS = Buffer.alloc(1 << 20);
+
+/**
+ * A raw image written into `partial` and renamed to `final` on commit. Files
+ * are opened with O_NOFOLLOW (a link planted at the partial's name is
+ * refused, never written through), and a fresh one with O_EXCL.
+ */
+export class FileImageSink implements ImageSink {
+  private closed = false;
+
+  private constructor(
+    private readonly fh: fsp.FileHandle,
+    readonly size: number,
+    readonly partial: string,
+    readonly final: string,
+    private readonly native: NativeAddon | null,
+  ) {}
+
+  /** A new, empty (sparse) partial image; an existing partial file is replaced. */
+  static async create(partial: string, final: string, size: number, native = chooseBackend().native): Promise<FileImageSink> {
+    await rm(partial, { force: true });
+    const fh = await openChecked(partial, constants.O_RDWR | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW);
+    try {
+      await fh.truncate(size);
+    } catch (cause) {
+      await fh.close();
+      throw new BlockferryError(ErrorCode.WRITE_FAILED, `cannot size ${partial} to ${size} bytes: ${(cause as Error).message}`, { cause });
+    }
+    return new FileImageSink(fh, size, partial, final, native);
+  }
+
+  /** The partial image of an earlier attempt; it must be a regular file of the expected size. */
+  static async reopen(partial: string, final: string, size: number, native = chooseBackend().native): Promise<FileImageSink> {
+    const fh = await openChecked(partial, constants.O_RDWR | constants.O_NOFOLLOW);
+    let st: Stats;
+    try {
+      st = await fh.stat();
+    } catch (cause) {
+      await fh.close();
+      throw cause;
+    }
+    if (!st.isFile() || st.size !== size) {
+      await fh.close();
+      throw new ImageError(ErrorCode.IMAGE_CHANGED, partial, `is not the ${size}-byte partial image of an earlier attempt`);
+    }
+    return new FileImageSink(fh, size, partial, final, native);
+  }
+
+  get fd(): number {
+    return this.fh.fd;
+  }
+
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    for (let at = 0; at < data.length; ) {
+      const { bytesWritten } = await this.fh.write(data, at, data.length - at, offset + at);
+      at += bytesWritten;
+    }
+  }
+
+  async zero(offset: number, length: number): Promise<void> {
+    if (length <= 0) return;
+    if (this.native) {
+      this.native.punchHole(this.fh.fd, offset, length);
+      return;
+    }
+    for (let at = 0; at < length; at += ZEROS.length) await this.write(offset + at, ZEROS.subarray(0, Math.min(ZEROS.length, length - at)));
+  }
+
+  async read(buf: Uint8Array, offset: number, length: number): Promise<void> {
+    for (let at = 0; at < length; ) {
+      const { bytesRead } = await this.fh.read(buf, at, length - at, offset + at);
+      if (bytesRead === 0) throw new ImageError(ErrorCode.IMAGE_CHANGED, this.partial, `ended at byte ${offset + at}`);
+      at += bytesRead;
+    }
+  }
+
+  extents(offset: number, length: number): Extent[] {
+    if (length <= 0) return [];
+    if (!this.native) return [{ offset, length }];
+    const flat = this.native.extents(this.fh.fd, offset, length);
+    const out: Extent[] = [];
+    for (let i = 0; i < flat.length; i += 2) out.push({ offset: flat[i]!, length: flat[i + 1]! });
+    return out;
+  }
+
+  async flush(): Promise<void> {
+    await this.fh.sync();
+  }
+
+  async commit(): Promise<void> {
+    await this.fh.sync();
+    await this.close();
+    await rename(this.partial, this.final);
+  }
+
+  async close(): Promise<void> {
+    // Exactly once: a second close could hit a descriptor number another
+    // thread has been given meanwhile.
+    if (this.closed) return;
+    this.closed = true;
+    await this.fh.close();
+  }
+}
+
+async function openChecked(path: string, flags: number): Promise<fsp.FileHandle> {
+  try {
+    return await fsp.open(path, flags, 0o644);
+  } catch (cause) {
+    const code = (cause as NodeJS.ErrnoException).code;
+    if (code === 'ELOOP') throw new BlockferryError(ErrorCode.WRITE_FAILED, `${path} is a symbolic link; refusing to write through it`, { cause });
+    if (code === 'EEXIST') throw new BlockferryError(ErrorCode.WRITE_FAILED, `${path} appeared while it was being created`, { cause });
+    throw new BlockferryError(ErrorCode.WRITE_FAILED, `cannot open ${path} (${code ?? (cause as Error).message})`, { cause });
+  }
+}

@@ -1,0 +1,108 @@
+// Pre-copy (paper 001's phases, paper 004's live rounds): fingerprints of
+// the data runs go out while the destination's NEED answers come back and
+// the blocks it lacks are sent; then rounds of dirty blocks while the image
+// is live; then the end-to-end check, the cutover and COMMIT.
+import { IntervalSet, split, type Interval } from '../blocks/intervals.js';
+import { BLOCK_INFO, COMMIT, DONE, INFO_END, NEED, ROUND, SYNC, SYNC_OK } from '../protocol/messages.js';
+import { BlockSender } from './sender.js';
+import { EndToEndCheck } from './verify.js';
+import { DestinationView } from './view.js';
+import { quiet, rescanDirty, trackedDirty, type DirtySource } from './rounds.js';
+import type { MigrationContext, StrategyOutcome } from './strategy.js';
+
+/** Blocks per BLOCK_INFO frame (64 Ki: 1 MiB of fingerprints and signatures). */
+const INFO_BATCH = 65536;
+
+const blocksIn = (list: Interval[]) => list.reduce((a, iv) => a + iv.count, 0);
+
+export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
+  const { ch, src, map, blockSize: bs, live } = ctx;
+  const phases: Record<string, number> = {};
+  let t = performance.now();
+  const lap = (name: string) => {
+    const now = performance.now();
+    phases[name] = (phases[name] ?? 0) + (now - t) / 1000;
+    t = now;
+  };
+  const view = new DestinationView(map);
+  const sender = new BlockSender(ch, src, view, bs);
+  const check = new EndToEndCheck(ch, src, view, bs, sender, (n) => ctx.event('repair', { extents: n }));
+  const sync = async () => { await ch.request(SYNC, undefined, SYNC_OK); };
+
+  // Phases 1-3, overlapped: BLOCK_INFO runs stream out while NEED answers
+  // come back and what they name is sent.
+  ctx.event('fingerprints');
+  const sendInfo = async () => {
+    for (const r of split(map.runs(), INFO_BATCH)) {
+      const i = map.indexOf(r.start);
+      await ch.send(BLOCK_INFO, { start: r.start, count: r.count, fingerprints: map.fingerprints.subarray(i, i + r.count), signatures: map.signatures.subarray(i, i + r.count) });
+    }
+    await ch.send(INFO_END, undefined);
+  };
+  let announced = false;
+  const receiveNeeds = async () => {
+    for (;;) {
+      const need = await ch.recv(NEED);
+      if (need.last) return;
+      if (!announced) { announced = true; ctx.event('transfer'); }
+      view.heldRun(need.start, need.count, need.missing);
+      await sender.send(need.missing);
+    }
+  };
+  await Promise.all([sendInfo(), receiveNeeds()]);
+  await sync();
+  lap('transfer');
+
+  // Pre-copy rounds while the image is live.
+  const dirty: DirtySource = live.tracked ? trackedDirty(live.tracked) : live.rescan ? rescanDirty(ctx.scanner, ctx.path, bs, view) : quiet;
+  const maxRounds = live.maxRounds ?? 8;
+  const threshold = live.dirtyThreshold ?? 256;
+  let rounds = 0;
+  let pending = await dirty.take();
+  while (blocksIn(pending) > threshold && rounds < maxRounds) {
+    rounds++;
+    ctx.event('round', { round: rounds, dirty: blocksIn(pending) });
+    await ch.send(ROUND, { round: rounds });
+    await sender.send(pending);
+    await sync();
+    pending = await dirty.take();
+  }
+  lap('rounds');
+
+  // The end-to-end check of every extent while the image is still live: the
+  // destination only changes when told to, so after the pause only what the
+  // last round touches (and what differed here) needs checking again.
+  ctx.event('verify');
+  const differ = await check.once([{ start: 0, count: map.count }]);
+  const recheck = IntervalSet.of(differ);
+  sender.takeTouched();
+  lap('verify');
+
+  // Cutover: pause, last round, check what it touched, commit, resume.
+  const tPause = performance.now();
+  const paused = live.pause !== undefined;
+  ctx.event('cutover', { dirty: blocksIn(pending) });
+  await live.pause?.();
+  const last = IntervalSet.of(pending);
+  for (const iv of await dirty.take()) last.add(iv.start, iv.count);
+  rounds++;
+  await ch.send(ROUND, { round: rounds });
+  await sender.send(last);
+  for (const iv of sender.takeTouched()) recheck.add(iv.start, iv.count);
+  await check.repairing(recheck, sync);
+  const destination = await ch.request(COMMIT, undefined, DONE);
+  await live.resume?.();
+  const tEnd = performance.now();
+  lap('cutover');
+  const c = sender.counters;
+  return {
+    rounds,
+    downtimeSeconds: paused ? (tEnd - tPause) / 1000 : 0,
+    phases,
+    sent: c.sent,
+    copied: c.copied,
+    resent: c.resent,
+    repaired: check.repaired,
+    destination,
+  };
+}

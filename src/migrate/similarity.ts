@@ -1,0 +1,9 @@
+// Strategy "similarity" (paper 001): the destination first fills every block
+// it can from its neighbour images (checked against the source's
+// fingerprints), and only the rest crosses the network.
+import { CAP_SIMILARITY } from '../protocol/handshake.js';
+import { FILL_NEIGHBOURS } from '../protocol/messages.js';
+import { precopy } from './precopy.js';
+import type { Strategy } from './strategy.js';
+
+export const similarity: Strategy = { name: 'similarity', fills: FILL_NEIGHBOURS, requires: CAP_SIMILARITY, run: precopy };

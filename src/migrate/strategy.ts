@@ -1,0 +1,68 @@
+// The extension point for migration strategies. A strategy decides what to
+// send and from where; migrate() does what every strategy needs (connect,
+// authenticate, BEGIN, scan) and hands it a context. A new strategy is one
+// file exporting a Strategy and one entry in STRATEGIES (strategies.ts).
+import type { Channel } from '../protocol/channel.js';
+import type { ImageSource } from '../image/source.js';
+import type { BlockMap } from '../blockmap/blockmap.js';
+import type { Scanner } from '../scan/scanner.js';
+import type { TrackedImage } from '../image/tracked.js';
+import type { Done } from '../protocol/messages.js';
+
+export interface MigrationEvent {
+  phase: string;
+  detail?: unknown;
+}
+
+export interface LiveOptions {
+  /** Writes go through this tracked image: its dirty bitmap drives the rounds. */
+  tracked?: TrackedImage;
+  /** Another process writes the image: rescan each round for blocks that changed. */
+  rescan?: boolean;
+  /** Pre-copy rounds before cutover at most (default 8). */
+  maxRounds?: number;
+  /** Cut over once a round finds this many dirty blocks or fewer (default 256). */
+  dirtyThreshold?: number;
+  /** Cutover: called to pause the writer (a VM's suspend). */
+  pause?: () => unknown;
+  /** Called once the destination holds the verified image (a VM's resume there). */
+  resume?: () => unknown;
+}
+
+export interface MigrationContext {
+  ch: Channel;
+  /** The image as a source of bytes, and its path (for rescans). */
+  src: ImageSource;
+  path: string;
+  map: BlockMap;
+  blockSize: number;
+  /** Capabilities both sides share. */
+  capabilities: number;
+  scanner: Scanner;
+  live: LiveOptions;
+  event: (phase: string, detail?: unknown) => void;
+}
+
+export interface StrategyOutcome {
+  rounds: number;
+  /** From pause to the destination's verified commit (0 when nothing was paused). */
+  downtimeSeconds: number;
+  /** Seconds per phase. */
+  phases: Record<string, number>;
+  sent: number;
+  copied: number;
+  resent: number;
+  repaired: number;
+  /** The destination's own account (DONE). */
+  destination: Done;
+}
+
+export interface Strategy {
+  /** Its name in the API and on the command line. */
+  readonly name: string;
+  /** Fill sources the destination consults before asking for blocks (FILL_* bits of BEGIN). */
+  readonly fills: number;
+  /** Capabilities (CAP_* bits) the destination must offer. */
+  readonly requires: number;
+  run(ctx: MigrationContext): Promise<StrategyOutcome>;
+}

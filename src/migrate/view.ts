@@ -1,0 +1,90 @@
+// The source's picture of the destination: which blocks hold data there and
+// with which content, and an index of contents the destination holds (for
+// copies). It starts as the block map itself (the destination will hold
+// what the source had at the scan) and records only where the two differ,
+// so its memory follows the data (and the writes made since the scan).
+import { IntervalSet, type Interval } from '../blocks/intervals.js';
+import { BlockIndexTable, makeRef, refBlock } from '../table/table.js';
+import type { BlockMap } from '../blockmap/blockmap.js';
+
+/** Content of a block: fingerprint and signature, or null for zeros. */
+export type Content = readonly [bigint, bigint] | null;
+
+export class DestinationView {
+  /** Blocks that hold data at the destination (once everything sent has arrived). */
+  readonly data: IntervalSet;
+  /** Content at the destination where it differs from the block map. */
+  private readonly changed = new Map<number, Content>();
+  /** Contents the destination holds: (fingerprint, signature) → a block holding it there. */
+  private readonly held = new BlockIndexTable();
+
+  constructor(private readonly map: BlockMap) {
+    this.data = IntervalSet.of([...map.runs()]);
+  }
+
+  content(b: number): Content {
+    const c = this.changed.get(b);
+    if (c !== undefined) return c;
+    const i = this.map.indexOf(b);
+    return i < 0 ? null : [this.map.fingerprints[i]!, this.map.signatures[i]!];
+  }
+
+  holds(b: number, fp: bigint, sig: bigint): boolean {
+    const c = this.content(b);
+    return c !== null && c[0] === fp && c[1] === sig;
+  }
+
+  /** Records that block b now holds (fp, sig) at the destination (data sent, copied or kept). */
+  set(b: number, fp: bigint, sig: bigint, index = true): void {
+    const i = this.map.indexOf(b);
+    if (i >= 0 && this.map.fingerprints[i] === fp && this.map.signatures[i] === sig) this.changed.delete(b);
+    else this.changed.set(b, [fp, sig]);
+    this.data.add(b, 1);
+    if (index) this.held.insert(fp, sig, makeRef(0, b));
+  }
+
+  /** Records that [start, start + count) reads as zeros at the destination. */
+  setZero(start: number, count: number): void {
+    for (const r of [...this.data.within(start, count)]) {
+      for (let b = r.start; b < r.start + r.count; b++) {
+        if (this.map.indexOf(b) < 0) this.changed.delete(b);
+        else this.changed.set(b, null);
+      }
+    }
+    this.data.delete(start, count);
+  }
+
+  /** Forget what we believe about [start, start + count): it will be sent again whatever it holds. */
+  forget(start: number, count: number): void {
+    for (let b = start; b < start + count; b++) this.changed.set(b, [-1n, -1n]);
+  }
+
+  /**
+   * The blocks of a BLOCK_INFO run the destination did not ask for: it holds
+   * them as the map says, so their contents can be copied from.
+   */
+  heldRun(start: number, count: number, missing: Interval[]): void {
+    const entries: bigint[] = [];
+    let at = start;
+    const flush = (s: number, e: number) => {
+      for (let b = s; b < e; b++) {
+        const i = this.map.indexOf(b);
+        if (i >= 0) entries.push(this.map.fingerprints[i]!, this.map.signatures[i]!, makeRef(0, b));
+      }
+    };
+    for (const iv of missing) {
+      flush(at, iv.start);
+      at = iv.start + iv.count;
+    }
+    flush(at, start + count);
+    if (entries.length) this.held.insertMany(BigUint64Array.from(entries));
+  }
+
+  /** A block at the destination that holds (fp, sig) and has length len, other than b; or -1. */
+  copySource(b: number, fp: bigint, sig: bigint, sameLength: (hb: number) => boolean): number {
+    const ref = this.held.lookup(fp, sig);
+    if (ref === undefined) return -1;
+    const hb = refBlock(ref);
+    return hb !== b && this.holds(hb, fp, sig) && sameLength(hb) ? hb : -1;
+  }
+}

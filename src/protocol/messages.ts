@@ -1,0 +1,249 @@
+// Every message of the protocol: its type, what kind of traffic it is, and
+// its byte layout, encoded and decoded here and nowhere else. Every role
+// (source, destination, and those to come) speaks through this table.
+// docs/PROTOCOL.md describes the same layouts in prose; the conformance
+// tests hold the two together.
+import { ErrorCode, ProtocolError } from '../errors.js';
+import type { Interval } from '../blocks/intervals.js';
+import { Msg, Reader, Writer, type MsgType } from './frame.js';
+
+export const PROTOCOL_VERSION = 2;
+export const PROTOCOL_MAGIC = Buffer.from('BFRY', 'latin1');
+export const NONCE_BYTES = 32;
+export const PROOF_BYTES = 32;
+export { DIGEST_BYTES } from '../engine/engine.js';
+import { DIGEST_BYTES } from '../engine/engine.js';
+
+/** What a frame carries, for the accounting every migration reports. */
+export type TrafficKind = 'control' | 'fingerprints' | 'data' | 'verify';
+export type Traffic = Record<TrafficKind, number>;
+
+export interface MessageDef<T> {
+  readonly type: MsgType;
+  readonly name: string;
+  readonly kind: TrafficKind;
+  encode(m: T, w: Writer): void;
+  /** Decodes a whole payload; anything malformed (short, long, out of range) is a ProtocolError. */
+  decode(r: Reader): T;
+}
+
+function def<T>(type: MsgType, name: string, kind: TrafficKind, encode: (m: T, w: Writer) => void, decode: (r: Reader) => T): MessageDef<T> {
+  return { type, name, kind, encode, decode };
+}
+
+/** Bytes a message takes when encoded. */
+export function encode<T>(d: MessageDef<T>, m: T): Buffer {
+  const w = new Writer();
+  d.encode(m, w);
+  return w.done();
+}
+
+/** Decodes a payload as message d, requiring that nothing is left over. */
+export function decode<T>(d: MessageDef<T>, payload: Buffer): T {
+  const r = new Reader(payload, d.name);
+  const m = d.decode(r);
+  r.end();
+  return m;
+}
+
+/** A count read from the wire, checked against what the rest of the payload can hold (no allocation on a lie). */
+function counted(r: Reader, bytesEach: number, what: string): number {
+  const n = r.u32();
+  if (n * bytesEach > r.remaining) throw new ProtocolError(ErrorCode.PROTOCOL, `${what}: ${n} entries do not fit in ${r.remaining} bytes`);
+  return n;
+}
+
+function writeIntervals(w: Writer, list: readonly Interval[]): void {
+  w.u32(list.length);
+  for (const iv of list) w.u64(iv.start).u32(iv.count);
+}
+
+function readIntervals(r: Reader, what: string): Interval[] {
+  const n = counted(r, 12, what);
+  const out: Interval[] = new Array(n);
+  for (let i = 0; i < n; i++) {
+    const start = r.u64(), count = r.u32();
+    if (count === 0) throw new ProtocolError(ErrorCode.PROTOCOL, `${what}: an empty interval`);
+    out[i] = { start, count };
+  }
+  return out;
+}
+
+/** n u64 values, copied into an aligned array. */
+function readColumn(r: Reader, n: number): BigUint64Array {
+  const bytes = r.bytes(8 * n);
+  const out = new BigUint64Array(n);
+  new Uint8Array(out.buffer).set(bytes);
+  return out;
+}
+
+function writeColumn(w: Writer, col: BigUint64Array): void {
+  w.bytes(new Uint8Array(col.buffer, col.byteOffset, col.byteLength));
+}
+
+const empty = def<void>(0 as MsgType, '', 'control', () => {}, () => undefined);
+const emptyOf = (type: MsgType, name: string): MessageDef<void> => ({ ...empty, type, name });
+
+// --- Handshake -------------------------------------------------------------
+
+export interface Hello { version: number; flags: number; capabilities: number; nonce: Buffer }
+export const HELLO = def<Hello>(Msg.HELLO, 'HELLO', 'control',
+  (m, w) => w.bytes(PROTOCOL_MAGIC).u16(m.version).u16(m.flags).u32(m.capabilities).bytes(m.nonce),
+  (r) => {
+    if (!r.bytes(4).equals(PROTOCOL_MAGIC)) throw new ProtocolError(ErrorCode.PROTOCOL, 'not a blockferry client (bad magic)');
+    return { version: r.u16(), flags: r.u16(), capabilities: r.u32(), nonce: r.bytes(NONCE_BYTES) };
+  });
+
+export interface HelloAck { version: number; flags: number; capabilities: number; nonce: Buffer; proof: Buffer }
+export const HELLO_ACK = def<HelloAck>(Msg.HELLO_ACK, 'HELLO_ACK', 'control',
+  (m, w) => w.u16(m.version).u16(m.flags).u32(m.capabilities).bytes(m.nonce).bytes(m.proof),
+  (r) => ({ version: r.u16(), flags: r.u16(), capabilities: r.u32(), nonce: r.bytes(NONCE_BYTES), proof: r.bytes(PROOF_BYTES) }));
+
+export const AUTH = def<{ proof: Buffer }>(Msg.AUTH, 'AUTH', 'control', (m, w) => w.bytes(m.proof), (r) => ({ proof: r.bytes(PROOF_BYTES) }));
+export const READY = emptyOf(Msg.READY, 'READY');
+
+export interface ErrorMessage { code: string; message: string }
+export const ERROR = def<ErrorMessage>(Msg.ERROR, 'ERROR', 'control',
+  (m, w) => w.str(m.code.slice(0, 64)).str(m.message.slice(0, 1000)),
+  (r) => ({ code: r.str(), message: r.str() }));
+
+// --- A migration ------------------------------------------------------------
+
+/** BEGIN flags. */
+export const BEGIN_OVERWRITE = 1;
+const BEGIN_KNOWN = BEGIN_OVERWRITE;
+/** Fill sources a source may ask the destination to consult (BEGIN's fills mask); roles/fills.ts implements them. */
+export const FILL_NEIGHBOURS = 1;
+
+export interface Begin {
+  name: string;
+  size: number;
+  blockSize: number;
+  flags: number;
+  /** Where the destination may find blocks before asking for them (FILL_* bits). */
+  fills: number;
+  /** The strategy's name, for the destination's log. */
+  strategy: string;
+}
+export const BEGIN = def<Begin>(Msg.BEGIN, 'BEGIN', 'control',
+  (m, w) => w.str(m.name).u64(m.size).u32(m.blockSize).u32(m.flags).u32(m.fills).str(m.strategy),
+  (r) => {
+    const m = { name: r.str(), size: r.u64(), blockSize: r.u32(), flags: r.u32(), fills: r.u32(), strategy: r.str() };
+    if (m.flags & ~BEGIN_KNOWN) throw new ProtocolError(ErrorCode.PROTOCOL, `BEGIN: unknown flags 0x${m.flags.toString(16)}`);
+    return m;
+  });
+
+export interface BeginOk { resumed: boolean; keptBlocks: number }
+export const BEGIN_OK = def<BeginOk>(Msg.BEGIN_OK, 'BEGIN_OK', 'control',
+  (m, w) => w.u8(m.resumed ? 1 : 0).u64(m.keptBlocks),
+  (r) => ({ resumed: r.u8() === 1, keptBlocks: r.u64() }));
+
+/**
+ * One run of non-zero blocks with their fingerprints and signatures. Blocks
+ * that no BLOCK_INFO covers are zero: holes and zero runs cost nothing here.
+ */
+export interface BlockInfo { start: number; count: number; fingerprints: BigUint64Array; signatures: BigUint64Array }
+export const BLOCK_INFO = def<BlockInfo>(Msg.BLOCK_INFO, 'BLOCK_INFO', 'fingerprints',
+  (m, w) => { w.u64(m.start).u32(m.count); writeColumn(w, m.fingerprints); writeColumn(w, m.signatures); },
+  (r) => {
+    const start = r.u64();
+    const count = counted(r, 16, 'BLOCK_INFO');
+    if (count === 0) throw new ProtocolError(ErrorCode.PROTOCOL, 'BLOCK_INFO: an empty run');
+    return { start, count, fingerprints: readColumn(r, count), signatures: readColumn(r, count) };
+  });
+
+export const INFO_END = emptyOf(Msg.INFO_END, 'INFO_END');
+
+/** The blocks of one BLOCK_INFO run the destination still lacks; `last` answers INFO_END. */
+export interface Need { start: number; count: number; last: boolean; missing: Interval[] }
+export const NEED = def<Need>(Msg.NEED, 'NEED', 'control',
+  (m, w) => { w.u64(m.start).u32(m.count).u8(m.last ? 1 : 0); writeIntervals(w, m.missing); },
+  (r) => ({ start: r.u64(), count: r.u32(), last: r.u8() === 1, missing: readIntervals(r, 'NEED') }));
+
+/**
+ * Block contents: runs of blocks, a fingerprint per block (the destination
+ * checks each block against it before writing), then the bytes in order,
+ * each block min(block size, image size − block × block size) long.
+ */
+export interface Blocks { runs: Interval[]; fingerprints: BigUint64Array; data: Buffer }
+export const BLOCKS = def<Blocks>(Msg.BLOCKS, 'BLOCKS', 'data',
+  (m, w) => { writeIntervals(w, m.runs); writeColumn(w, m.fingerprints); w.bytes(m.data); },
+  (r) => {
+    const runs = readIntervals(r, 'BLOCKS');
+    const n = runs.reduce((a, iv) => a + iv.count, 0);
+    if (8 * n > r.remaining) throw new ProtocolError(ErrorCode.PROTOCOL, `BLOCKS: ${n} fingerprints do not fit`);
+    const fingerprints = readColumn(r, n);
+    return { runs, fingerprints, data: r.bytes(r.remaining) };
+  });
+
+/** Copies at the destination of content this migration already put there: dst ← src, checked against fp. */
+export interface Copy { dst: number; src: number; fingerprint: bigint }
+export const COPY = def<Copy[]>(Msg.COPY, 'COPY', 'data',
+  (m, w) => { w.u32(m.length); for (const c of m) w.u64(c.dst).u64(c.src).big(c.fingerprint); },
+  (r) => {
+    const n = counted(r, 24, 'COPY');
+    const out: Copy[] = new Array(n);
+    for (let i = 0; i < n; i++) out[i] = { dst: r.u64(), src: r.u64(), fingerprint: r.big() };
+    return out;
+  });
+
+/** Intervals that must read as zeros. */
+export const ZERO = def<Interval[]>(Msg.ZERO, 'ZERO', 'data', (m, w) => writeIntervals(w, m), (r) => readIntervals(r, 'ZERO'));
+
+export const ROUND = def<{ round: number }>(Msg.ROUND, 'ROUND', 'control', (m, w) => w.u32(m.round), (r) => ({ round: r.u32() }));
+
+/** VERIFY entry kinds. */
+export const EXTENT_ZERO = 0;
+export const EXTENT_DATA = 1;
+/** An extent of the end-to-end check: a zero interval (any length), or data with the SHA-1 of its bytes. */
+export interface VerifyExtent { start: number; count: number; digest?: Uint8Array }
+export const VERIFY = def<VerifyExtent[]>(Msg.VERIFY, 'VERIFY', 'verify',
+  (m, w) => {
+    w.u32(m.length);
+    for (const x of m) {
+      w.u64(x.start).u32(x.count).u8(x.digest ? EXTENT_DATA : EXTENT_ZERO);
+      if (x.digest) w.bytes(x.digest);
+    }
+  },
+  (r) => {
+    const n = counted(r, 13, 'VERIFY');
+    const out: VerifyExtent[] = new Array(n);
+    for (let i = 0; i < n; i++) {
+      const start = r.u64(), count = r.u32(), kind = r.u8();
+      if (count === 0) throw new ProtocolError(ErrorCode.PROTOCOL, 'VERIFY: an empty extent');
+      if (kind === EXTENT_DATA) out[i] = { start, count, digest: r.bytes(DIGEST_BYTES) };
+      else if (kind === EXTENT_ZERO) out[i] = { start, count };
+      else throw new ProtocolError(ErrorCode.PROTOCOL, `VERIFY: unknown extent kind ${kind}`);
+    }
+    return out;
+  });
+
+/** The indexes (into the VERIFY's list) of the extents that differ. */
+export const VERIFY_RESULT = def<number[]>(Msg.VERIFY_RESULT, 'VERIFY_RESULT', 'verify',
+  (m, w) => { w.u32(m.length); for (const i of m) w.u32(i); },
+  (r) => {
+    const n = counted(r, 4, 'VERIFY_RESULT');
+    const out: number[] = new Array(n);
+    for (let i = 0; i < n; i++) out[i] = r.u32();
+    return out;
+  });
+
+export const COMMIT = emptyOf(Msg.COMMIT, 'COMMIT');
+
+export interface Done { neighbour: number; resumed: number; received: number; copied: number; zeroed: number }
+export const DONE = def<Done>(Msg.DONE, 'DONE', 'control',
+  (m, w) => w.u64(m.neighbour).u64(m.resumed).u64(m.received).u64(m.copied).u64(m.zeroed),
+  (r) => ({ neighbour: r.u64(), resumed: r.u64(), received: r.u64(), copied: r.u64(), zeroed: r.u64() }));
+
+export const SYNC = emptyOf(Msg.SYNC, 'SYNC');
+export const SYNC_OK = emptyOf(Msg.SYNC_OK, 'SYNC_OK');
+
+/** Every message by type. */
+export const MESSAGES: ReadonlyMap<number, MessageDef<unknown>> = new Map(
+  [HELLO, HELLO_ACK, AUTH, READY, ERROR, BEGIN, BEGIN_OK, BLOCK_INFO, INFO_END, NEED, BLOCKS, COPY, ZERO, ROUND, VERIFY, VERIFY_RESULT, COMMIT, DONE, SYNC, SYNC_OK]
+    .map((d) => [d.type, d as MessageDef<unknown>]),
+);
+
+export function kindOf(type: number): TrafficKind {
+  return MESSAGES.get(type)?.kind ?? 'control';
+}

@@ -1,0 +1,78 @@
+import { readFileSync } from 'node:fs';
+import { writeFileAtomic } from '../../io/atomic.js';
+import { TreeChecksum } from '../../engine/checksum.js';
+import { ErrorCode, FormatError } from '../../errors.js';
+import { IntervalSet, type Interval } from '../../blocks/intervals.js';
+
+/** File layout: docs/FORMATS.md, "Migration journal". */
+const MAGIC = Buffer.from('BFJOURNL', 'latin1');
+const VERSION = 2;
+const HEADER = 40;
+const WHAT = 'migration journal';
+
+/**
+ * What the destination knows to be right in a partial image: the intervals
+ * of blocks that hold data it received or filled and checked. Everything
+ * else reads as zeros (the partial image is sparse; holes are never
+ * recorded). Its size follows the number of runs written, so an attempt that
+ * received nothing leaves a 48-byte journal. Saved after the image's data is
+ * fsynced; a resumed migration re-checks the kept blocks against the
+ * source's fingerprints by reading them, so the journal holds no
+ * fingerprints at all.
+ */
+export class Journal {
+  constructor(
+    readonly size: number,
+    readonly blockSize: number,
+    readonly written: IntervalSet,
+  ) {}
+
+  static fresh(size: number, blockSize: number): Journal {
+    return new Journal(size, blockSize, new IntervalSet());
+  }
+
+  save(file: string): void {
+    const runs = [...this.written];
+    const header = Buffer.alloc(HEADER);
+    MAGIC.copy(header);
+    header.writeUInt32LE(VERSION, 8);
+    header.writeUInt32LE(this.blockSize, 12);
+    header.writeBigUInt64LE(BigInt(this.size), 16);
+    header.writeBigUInt64LE(BigInt(runs.length), 24);
+    const body = Buffer.alloc(16 * runs.length);
+    runs.forEach((iv, i) => { body.writeBigUInt64LE(BigInt(iv.start), 16 * i); body.writeBigUInt64LE(BigInt(iv.count), 16 * i + 8); });
+    const trailer = Buffer.alloc(8);
+    trailer.writeBigUInt64LE(new TreeChecksum().update(header).update(body).digest());
+    writeFileAtomic(file, [header, body, trailer], WHAT, 0o600);
+  }
+
+  /** The journal at file, or undefined when there is none. A damaged one throws a FormatError. */
+  static load(file: string): Journal | undefined {
+    let b: Buffer;
+    try {
+      b = readFileSync(file);
+    } catch {
+      return undefined;
+    }
+    if (b.length < HEADER + 8) throw new FormatError(ErrorCode.TRUNCATED, WHAT, 'shorter than its header');
+    if (!MAGIC.equals(b.subarray(0, 8))) throw new FormatError(ErrorCode.BAD_MAGIC, WHAT, 'bad magic');
+    if (b.readUInt32LE(8) !== VERSION) throw new FormatError(ErrorCode.UNSUPPORTED_VERSION, WHAT, `version ${b.readUInt32LE(8)}`);
+    const bs = b.readUInt32LE(12);
+    const size = Number(b.readBigUInt64LE(16));
+    const n = b.readBigUInt64LE(24);
+    if (BigInt(b.length) !== BigInt(HEADER + 8) + 16n * n) throw new FormatError(ErrorCode.CORRUPT, WHAT, 'length does not match its header');
+    if (new TreeChecksum().update(b.subarray(0, b.length - 8)).digest() !== b.readBigUInt64LE(b.length - 8)) {
+      throw new FormatError(ErrorCode.CHECKSUM_MISMATCH, WHAT, 'checksum mismatch');
+    }
+    const blocks = Math.ceil(size / bs);
+    const written = new IntervalSet();
+    let prevEnd = -1;
+    for (let i = 0; i < Number(n); i++) {
+      const iv: Interval = { start: Number(b.readBigUInt64LE(HEADER + 16 * i)), count: Number(b.readBigUInt64LE(HEADER + 16 * i + 8)) };
+      if (iv.count <= 0 || iv.start <= prevEnd || iv.start + iv.count > blocks) throw new FormatError(ErrorCode.CORRUPT, WHAT, `interval ${iv.start}+${iv.count} out of order or outside the image`);
+      prevEnd = iv.start + iv.count;
+      written.add(iv.start, iv.count);
+    }
+    return new Journal(size, bs, written);
+  }
+}

@@ -1,0 +1,330 @@
+// One migration into one image: a table from message type to handler, each
+// handler checking the message against the session's phase and the image.
+// State is kept as intervals (what holds checked data, what the source said
+// is data), so memory follows the data received, never the declared size.
+import { rmSync } from 'node:fs';
+import { Engine } from '../../engine/engine.js';
+import { ErrorCode, ProtocolError } from '../../errors.js';
+import { IntervalSet, blockCount, blockLength, intervalBytes, type Interval } from '../../blocks/intervals.js';
+import type { Channel } from '../../protocol/channel.js';
+import { Msg, type Frame } from '../../protocol/frame.js';
+import {
+  BEGIN_OK, BLOCK_INFO, BLOCKS, COPY, DONE, INFO_END, NEED, ROUND, SYNC_OK, VERIFY, VERIFY_RESULT, ZERO,
+  decode, type BlockInfo, type Done, type VerifyExtent,
+} from '../../protocol/messages.js';
+import type { ImageSink } from '../../image/sink.js';
+import type { FillSource } from '../fills.js';
+import { Journal } from './journal.js';
+
+/**
+ * When the journal is saved during a transfer: a second after the last save
+ * once JOURNAL_MIN_BYTES are new, or after JOURNAL_MAX_BYTES. Each save
+ * fsyncs the image first, which stalls writing; a killed destination loses
+ * about a second of work.
+ */
+const JOURNAL_INTERVAL_MS = 1000;
+const JOURNAL_MIN_BYTES = 4 << 20;
+const JOURNAL_MAX_BYTES = 64 << 20;
+/** Bytes read per step when re-checking kept blocks or verifying: bounded work per await. */
+const READ_BYTES = 1 << 20;
+/** Largest data extent a VERIFY may name (the work one entry costs). */
+export const MAX_VERIFY_EXTENT_BYTES = 16 << 20;
+
+export interface SessionStats {
+  name: string;
+  neighbourBlocks: number;
+  resumedBlocks: number;
+  receivedBlocks: number;
+  copiedBlocks: number;
+  zeroedBlocks: number;
+}
+
+export interface SessionInit {
+  name: string;
+  size: number;
+  blockSize: number;
+  sink: ImageSink;
+  journal: Journal;
+  journalFile: string;
+  /** True when the journal (and the partial image) come from an earlier attempt. */
+  resumed: boolean;
+  fills: FillSource[];
+}
+
+type Phase = 'info' | 'transfer';
+
+export class Session {
+  readonly stats: SessionStats;
+  private readonly engine = new Engine({ initialBytes: 4 << 20 });
+  private readonly bs: number;
+  private readonly size: number;
+  private readonly blocks: number;
+  private readonly sink: ImageSink;
+  private readonly journal: Journal;
+  /** Blocks holding data that was checked (received, filled, copied or kept): the journal's content. */
+  private readonly written: IntervalSet;
+  /** Blocks the source says hold data (BLOCK_INFO, then BLOCKS, COPY and ZERO as they come). */
+  private readonly expected = new IntervalSet();
+  private phase: Phase = 'info';
+  /** End of the last BLOCK_INFO run: runs come in increasing order. */
+  private infoEnd = 0;
+  private sinceSave = 0;
+  private savedAt = performance.now();
+  private readonly handlers: Partial<Record<number, (f: Frame) => Promise<void>>>;
+
+  constructor(private readonly ch: Channel, private readonly init: SessionInit) {
+    this.bs = init.blockSize;
+    this.size = init.size;
+    this.blocks = blockCount(init.size, init.blockSize);
+    this.sink = init.sink;
+    this.journal = init.journal;
+    this.written = init.journal.written;
+    this.stats = { name: init.name, neighbourBlocks: 0, resumedBlocks: 0, receivedBlocks: 0, copiedBlocks: 0, zeroedBlocks: 0 };
+    this.handlers = {
+      [Msg.BLOCK_INFO]: (f) => this.blockInfo(decode(BLOCK_INFO, f.payload)),
+      [Msg.INFO_END]: (f) => this.infoDone(decode(INFO_END, f.payload)),
+      [Msg.BLOCKS]: (f) => this.blocksFrame(f),
+      [Msg.COPY]: (f) => this.copies(f),
+      [Msg.ZERO]: (f) => this.zeros(f),
+      [Msg.ROUND]: async (f) => { decode(ROUND, f.payload); },
+      [Msg.SYNC]: async (f) => { await this.saveJournal(); await this.ch.reply(f, SYNC_OK, undefined); },
+      [Msg.VERIFY]: async (f) => this.ch.reply(f, VERIFY_RESULT, await this.verify(decode(VERIFY, f.payload))),
+    };
+  }
+
+  /** Runs the session to COMMIT; resolves with its stats once the image is in place. */
+  async run(): Promise<SessionStats> {
+    try {
+      await this.ch.send(BEGIN_OK, { resumed: this.init.resumed, keptBlocks: this.written.size });
+      for (;;) {
+        const f = await this.ch.next();
+        if (f.type === Msg.COMMIT) {
+          await this.commit();
+          await this.ch.reply(f, DONE, this.done());
+          this.ch.close();
+          return this.stats;
+        }
+        const h = this.handlers[f.type];
+        if (!h) throw new ProtocolError(ErrorCode.PROTOCOL, `unexpected message type ${f.type} during a migration`);
+        await h(f);
+      }
+    } catch (e) {
+      // Keep what was checked: a migration run again resumes from it.
+      try { await this.saveJournal(); } catch { /* the disk may be the problem */ }
+      throw e;
+    } finally {
+      await this.sink.close();
+      for (const fs of this.init.fills) fs.close();
+    }
+  }
+
+  private done(): Done {
+    const s = this.stats;
+    return { neighbour: s.neighbourBlocks, resumed: s.resumedBlocks, received: s.receivedBlocks, copied: s.copiedBlocks, zeroed: s.zeroedBlocks };
+  }
+
+  private inImage(start: number, count: number, what: string): void {
+    if (!(count > 0) || start + count > this.blocks) throw new ProtocolError(ErrorCode.PROTOCOL, `${what} ${start}+${count} outside the image's ${this.blocks} blocks`);
+  }
+
+  private async saveJournal(): Promise<void> {
+    await this.sink.flush();
+    this.journal.save(this.init.journalFile);
+    this.sinceSave = 0;
+    this.savedAt = performance.now();
+  }
+
+  private async maybeSaveJournal(): Promise<void> {
+    const due = this.sinceSave >= JOURNAL_MAX_BYTES || (this.sinceSave >= JOURNAL_MIN_BYTES && performance.now() - this.savedAt >= JOURNAL_INTERVAL_MS);
+    if (due) await this.saveJournal();
+  }
+
+  /** Blocks [start, start + count) must read as zeros: forget them, punch what the file holds there. */
+  private async zeroRange(start: number, count: number): Promise<void> {
+    const off = start * this.bs;
+    const len = intervalBytes(this.size, this.bs, start, count);
+    for (const x of this.sink.extents(off, len)) await this.sink.zero(x.offset, x.length);
+    this.written.delete(start, count);
+  }
+
+  /**
+   * Phase 1: one run of non-zero blocks. A resumed attempt keeps the blocks
+   * it holds whose bytes still have the source's fingerprint (it reads them:
+   * the journal stores no fingerprints); blocks in the gap before the run
+   * are zero at the source, so anything there is punched out. The rest is
+   * offered to the fill sources, and what they cannot fill is asked for.
+   */
+  private async blockInfo(m: BlockInfo): Promise<void> {
+    if (this.phase !== 'info') throw new ProtocolError(ErrorCode.PROTOCOL, 'BLOCK_INFO after INFO_END');
+    this.inImage(m.start, m.count, 'BLOCK_INFO');
+    if (m.start < this.infoEnd) throw new ProtocolError(ErrorCode.PROTOCOL, `BLOCK_INFO ${m.start} overlaps or precedes the previous run (ending at ${this.infoEnd})`);
+    if (this.init.resumed && m.start > this.infoEnd) await this.zeroRange(this.infoEnd, m.start - this.infoEnd);
+    this.infoEnd = m.start + m.count;
+    const missing = new IntervalSet();
+    missing.add(m.start, m.count);
+    if (this.init.resumed) {
+      for (const iv of [...this.written.within(m.start, m.count)]) {
+        const kept = await this.keep(iv, m);
+        for (const k of kept) { missing.delete(k.start, k.count); this.stats.resumedBlocks += k.count; }
+      }
+      // Blocks that were written but no longer match are not "written" any more.
+      for (const iv of [...missing]) this.written.delete(iv.start, iv.count);
+    }
+    for (const fs of this.init.fills) {
+      if (missing.runs === 0) break;
+      const filled = await fs.fill({ start: m.start, fingerprints: m.fingerprints, signatures: m.signatures, missing: [...missing] }, this.fillContext());
+      for (const iv of filled) {
+        missing.delete(iv.start, iv.count);
+        this.written.add(iv.start, iv.count);
+        this.stats.neighbourBlocks += iv.count;
+        this.sinceSave += iv.count * this.bs;
+      }
+    }
+    this.expected.add(m.start, m.count);
+    await this.ch.send(NEED, { start: m.start, count: m.count, last: false, missing: [...missing] });
+    await this.maybeSaveJournal();
+  }
+
+  private fillContext() {
+    return { sink: this.sink, size: this.size, blockSize: this.bs, engine: this.engine };
+  }
+
+  /** The blocks of iv (held from an earlier attempt) whose bytes have the fingerprints of m. */
+  private async keep(iv: Interval, m: BlockInfo): Promise<Interval[]> {
+    const kept: Interval[] = [];
+    const per = Math.max(1, Math.floor(READ_BYTES / this.bs));
+    const buf = Buffer.allocUnsafe(per * this.bs);
+    for (let s = iv.start; s < iv.start + iv.count; s += per) {
+      const n = Math.min(per, iv.start + iv.count - s);
+      const len = intervalBytes(this.size, this.bs, s, n);
+      await this.sink.read(buf, s * this.bs, len);
+      const got = this.engine.fingerprints(buf.subarray(0, len), this.bs);
+      for (let i = 0; i < n; i++) {
+        const k = s + i - m.start;
+        if (got.fingerprints[i] === m.fingerprints[k] && got.signatures[i] === m.signatures[k]) {
+          const last = kept[kept.length - 1];
+          if (last && last.start + last.count === s + i) last.count++;
+          else kept.push({ start: s + i, count: 1 });
+        }
+      }
+    }
+    return kept;
+  }
+
+  private async infoDone(_: void): Promise<void> {
+    if (this.phase !== 'info') throw new ProtocolError(ErrorCode.PROTOCOL, 'a second INFO_END');
+    if (this.init.resumed && this.infoEnd < this.blocks) await this.zeroRange(this.infoEnd, this.blocks - this.infoEnd);
+    this.phase = 'transfer';
+    await this.saveJournal();
+    await this.ch.send(NEED, { start: 0, count: 0, last: true, missing: [] });
+  }
+
+  /**
+   * BLOCKS: every block is checked against its fingerprint before anything
+   * of the frame is written; the frame is fingerprinted in one kernel call
+   * and each run written with one write.
+   */
+  private async blocksFrame(f: Frame): Promise<void> {
+    const m = decode(BLOCKS, f.payload);
+    let bytes = 0;
+    const n = m.fingerprints.length;
+    let seen = 0;
+    for (const iv of m.runs) {
+      this.inImage(iv.start, iv.count, 'BLOCKS');
+      if (this.phase === 'info' && !this.expected.covers(iv.start, iv.count)) throw new ProtocolError(ErrorCode.PROTOCOL, `BLOCKS ${iv.start}+${iv.count} before its BLOCK_INFO`);
+      seen += iv.count;
+      const len = intervalBytes(this.size, this.bs, iv.start, iv.count);
+      if (len < iv.count * this.bs && seen !== n) throw new ProtocolError(ErrorCode.PROTOCOL, 'a short block must come last in a BLOCKS frame');
+      bytes += len;
+    }
+    if (m.data.length !== bytes) throw new ProtocolError(ErrorCode.PROTOCOL, `BLOCKS: ${m.data.length} bytes of data for ${n} blocks (${bytes} expected)`);
+    const got = this.engine.fingerprints(m.data, this.bs);
+    for (let i = 0; i < n; i++) {
+      if (got.fingerprints[i] !== m.fingerprints[i]) throw new ProtocolError(ErrorCode.PROTOCOL, `block ${i} of a BLOCKS frame does not match its fingerprint: corrupted in transit`);
+    }
+    let at = 0;
+    for (const iv of m.runs) {
+      const len = intervalBytes(this.size, this.bs, iv.start, iv.count);
+      await this.sink.write(iv.start * this.bs, m.data.subarray(at, at + len));
+      at += len;
+      this.written.add(iv.start, iv.count);
+      this.expected.add(iv.start, iv.count);
+    }
+    this.stats.receivedBlocks += n;
+    this.sinceSave += bytes;
+    await this.maybeSaveJournal();
+  }
+
+  /** COPY: dst ← src, where src holds content this migration put there; checked against the fingerprint after the read. */
+  private async copies(f: Frame): Promise<void> {
+    const list = decode(COPY, f.payload);
+    const buf = Buffer.allocUnsafe(this.bs);
+    for (const c of list) {
+      this.inImage(c.dst, 1, 'COPY destination');
+      this.inImage(c.src, 1, 'COPY source');
+      if (this.phase === 'info' && !this.expected.has(c.dst)) throw new ProtocolError(ErrorCode.PROTOCOL, `COPY into ${c.dst} before its BLOCK_INFO`);
+      const len = blockLength(this.size, this.bs, c.dst);
+      let ok = this.written.has(c.src) && blockLength(this.size, this.bs, c.src) === len;
+      if (ok) {
+        await this.sink.read(buf, c.src * this.bs, len);
+        ok = this.engine.fingerprints(buf.subarray(0, len), this.bs).fingerprints[0] === c.fingerprint;
+      }
+      if (!ok) {
+        // Not what the source believes is here: leave the block unchecked; the end-to-end check finds it.
+        this.written.delete(c.dst, 1);
+        continue;
+      }
+      await this.sink.write(c.dst * this.bs, buf.subarray(0, len));
+      this.written.add(c.dst, 1);
+      this.expected.add(c.dst, 1);
+      this.stats.copiedBlocks++;
+    }
+    this.sinceSave += list.length * this.bs;
+    await this.maybeSaveJournal();
+  }
+
+  private async zeros(f: Frame): Promise<void> {
+    for (const iv of decode(ZERO, f.payload)) {
+      this.inImage(iv.start, iv.count, 'ZERO');
+      await this.zeroRange(iv.start, iv.count);
+      this.expected.delete(iv.start, iv.count);
+      this.stats.zeroedBlocks += iv.count;
+    }
+  }
+
+  /**
+   * VERIFY: a zero extent passes when this side holds no data there (its
+   * own record, no read); a data extent when the SHA-1 of its bytes, read
+   * through the thread pool in bounded slices, matches.
+   */
+  private async verify(list: VerifyExtent[]): Promise<number[]> {
+    const bad: number[] = [];
+    for (let i = 0; i < list.length; i++) {
+      const x = list[i]!;
+      this.inImage(x.start, x.count, 'VERIFY extent');
+      if (!x.digest) {
+        if (this.written.intersects(x.start, x.count)) bad.push(i);
+        continue;
+      }
+      const len = intervalBytes(this.size, this.bs, x.start, x.count);
+      if (len > MAX_VERIFY_EXTENT_BYTES) throw new ProtocolError(ErrorCode.PROTOCOL, `VERIFY extent of ${len} bytes (at most ${MAX_VERIFY_EXTENT_BYTES})`);
+      if (!this.written.covers(x.start, x.count)) { bad.push(i); continue; }
+      const buf = Buffer.allocUnsafe(len);
+      await this.sink.read(buf, x.start * this.bs, len);
+      if (!Buffer.from(this.engine.sha1(buf)).equals(x.digest)) bad.push(i);
+    }
+    return bad;
+  }
+
+  /** COMMIT: only an image whose every data block is accounted for. */
+  private async commit(): Promise<void> {
+    if (this.phase !== 'transfer') throw new ProtocolError(ErrorCode.PROTOCOL, 'COMMIT before INFO_END');
+    for (const iv of this.expected) {
+      if (!this.written.covers(iv.start, iv.count)) {
+        throw new ProtocolError(ErrorCode.PROTOCOL, `COMMIT of an incomplete image: blocks from ${iv.start} were announced and never received`);
+      }
+    }
+    await this.sink.commit();
+    rmSync(this.init.journalFile, { force: true });
+  }
+}

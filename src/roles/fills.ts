@@ -1,0 +1,137 @@
+// Where a destination finds blocks before asking the source for them. Each
+// fill source is one entry of FILL_SOURCES, named on the wire by a bit of
+// BEGIN's fills mask: neighbour images now; backup servers, base-image
+// repositories and intermediaries are further entries.
+import type { Engine } from '../engine/engine.js';
+import { FileImageSource } from '../image/source.js';
+import type { ImageSink } from '../image/sink.js';
+import { IntervalSet, blockLength, type Interval } from '../blocks/intervals.js';
+import { NO_REF, refBlock, refImage } from '../table/table.js';
+import { FILL_NEIGHBOURS } from '../protocol/messages.js';
+import type { Neighbourhood } from '../blockindex/neighbourhood.js';
+
+/** The blocks of one BLOCK_INFO run that are still missing, with the fingerprints the source sent for the whole run. */
+export interface FillRequest {
+  start: number;
+  fingerprints: BigUint64Array;
+  signatures: BigUint64Array;
+  /** Sub-intervals of the run still to fill. */
+  missing: Interval[];
+}
+
+export interface FillContext {
+  sink: ImageSink;
+  size: number;
+  blockSize: number;
+  engine: Engine;
+}
+
+export interface FillSource {
+  readonly name: string;
+  /**
+   * Fills what it can of the missing blocks: each block written is first
+   * checked against the source's fingerprint and signature (a stale index or
+   * a collision never puts a wrong block in place). Returns the blocks filled.
+   */
+  fill(req: FillRequest, ctx: FillContext): Promise<IntervalSet>;
+  close(): void;
+}
+
+/** What a destination offers to fill from, by wire bit. */
+export interface FillProviders {
+  neighbourhood?: Neighbourhood;
+}
+
+export const FILL_SOURCES: ReadonlyArray<{ bit: number; name: string; open(p: FillProviders): FillSource | undefined }> = [
+  { bit: FILL_NEIGHBOURS, name: 'neighbours', open: (p) => (p.neighbourhood ? new NeighbourFills(p.neighbourhood) : undefined) },
+];
+
+/** Bytes read from a neighbour per run: 1 MiB, like the source's batches. */
+const RUN_BYTES = 1 << 20;
+
+interface Hit {
+  block: number;
+  image: number;
+  nb: number;
+  fp: bigint;
+  sig: bigint;
+}
+
+/** Blocks from the neighbour images of the destination's block index. */
+export class NeighbourFills implements FillSource {
+  readonly name = 'neighbours';
+  private readonly sources = new Map<number, FileImageSource | null>();
+
+  constructor(private readonly neighbourhood: Neighbourhood) {}
+
+  private source(id: number): FileImageSource | null {
+    let src = this.sources.get(id);
+    if (src === undefined) {
+      const im = this.neighbourhood.images[id];
+      try {
+        src = im ? new FileImageSource(im.path) : null;
+      } catch {
+        src = null; // the neighbour went away: its blocks are just not there
+      }
+      this.sources.set(id, src);
+    }
+    return src;
+  }
+
+  async fill(req: FillRequest, ctx: FillContext): Promise<IntervalSet> {
+    const filled = new IntervalSet();
+    const n = req.missing.reduce((a, iv) => a + iv.count, 0);
+    if (n === 0) return filled;
+    const fps = new BigUint64Array(n), sigs = new BigUint64Array(n), blocks = new Float64Array(n);
+    let k = 0;
+    for (const iv of req.missing) {
+      for (let b = iv.start; b < iv.start + iv.count; b++, k++) {
+        blocks[k] = b;
+        fps[k] = req.fingerprints[b - req.start]!;
+        sigs[k] = req.signatures[b - req.start]!;
+      }
+    }
+    const refs = this.neighbourhood.lookupColumns(fps, sigs);
+    const hits: Hit[] = [];
+    for (let i = 0; i < n; i++) {
+      if (refs[i] !== NO_REF) hits.push({ block: blocks[i]!, image: refImage(refs[i]!), nb: refBlock(refs[i]!), fp: fps[i]!, sig: sigs[i]! });
+    }
+    const bs = ctx.blockSize;
+    const len = (b: number) => blockLength(ctx.size, bs, b);
+    const maxRun = Math.max(1, Math.floor(RUN_BYTES / bs));
+    // Runs of consecutive blocks that map to consecutive blocks of one neighbour: one read, one fingerprint call, one write.
+    for (let i = 0; i < hits.length; ) {
+      const h0 = hits[i]!;
+      let j = i + 1;
+      while (j < hits.length && j - i < maxRun && hits[j]!.block === h0.block + (j - i) && hits[j]!.image === h0.image && hits[j]!.nb === h0.nb + (j - i)) j++;
+      const run = hits.slice(i, j);
+      i = j;
+      const src = this.source(h0.image);
+      const bytes = run.reduce((a, h) => a + len(h.block), 0);
+      // A short block (the image's last) only matches a short block of the same length, last in its run.
+      if (!src || h0.nb * bs + bytes > src.size || run.some((h, x) => x < run.length - 1 && len(h.block) < bs)) continue;
+      const buf = Buffer.allocUnsafe(bytes);
+      try {
+        src.readInto(buf, h0.nb * bs, bytes);
+      } catch {
+        continue;
+      }
+      const got = ctx.engine.fingerprints(buf, bs);
+      // Write maximal sub-runs of blocks that check out.
+      for (let x = 0; x < run.length; ) {
+        if (got.fingerprints[x] !== run[x]!.fp || got.signatures[x] !== run[x]!.sig) { x++; continue; }
+        let y = x + 1;
+        while (y < run.length && got.fingerprints[y] === run[y]!.fp && got.signatures[y] === run[y]!.sig) y++;
+        await ctx.sink.write(run[x]!.block * bs, buf.subarray(x * bs, Math.min(bytes, y * bs)));
+        filled.add(run[x]!.block, y - x);
+        x = y;
+      }
+    }
+    return filled;
+  }
+
+  close(): void {
+    for (const s of this.sources.values()) s?.close();
+    this.sources.clear();
+  }
+}
