@@ -33,9 +33,11 @@ export {
   type ErrorCodeValue,
 } from './errors.js';
 export { ImageError } from './errors.js';
-export { FileImageSource, statImage, currentIdentity, type ImageSource, type Extent, type ImageIdentity } from './image/source.js';
+export { FileImageSource, openSource, statImage, currentIdentity, type ImageSource, type SourceSpec, type Extent, type ImageIdentity } from './image/source.js';
 export { Scanner, blockMapsFor, DEFAULT_RANGE, type ScanOptions, type ScannerOptions, type ScanProgress, type MapOptions, type MapResult } from './scan/scanner.js';
-export { BlockMap, blockMapPath, type BlockMapStats } from './blockmap/blockmap.js';
+export { BlockMap, blockMapPath, checkDataRuns, BLOCKMAP_VERSION, type BlockMapStats, type DataRun } from './blockmap/blockmap.js';
+export { FileFormat, TRAILER_BYTES } from './io/format.js';
+export { blockLength, intervalBytes, consecutiveRuns, split, IntervalSet, type Interval } from './blocks/intervals.js';
 export { TreeChecksum, treeChecksum, CHECKSUM_PIECE } from './engine/checksum.js';
 export { similarityMatrix, type SimilarityMatrix, type SimilarityImage } from './similarity/similarity.js';
 export { Neighbourhood, type NeighbourImage, type BlockLocation } from './blockindex/neighbourhood.js';

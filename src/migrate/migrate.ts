@@ -183,7 +183,7 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
       wire: { sent: { ...sent }, received: { ...received }, total },
       blocks: {
         total: map!.count,
-        zero: map!.count - map!.nonZeroBlocks().length,
+        zero: map!.count - map!.dataBlocks,
         filledFromNeighbours: dest.neighbour,
         resumed: dest.resumed,
         sent: m.sentBlocks,
@@ -202,6 +202,8 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
 
 /** The per-migration state: what the destination holds, block by block. */
 class Migration {
+  /** scan-v2 shim: the dense per-block columns this class was written for (see denseColumns). */
+  private readonly dense: DenseColumns;
   /** What the destination holds (as far as this side knows): zero flag, fingerprint, signature. */
   private readonly atZero: Uint8Array;
   private readonly atFp: BigUint64Array;
@@ -229,9 +231,10 @@ class Migration {
     private readonly bs: number,
     private readonly ev: (phase: string, detail?: unknown) => void,
   ) {
-    this.atZero = Uint8Array.from(map.zero);
-    this.atFp = BigUint64Array.from(map.fingerprints);
-    this.atSig = BigUint64Array.from(map.signatures);
+    this.dense = denseColumns(map); // scan-v2 shim
+    this.atZero = Uint8Array.from(this.dense.zero);
+    this.atFp = BigUint64Array.from(this.dense.fingerprints);
+    this.atSig = BigUint64Array.from(this.dense.signatures);
     this.everSent = new Uint8Array(map.count);
   }
 
@@ -246,16 +249,16 @@ class Migration {
       const count = Math.min(INFO_BATCH, n - first);
       // first u64 | count u32 | zero flag per block | (fp u64, sig u64) per non-zero block
       let nonZero = 0;
-      for (let i = first; i < first + count; i++) if (!this.map.zero[i]) nonZero++;
+      for (let i = first; i < first + count; i++) if (!this.dense.zero[i]) nonZero++;
       const payload = Buffer.alloc(12 + count + 16 * nonZero);
       payload.writeBigUInt64LE(BigInt(first), 0);
       payload.writeUInt32LE(count, 8);
-      payload.set(this.map.zero.subarray(first, first + count), 12);
+      payload.set(this.dense.zero.subarray(first, first + count), 12);
       let at = 12 + count;
       for (let i = first; i < first + count; i++) {
-        if (this.map.zero[i]) continue;
-        payload.writeBigUInt64LE(this.map.fingerprints[i]!, at);
-        payload.writeBigUInt64LE(this.map.signatures[i]!, at + 8);
+        if (this.dense.zero[i]) continue;
+        payload.writeBigUInt64LE(this.dense.fingerprints[i]!, at);
+        payload.writeBigUInt64LE(this.dense.signatures[i]!, at + 8);
         at += 16;
       }
       await this.ch.send(Msg.BLOCK_INFO, payload);
@@ -278,8 +281,8 @@ class Migration {
     // Everything non-zero the destination did not ask for, it holds.
     const entries: bigint[] = [];
     for (let b = 0; b < n; b++) {
-      if (this.map.zero[b] || needSet[b]) continue;
-      entries.push(this.map.fingerprints[b]!, this.map.signatures[b]!, makeRef(0, b));
+      if (this.dense.zero[b] || needSet[b]) continue;
+      entries.push(this.dense.fingerprints[b]!, this.dense.signatures[b]!, makeRef(0, b));
       if (entries.length >= 3 * 65536) { this.held.insertMany(BigUint64Array.from(entries)); entries.length = 0; }
     }
     if (entries.length) this.held.insertMany(BigUint64Array.from(entries));
@@ -363,9 +366,10 @@ class Migration {
   }
 
   /** Blocks whose content changed since the destination got them (rescan rounds). */
-  rescanDirty(now: BlockMap): number[] {
+  rescanDirty(map: BlockMap): number[] {
     const out: number[] = [];
-    for (let b = 0; b < now.count; b++) {
+    const now = denseColumns(map); // scan-v2 shim
+    for (let b = 0; b < map.count; b++) {
       const z = now.zero[b]!;
       if (z !== this.atZero[b] || (!z && (now.fingerprints[b] !== this.atFp[b] || now.signatures[b] !== this.atSig[b]))) out.push(b);
     }
@@ -451,6 +455,26 @@ class Migration {
     return out;
   }
 }
+
+// --- scan-v2 shim (TEMPORARY: goes when migrate.ts is rewritten on the compact map) ---
+interface DenseColumns {
+  zero: Uint8Array;
+  fingerprints: BigUint64Array;
+  signatures: BigUint64Array;
+}
+
+/** The dense per-block columns of the v1 block map, built from the compact one (zero blocks: flag 1, fp and sig 0). */
+function denseColumns(map: BlockMap): DenseColumns {
+  const zero = new Uint8Array(map.count).fill(1);
+  const fingerprints = new BigUint64Array(map.count), signatures = new BigUint64Array(map.count);
+  for (const run of map.runs()) {
+    zero.fill(0, run.start, run.start + run.count);
+    fingerprints.set(map.fingerprints.subarray(run.index, run.index + run.count), run.start);
+    signatures.set(map.signatures.subarray(run.index, run.index + run.count), run.start);
+  }
+  return { zero, fingerprints, signatures };
+}
+// --- end of scan-v2 shim ---
 
 function u64le(v: bigint): Buffer {
   const b = Buffer.alloc(8);
