@@ -33,9 +33,11 @@ export {
   type ErrorCodeValue,
 } from './errors.js';
 export { ImageError } from './errors.js';
-export { FileImageSource, statImage, currentIdentity, type ImageSource, type Extent, type ImageIdentity } from './image/source.js';
+export { FileImageSource, openSource, statImage, currentIdentity, type ImageSource, type SourceSpec, type Extent, type ImageIdentity } from './image/source.js';
 export { Scanner, blockMapsFor, DEFAULT_RANGE, type ScanOptions, type ScannerOptions, type ScanProgress, type MapOptions, type MapResult } from './scan/scanner.js';
-export { BlockMap, blockMapPath, type BlockMapStats } from './blockmap/blockmap.js';
+export { BlockMap, blockMapPath, checkDataRuns, BLOCKMAP_VERSION, type BlockMapStats, type DataRun } from './blockmap/blockmap.js';
+export { FileFormat, TRAILER_BYTES } from './io/format.js';
+export { blockLength, intervalBytes, consecutiveRuns, split, IntervalSet, type Interval } from './blocks/intervals.js';
 export { TreeChecksum, treeChecksum, CHECKSUM_PIECE } from './engine/checksum.js';
 export { similarityMatrix, type SimilarityMatrix, type SimilarityImage } from './similarity/similarity.js';
 export { Neighbourhood, type NeighbourImage, type BlockLocation } from './blockindex/neighbourhood.js';
@@ -44,7 +46,6 @@ export { migrate, type MigrateOptions, type MigrationResult, type Strategy } fro
 export { STRATEGIES } from './migrate/strategies.js';
 export type { Strategy as MigrationStrategy, MigrationContext, StrategyOutcome, MigrationEvent, LiveOptions } from './migrate/strategy.js';
 export { FileImageSink, type ImageSink } from './image/sink.js';
-export { IntervalSet, blockLength, consecutiveRuns, type Interval } from './blocks/intervals.js';
 export { PROTOCOL_VERSION } from './protocol/messages.js';
 export type { CompressMode } from './protocol/compression.js';
 export { TrackedImage } from './image/tracked.js';

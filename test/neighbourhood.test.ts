@@ -17,7 +17,7 @@ after(() => rmSync(dir, { recursive: true, force: true }));
 
 const identity = { size: 4 * 4096, mtimeNs: '1', ino: 1, dev: 1 };
 function fakeMap(path: string, fps: bigint[], sigs: bigint[]): BlockMap {
-  return new BlockMap(path, identity, 4096, new Uint8Array(fps.length), BigUint64Array.from(fps), BigUint64Array.from(sigs), undefined);
+  return new BlockMap(path, identity, 4096, Float64Array.of(0, fps.length), BigUint64Array.from(fps), BigUint64Array.from(sigs), undefined);
 }
 
 describe('neighbourhood index', () => {

@@ -33,15 +33,20 @@ describe('scan', () => {
     const p = image('known.img', [block(1), block(2), zeros(), block(1), block(3), zeros(2), block(2), seededBytes(9, 100)]);
     const [m] = await scanner.scan(p, { blockSize: BS, sha1: true });
     assert.equal(m!.count, 9);
-    assert.deepEqual([...m!.zero], [0, 0, 1, 0, 0, 1, 1, 0, 0]);
+    assert.deepEqual([...m!.dataRuns], [0, 2, 3, 2, 7, 2]);
+    assert.deepEqual([...m!.nonZeroBlocks()], [0, 1, 3, 4, 7, 8]);
+    assert.deepEqual([0, 1, 2, 3, 4, 5, 6, 7, 8].map((b) => m!.indexOf(b)), [0, 1, -1, 2, 3, -1, -1, 4, 5]);
+    assert.equal(m!.dataBlocks, 6);
+    assert.equal(m!.runCount, 3);
     assert.deepEqual(m!.stats(), { blocks: 9, zeroBlocks: 3, nonZeroBlocks: 6, distinctBlocks: 4, duplicateBlocks: 2 });
     assert.equal(m!.blockLength(8), 100);
     const data = readFileSync(p);
     for (let i = 0; i < 9; i++) {
-      if (m!.zero[i]) { assert.equal(m!.fingerprints[i], 0n); continue; }
+      const k = m!.indexOf(i);
+      if (m!.isZero(i)) { assert.equal(m!.digest(i), undefined); continue; }
       const b = data.subarray(i * BS, Math.min(data.length, (i + 1) * BS));
-      assert.equal(m!.fingerprints[i], BigInt('0x' + (await xxhash3(b))), `fingerprint ${i}`);
-      assert.equal(m!.signatures[i], b.readBigUInt64LE(8));
+      assert.equal(m!.fingerprints[k], BigInt('0x' + (await xxhash3(b))), `fingerprint ${i}`);
+      assert.equal(m!.signatures[k], b.readBigUInt64LE(8));
       assert.deepEqual(Buffer.from(m!.digest(i)!), createHash('sha1').update(b).digest());
     }
   });
@@ -50,7 +55,7 @@ describe('scan', () => {
     const z = zeros(3);
     z[2 * BS - 1] = 1;
     const [m] = await scanner.scan(image('lastbyte.img', [z]), { blockSize: BS });
-    assert.deepEqual([...m!.zero], [1, 0, 1]);
+    assert.deepEqual([...m!.dataRuns], [1, 1]);
   });
 
   it('scans all-zero and hole-only images as all zero blocks', async () => {
@@ -75,7 +80,7 @@ describe('scan', () => {
       const a = await one.scan(p, { blockSize: [512, 4096, 65536], sha1: true, rangeBytes: 4 << 20 });
       const b = await scanner.scan(p, { blockSize: [512, 4096, 65536], sha1: true });
       for (let k = 0; k < 3; k++) {
-        assert.deepEqual(a[k]!.zero, b[k]!.zero);
+        assert.deepEqual(a[k]!.dataRuns, b[k]!.dataRuns);
         assert.deepEqual(a[k]!.fingerprints, b[k]!.fingerprints);
         assert.deepEqual(a[k]!.signatures, b[k]!.signatures);
         assert.deepEqual(a[k]!.digests, b[k]!.digests);
@@ -103,8 +108,9 @@ describe('scan', () => {
     const nz = [...m!.nonZeroBlocks()];
     const k = (4 * 2 ** 30) / BS;
     assert.deepEqual(nz, [0, k - 1, k, k + 1, m!.count - 1]);
-    assert.equal(m!.fingerprints[k]!, BigInt('0x' + (await xxhash3(d2.subarray(BS, 2 * BS)))));
-    assert.equal(m!.fingerprints[m!.count - 1]!, BigInt('0x' + (await xxhash3(d3))));
+    assert.deepEqual([...m!.dataRuns], [0, 1, k - 1, 3, m!.count - 1, 1]);
+    assert.equal(m!.fingerprints[m!.indexOf(k)]!, BigInt('0x' + (await xxhash3(d2.subarray(BS, 2 * BS)))));
+    assert.equal(m!.fingerprints[4]!, BigInt('0x' + (await xxhash3(d3))));
   });
 
   it('rejects missing files, directories and bad block sizes with stable codes', async () => {
@@ -141,11 +147,12 @@ describe('block maps on disk', () => {
     await blockMapsFor(scanner, p, { blockSize: BS });
     const file = blockMapPath(p, BS);
     const good = readFileSync(file);
+    const FP_AT = 80 + 16 * good.readUInt32LE(64); // after the header and the one data run
     const cases: Array<[string, Buffer, string]> = [
       ['truncated', good.subarray(0, good.length - 5), ErrorCode.TRUNCATED],
       ['short header', good.subarray(0, 20), ErrorCode.TRUNCATED],
       ['bad magic', Buffer.concat([Buffer.from('XXXXXXXX'), good.subarray(8)]), ErrorCode.BAD_MAGIC],
-      ['flipped fingerprint bit', Buffer.from(good).fill(0x55, 64 + 8, 64 + 9), ErrorCode.CHECKSUM_MISMATCH],
+      ['flipped fingerprint bit', Buffer.from(good).fill(0x55, FP_AT, FP_AT + 1), ErrorCode.CHECKSUM_MISMATCH],
       ['extra bytes', Buffer.concat([good, Buffer.alloc(8)]), ErrorCode.CORRUPT],
     ];
     const version = Buffer.from(good); version.writeUInt32LE(9, 8);

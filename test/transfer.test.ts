@@ -13,6 +13,7 @@ import { TrackedImage } from '../src/image/tracked.js';
 import { Channel } from '../src/protocol/channel.js';
 import { FrameDecoder, Msg, encodeHeader, MAX_PAYLOAD, Writer } from '../src/protocol/frame.js';
 import { clientHandshake } from '../src/protocol/handshake.js';
+import { BEGIN, BEGIN_OK, HELLO } from '../src/protocol/messages.js';
 import { ErrorCode } from '../src/index.js';
 import { seededBytes } from './util.js';
 
@@ -132,8 +133,8 @@ describe('migration over TCP', () => {
     const s = connect(svc.address.port, '127.0.0.1');
     await new Promise((r) => s.once('connect', r));
     const ch = new Channel(s);
-    await ch.send(Msg.HELLO, new Writer().bytes(Buffer.from('BFRY')).u16(99).u16(0).u32(0).bytes(Buffer.alloc(32)).done());
-    await assert.rejects(ch.recv(), { code: ErrorCode.PROTOCOL_VERSION });
+    await ch.send(HELLO, { version: 99, flags: 0, capabilities: 0, nonce: Buffer.alloc(32) });
+    await assert.rejects(ch.next(), { code: ErrorCode.PROTOCOL_VERSION });
     await migrate(path, { to, name: 'd', auth: { key } });
     assert.deepEqual(readFileSync(join(dir, 'dst', 'd.img')), data);
   });
@@ -141,8 +142,10 @@ describe('migration over TCP', () => {
   it('closes connections that send oversized, unknown or malformed frames, and keeps serving', async () => {
     const hostile = [
       encodeHeader(Msg.HELLO, 10).fill(0xff, 0, 4), // declared length past the limit
-      Buffer.from([4, 0, 0, 0, 99, 0, 0, 0, 1, 2, 3, 4]), // unknown type
-      Buffer.from([0, 0, 0, 0, Msg.HELLO, 7, 0, 0]), // reserved bits set
+      Buffer.from([4, 0, 0, 0, 99, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4]), // unknown type
+      Buffer.from([0, 0, 0, 0, Msg.HELLO, 0, 7, 0, 0, 0, 0, 0]), // reserved bits set
+      Buffer.from([0, 0, 0, 0, Msg.HELLO, 0x80, 0, 0, 0, 0, 0, 0]), // unknown flag
+      Buffer.concat([encodeHeader(Msg.HELLO, 1000), Buffer.alloc(1000)]), // far larger than a HELLO: past the handshake limit
       Buffer.concat([encodeHeader(Msg.HELLO, 3), Buffer.from([1, 2, 3])]), // HELLO too short
     ];
     for (const bytes of hostile) {
@@ -156,10 +159,10 @@ describe('migration over TCP', () => {
     await new Promise((r) => s.once('connect', r));
     const ch = new Channel(s);
     await clientHandshake(ch, { key });
-    await ch.send(Msg.BEGIN, new Writer().str('garbage').u64(10 * BS).u32(BS).u8(0).u8(0).done());
-    await ch.recv(Msg.BEGIN_OK);
-    await ch.send(Msg.BLOCKS, new Writer().u32(1).u64(999).u64(0).done());
-    await assert.rejects(ch.recv(), (e: Error & { code?: string }) => e.code === ErrorCode.PROTOCOL || e.code === ErrorCode.CONNECTION);
+    await ch.send(BEGIN, { name: 'garbage', size: 10 * BS, blockSize: BS, flags: 0, fills: 0, strategy: 'full' });
+    await ch.recv(BEGIN_OK);
+    await ch.sendFrame(Msg.BLOCKS, new Writer().u32(1).u64(999).u32(1).u64(0).done());
+    await assert.rejects(ch.next(), (e: Error & { code?: string }) => e.code === ErrorCode.PROTOCOL || e.code === ErrorCode.CONNECTION);
     assert.equal(existsSync(join(dir, 'dst', 'garbage.img')), false);
     const { path, data } = makeSource('e.img');
     await migrate(path, { to, name: 'e', auth: { key } });
@@ -215,7 +218,7 @@ describe('frame decoder', () => {
       const got = [...d.push(all.subarray(0, cut)), ...d.push(all.subarray(cut))];
       assert.deepEqual(got.map((f) => [f.type, f.payload.toString()]), [[Msg.READY, ''], [Msg.SYNC, 'hello']]);
     }
-    const big = Buffer.alloc(8); big.writeUInt32LE(MAX_PAYLOAD + 1, 0); big[4] = Msg.BLOCKS;
+    const big = Buffer.alloc(12); big.writeUInt32LE(MAX_PAYLOAD + 1, 0); big[4] = Msg.BLOCKS;
     assert.throws(() => new FrameDecoder().push(big), { code: ErrorCode.PROTOCOL });
     assert.throws(() => encodeHeader(Msg.BLOCKS, MAX_PAYLOAD + 1), { code: ErrorCode.PROTOCOL });
     const partial = new FrameDecoder();

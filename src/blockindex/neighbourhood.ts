@@ -1,10 +1,8 @@
-import { readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { BlockMap } from '../blockmap/blockmap.js';
-import { writeFileAtomic } from '../io/atomic.js';
-import { TreeChecksum } from '../engine/checksum.js';
+import { FileFormat, TRAILER_BYTES } from '../io/format.js';
 import { checkBlockSize } from '../engine/engine.js';
-import { BlockferryError, ErrorCode, FormatError, InvalidArgumentError } from '../errors.js';
+import { InvalidArgumentError } from '../errors.js';
 import type { ImageIdentity } from '../image/source.js';
 import { BlockIndexTable, MAX_IMAGE_ID, NO_REF, refBlock, refImage } from '../table/table.js';
 
@@ -12,8 +10,7 @@ import { BlockIndexTable, MAX_IMAGE_ID, NO_REF, refBlock, refImage } from '../ta
 export const NEIGHBOURHOOD_MAGIC = Buffer.from('BFNBHOOD', 'latin1');
 export const NEIGHBOURHOOD_VERSION = 1;
 const HEADER = 32;
-const TRAILER = 8;
-const WHAT = 'block index file';
+const FORMAT = new FileFormat('BFNBHOOD', NEIGHBOURHOOD_VERSION, HEADER, 'block index file');
 /** A sane bound for the image list: refuse a header that claims more before parsing it. */
 const MAX_LIST_BYTES = 64 << 20;
 
@@ -60,7 +57,7 @@ export class Neighbourhood {
     const id = this.list.length;
     if (id > MAX_IMAGE_ID) throw new InvalidArgumentError('images', `at most ${MAX_IMAGE_ID + 1} images`, id + 1);
     const before = this.table.size;
-    const own = map.distinctTable(undefined, id);
+    const own = map.distinctTable(id);
     this.table.reserve(own.size);
     this.table.insertMany(own.entries());
     const entry: NeighbourImage = { id, path, identity: map.identity, blocks: map.count, added: this.table.size - before };
@@ -87,52 +84,33 @@ export class Neighbourhood {
   save(file: string): void {
     const list = Buffer.from(JSON.stringify({ images: this.list }), 'utf8');
     const table = this.table.serialize();
-    const header = Buffer.alloc(HEADER);
-    NEIGHBOURHOOD_MAGIC.copy(header, 0);
-    header.writeUInt32LE(NEIGHBOURHOOD_VERSION, 8);
+    const header = FORMAT.header();
     header.writeUInt32LE(this.blockSize, 12);
     header.writeUInt32LE(list.length, 16);
     header.writeBigUInt64LE(BigInt(table.length), 24);
-    const sum = new TreeChecksum().update(header).update(list).update(table).digest();
-    const trailer = Buffer.alloc(TRAILER);
-    trailer.writeBigUInt64LE(sum);
-    writeFileAtomic(file, [header, list, table, trailer], 'block index');
+    FORMAT.write(file, [header, list, table]);
   }
 
   static load(file: string): Neighbourhood {
-    let b: Buffer;
-    try {
-      b = readFileSync(file);
-    } catch (cause) {
-      const code = (cause as NodeJS.ErrnoException).code === 'ENOENT' ? ErrorCode.IMAGE_NOT_FOUND : ErrorCode.IMAGE_UNREADABLE;
-      throw new BlockferryError(code, `cannot read block index ${file}: ${(cause as Error).message}`, { cause });
-    }
-    if (b.length < HEADER + TRAILER) throw new FormatError(ErrorCode.TRUNCATED, WHAT, `${b.length} bytes is shorter than the header`);
-    if (!NEIGHBOURHOOD_MAGIC.equals(b.subarray(0, 8))) throw new FormatError(ErrorCode.BAD_MAGIC, WHAT, 'not a blockferry block index (bad magic)');
-    const version = b.readUInt32LE(8);
-    if (version !== NEIGHBOURHOOD_VERSION) throw new FormatError(ErrorCode.UNSUPPORTED_VERSION, WHAT, `format version ${version}; this build reads ${NEIGHBOURHOOD_VERSION}`);
+    const b = FORMAT.open(FORMAT.read(file));
     const blockSize = b.readUInt32LE(12);
     const listBytes = b.readUInt32LE(16);
     const tableBytes = b.readBigUInt64LE(24);
-    if (listBytes > MAX_LIST_BYTES) throw new FormatError(ErrorCode.CORRUPT, WHAT, `image list of ${listBytes} bytes`);
-    const expected = BigInt(HEADER + listBytes + TRAILER) + tableBytes;
-    if (expected > BigInt(b.length)) throw new FormatError(ErrorCode.TRUNCATED, WHAT, `${b.length} bytes, the header promises ${expected}`);
-    if (expected < BigInt(b.length)) throw new FormatError(ErrorCode.CORRUPT, WHAT, `${BigInt(b.length) - expected} bytes after the declared end`);
-    const end = b.length - TRAILER;
-    if (new TreeChecksum().update(b.subarray(0, end)).digest() !== b.readBigUInt64LE(end)) {
-      throw new FormatError(ErrorCode.CHECKSUM_MISMATCH, WHAT, 'checksum mismatch: the file is damaged');
-    }
+    if (listBytes > MAX_LIST_BYTES) throw FORMAT.corrupt(`image list of ${listBytes} bytes`);
+    FORMAT.checkLength(b, BigInt(HEADER + listBytes + TRAILER_BYTES) + tableBytes);
+    FORMAT.checkChecksum(b);
+    const end = b.length - TRAILER_BYTES;
     let images: NeighbourImage[];
     try {
       images = (JSON.parse(b.subarray(HEADER, HEADER + listBytes).toString('utf8')) as { images: NeighbourImage[] }).images;
       if (!Array.isArray(images) || images.some((im, i) => im.id !== i || typeof im.path !== 'string')) throw new Error('bad image list');
     } catch (cause) {
-      throw new FormatError(ErrorCode.CORRUPT, WHAT, `unreadable image list (${(cause as Error).message})`);
+      throw FORMAT.corrupt(`unreadable image list (${(cause as Error).message})`);
     }
     try {
       checkBlockSize(blockSize);
     } catch {
-      throw new FormatError(ErrorCode.CORRUPT, WHAT, `invalid block size ${blockSize}`);
+      throw FORMAT.corrupt(`invalid block size ${blockSize}`);
     }
     const table = BlockIndexTable.deserialize(b.subarray(HEADER + listBytes, end));
     const n = new Neighbourhood(blockSize, table);

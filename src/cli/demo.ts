@@ -98,7 +98,7 @@ export async function runDemo(o: { dir?: string; progress: ProgressMode }): Prom
     });
     tracked.close();
     const same = readFileSync(clone).equals(readFileSync(join(dir, 'destination', 'clone.img')));
-    const nonZero = maps[1]!.nonZeroBlocks().length * 4096;
+    const nonZero = maps[1]!.dataBlocks * 4096;
     return [
       `blockferry demo: three 96 MiB images in ${o.dir ?? 'a temporary directory'}; base.img and sibling.img already sit at the destination.`,
       '',

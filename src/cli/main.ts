@@ -202,16 +202,16 @@ export function buildProgram(): Command {
       r.maps.map((m) => {
         const s = m.stats();
         return {
-          image: r.path, size: m.imageSize, blockSize: m.blockSize, blocks: s.blocks, zeroBlocks: s.zeroBlocks,
+          image: r.path, size: m.imageSize, blockSize: m.blockSize, blocks: s.blocks, zeroBlocks: s.zeroBlocks, dataRuns: m.runCount,
           distinctBlocks: s.distinctBlocks, duplicateBlocks: s.duplicateBlocks, seconds: +r.seconds.toFixed(3),
           mbPerSecond: r.seconds > 0 ? +(m.imageSize / r.seconds / 1e6).toFixed(1) : null, map: r.source, sha1: !!m.digests,
         };
       }),
     );
     if (o.json) return print(JSON.stringify(rows, null, 2));
-    const t = new Table({ head: ['image', 'size', 'block', 'blocks', 'zero', 'distinct', 'duplicate', 'time', 'MB/s', 'map'], style: { head: [], border: [] } });
+    const t = new Table({ head: ['image', 'size', 'block', 'blocks', 'zero', 'data runs', 'distinct', 'duplicate', 'time', 'MB/s', 'map'], style: { head: [], border: [] } });
     for (const r of rows) {
-      t.push([basename(r.image), human(r.size), r.blockSize, r.blocks, r.zeroBlocks, r.distinctBlocks, r.duplicateBlocks, `${r.seconds.toFixed(2)} s`, r.map === 'loaded' ? '—' : r.mbPerSecond ?? '—', r.map]);
+      t.push([basename(r.image), human(r.size), r.blockSize, r.blocks, r.zeroBlocks, r.dataRuns, r.distinctBlocks, r.duplicateBlocks, `${r.seconds.toFixed(2)} s`, r.map === 'loaded' ? '—' : r.mbPerSecond ?? '—', r.map]);
     }
     print(t.toString());
   });

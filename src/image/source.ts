@@ -177,3 +177,23 @@ export class FileImageSource implements ImageSource {
     this.fd = undefined;
   }
 }
+
+/**
+ * How to open an image, as plain data that crosses to a worker thread. One
+ * kind per source implementation; qcow2 or NBD add a kind here and a line in
+ * OPENERS.
+ */
+export type SourceSpec = { kind: 'file'; path: string };
+
+type Opener<K extends SourceSpec['kind']> = (spec: Extract<SourceSpec, { kind: K }>, native: NativeAddon | null) => ImageSource;
+
+const OPENERS: { [K in SourceSpec['kind']]: Opener<K> } = {
+  file: (spec, native) => new FileImageSource(spec.path, native),
+};
+
+/** Opens the source a spec describes. */
+export function openSource(spec: SourceSpec, native: NativeAddon | null = chooseBackend().native): ImageSource {
+  const open = OPENERS[spec.kind] as Opener<SourceSpec['kind']> | undefined;
+  if (!open) throw new InvalidArgumentError('source', `a source kind (${Object.keys(OPENERS).join(', ')})`, (spec as { kind: unknown }).kind);
+  return open(spec, native);
+}

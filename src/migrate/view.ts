@@ -9,12 +9,16 @@ import type { BlockMap } from '../blockmap/blockmap.js';
 
 /** Content of a block: fingerprint and signature, or null for zeros. */
 export type Content = readonly [bigint, bigint] | null;
+/** Content that matches nothing: the destination's block is not known to hold anything in particular. */
+const UNKNOWN: Content = [-1n, -1n];
 
 export class DestinationView {
   /** Blocks that hold data at the destination (once everything sent has arrived). */
   readonly data: IntervalSet;
   /** Content at the destination where it differs from the block map. */
   private readonly changed = new Map<number, Content>();
+  /** Blocks whose content at the destination is not known (asked for and not yet sent, or to be repaired). */
+  private readonly unknown = new IntervalSet();
   /** Contents the destination holds: (fingerprint, signature) → a block holding it there. */
   private readonly held = new BlockIndexTable();
 
@@ -23,6 +27,7 @@ export class DestinationView {
   }
 
   content(b: number): Content {
+    if (this.unknown.has(b)) return UNKNOWN;
     const c = this.changed.get(b);
     if (c !== undefined) return c;
     const i = this.map.indexOf(b);
@@ -36,6 +41,7 @@ export class DestinationView {
 
   /** Records that block b now holds (fp, sig) at the destination (data sent, copied or kept). */
   set(b: number, fp: bigint, sig: bigint, index = true): void {
+    if (this.unknown.has(b)) this.unknown.delete(b, 1);
     const i = this.map.indexOf(b);
     if (i >= 0 && this.map.fingerprints[i] === fp && this.map.signatures[i] === sig) this.changed.delete(b);
     else this.changed.set(b, [fp, sig]);
@@ -52,11 +58,12 @@ export class DestinationView {
       }
     }
     this.data.delete(start, count);
+    this.unknown.delete(start, count);
   }
 
   /** Forget what we believe about [start, start + count): it will be sent again whatever it holds. */
   forget(start: number, count: number): void {
-    for (let b = start; b < start + count; b++) this.changed.set(b, [-1n, -1n]);
+    this.unknown.add(start, count);
   }
 
   /**
@@ -78,6 +85,7 @@ export class DestinationView {
     }
     flush(at, start + count);
     if (entries.length) this.held.insertMany(BigUint64Array.from(entries));
+    for (const iv of missing) this.unknown.add(iv.start, iv.count);
   }
 
   /** A block at the destination that holds (fp, sig) and has length len, other than b; or -1. */

@@ -1,19 +1,21 @@
 import os from 'node:os';
 import { existsSync } from 'node:fs';
 import { Piscina } from 'piscina';
-import { DIGEST_BYTES, blockCount, checkBlockSize, MAX_BLOCK_SIZE } from '../engine/engine.js';
+import { DIGEST_BYTES, checkBlockSize, MAX_BLOCK_SIZE } from '../engine/engine.js';
 import { wasmModule } from '../engine/wasm.js';
 import { chooseBackend, type BackendChoice, type BackendName } from '../engine/backend.js';
-import { FileImageSource, currentIdentity, statImage, type Extent } from '../image/source.js';
+import { currentIdentity, openSource, statImage, type Extent, type ImageIdentity, type SourceSpec } from '../image/source.js';
+import { IntervalSet } from '../blocks/intervals.js';
 import { BlockMap, blockMapPath } from '../blockmap/blockmap.js';
 import { BlockferryError, ErrorCode, ImageError, InvalidArgumentError } from '../errors.js';
-import { taskLayout, type ScanTask } from './layout.js';
+import { readResult, taskBytes, type ScanTask, type TaskPiece } from './layout.js';
 import { WINDOW } from './worker.js';
 
 /**
- * Bytes per scan task. 8 MiB: large enough that a task's fixed costs (a
- * message each way, one pread per extent) vanish next to hashing it, small
- * enough that two workers stay evenly loaded to the end of a small image.
+ * Bytes of data per scan task (extents are coalesced up to it). 8 MiB:
+ * large enough that a task's fixed costs (a message each way, an open)
+ * vanish next to hashing it, small enough that two workers stay evenly
+ * loaded to the end of a small image.
  */
 export const DEFAULT_RANGE = 8 << 20;
 
@@ -34,6 +36,12 @@ export interface ScanOptions {
   onProgress?: (p: ScanProgress) => void;
   /** Skip holes using the file's extents when the native addon can list them (default true). */
   extents?: boolean;
+  /**
+   * Coalesce small extents into tasks of up to rangeBytes (default true).
+   * false gives one task per extent (or per rangeBytes of one): the same map,
+   * slower on fragmented files; kept for comparison and tests.
+   */
+  coalesce?: boolean;
   /**
    * The image is being written (a live migration): do not fail when it
    * changes during the scan. The caller catches the changes itself (dirty
@@ -95,40 +103,36 @@ export class Scanner {
     statImage(path);
     const before = currentIdentity(path);
     const size = before.size;
-    const maps = sizes.map((bs) => {
-      const n = blockCount(size, bs);
-      return new BlockMap(path, before, bs, new Uint8Array(n), new BigUint64Array(n), new BigUint64Array(n), sha1 ? new Uint8Array(n * DIGEST_BYTES) : undefined);
-    });
+    const source: SourceSpec = { kind: 'file', path };
     // Plan the work: with extents, only the data regions (rounded out to the
-    // largest block size) become tasks; holes are zero blocks without a read.
+    // largest block size) are read; holes are zero blocks without a read.
+    // Small extents are coalesced into tasks of about `range` bytes, so that
+    // a fragmented file costs what its data costs, not a message per extent.
     const useExtents = options.extents ?? true;
-    const regions = useExtents ? dataRegions(path, size, maxBs, this.backend) : [{ offset: 0, length: size }];
-    const covered = regions.reduce((n, r) => n + r.length, 0);
-    if (covered < size) for (const m of maps) m.zero.fill(1);
-    let done = size - covered;
+    const regions = useExtents ? dataRegions(source, size, maxBs, this.backend) : size ? [{ offset: 0, length: size }] : [];
+    const plan = (options.coalesce ?? true) ? planTasks(regions, range) : regions.flatMap((r) => planTasks([r], range));
+    const tasks = plan.map((extents): ScanTask => ({ source, extents, blockSizes: sizes, sha1, imageSize: size }));
+    let done = size - regions.reduce((n, r) => n + r.length, 0);
     options.onProgress?.({ path, done, total: size });
-    const tasks: Promise<void>[] = [];
-    for (const region of regions) {
-      for (let offset = region.offset; offset < region.offset + region.length; offset += range) {
-        const length = Math.min(range, region.offset + region.length - offset);
-        const task: ScanTask = { path, offset, length, blockSizes: sizes, sha1, imageSize: size, extents: useExtents };
-        tasks.push(
-          (this.pool.run(task) as Promise<ArrayBuffer>).then((buf) => {
-            place(maps, task, buf);
-            done += task.length;
-            options.onProgress?.({ path, done, total: size });
-          }),
-        );
-      }
-    }
-    await settleAll(tasks);
+    // Tasks finish in any order: each keeps its pieces in its slot, and the
+    // map is assembled in offset order at the end.
+    const pieces: TaskPiece[][] = new Array(tasks.length);
+    const running = tasks.map((task, i) =>
+      (this.pool.run(task) as Promise<ArrayBuffer>).then((buf) => {
+        pieces[i] = readResult(buf, sizes.length, sha1);
+        done += taskBytes(task);
+        options.onProgress?.({ path, done, total: size });
+      }),
+    );
+    await settleAll(running);
     if (this.poolError) throw new BlockferryError(ErrorCode.WASM_LOAD, `a scan worker failed: ${this.poolError.message}`, { cause: this.poolError });
     const after = currentIdentity(path);
-    if (options.live && after.size === before.size) return maps;
-    if (after.size !== before.size || after.mtimeNs !== before.mtimeNs || after.ino !== before.ino) {
-      throw new ImageError(ErrorCode.IMAGE_CHANGED, path, 'was modified while it was scanned; scan it again when it is quiet');
+    if (!options.live || after.size !== before.size) {
+      if (after.size !== before.size || after.mtimeNs !== before.mtimeNs || after.ino !== before.ino) {
+        throw new ImageError(ErrorCode.IMAGE_CHANGED, path, 'was modified while it was scanned; scan it again when it is quiet');
+      }
     }
-    return maps;
+    return sizes.map((bs, k) => assemble(path, before, bs, pieces.map((p) => p[k]!), sha1));
   }
 
   async close(): Promise<void> {
@@ -138,15 +142,16 @@ export class Scanner {
 
 /**
  * The parts of the image that hold data, as byte ranges aligned to the
- * block size (the last one may end at the image's end). Without the native
- * addon, or for a block device, the whole image.
+ * block size (the last one may end at the image's end), merged where the
+ * rounding makes them touch. A source that cannot tell (no native addon, a
+ * block device) reports the whole image.
  */
-function dataRegions(path: string, size: number, bs: number, backend: BackendChoice): Extent[] {
-  if (!backend.native || size === 0) return size ? [{ offset: 0, length: size }] : [];
-  const src = new FileImageSource(path, backend.native);
+function dataRegions(spec: SourceSpec, size: number, bs: number, backend: BackendChoice): Extent[] {
+  if (size === 0) return [];
+  const src = openSource(spec, backend.native);
   let extents: Extent[];
   try {
-    extents = src.kind === 'file' ? src.extents(0, size) : [{ offset: 0, length: size }];
+    extents = src.extents(0, size);
   } finally {
     src.close();
   }
@@ -159,6 +164,51 @@ function dataRegions(path: string, size: number, bs: number, backend: BackendCho
     else out.push({ offset: start, length: end - start });
   }
   return out;
+}
+
+/**
+ * Groups block-aligned regions into tasks of at most `range` bytes each:
+ * a long region is cut into range-sized pieces, short ones share a task.
+ * `range` is a multiple of the largest block size, so every cut is on a
+ * block boundary.
+ */
+export function planTasks(regions: Extent[], range: number): Extent[][] {
+  const tasks: Extent[][] = [];
+  let current: Extent[] = [], bytes = 0;
+  for (const r of regions) {
+    for (let offset = r.offset; offset < r.offset + r.length; ) {
+      const length = Math.min(range - bytes, r.offset + r.length - offset);
+      current.push({ offset, length });
+      bytes += length;
+      offset += length;
+      if (bytes === range) { tasks.push(current); current = []; bytes = 0; }
+    }
+  }
+  if (current.length) tasks.push(current);
+  return tasks;
+}
+
+/** One block size's map from the pieces of every task, in offset order: runs merged where tasks meet, columns concatenated. */
+function assemble(path: string, identity: ImageIdentity, bs: number, pieces: TaskPiece[], sha1: boolean): BlockMap {
+  const runs = new IntervalSet();
+  let blocks = 0;
+  for (const p of pieces) {
+    for (let i = 0; i < p.runs.length; i += 2) runs.add(p.runs[i]!, p.runs[i + 1]!);
+    blocks += p.fingerprints.length;
+  }
+  const dataRuns = new Float64Array(2 * runs.runs);
+  let r = 0;
+  for (const iv of runs) { dataRuns[r++] = iv.start; dataRuns[r++] = iv.count; }
+  const fps = new BigUint64Array(blocks), sigs = new BigUint64Array(blocks);
+  const digests = sha1 ? new Uint8Array(blocks * DIGEST_BYTES) : undefined;
+  let k = 0;
+  for (const p of pieces) {
+    fps.set(p.fingerprints, k);
+    sigs.set(p.signatures, k);
+    if (digests) digests.set(p.digests!, k * DIGEST_BYTES);
+    k += p.fingerprints.length;
+  }
+  return new BlockMap(path, identity, bs, dataRuns, fps, sigs, digests);
 }
 
 /** Waits for every task, then throws the first failure (no task is left running behind an error). */
@@ -175,19 +225,6 @@ function rehydrate(e: unknown): Error {
     return new BlockferryError(err.code as BlockferryError['code'], err.message ?? 'scan failed', { cause: e });
   }
   return e instanceof Error ? e : new Error(String(e));
-}
-
-function place(maps: BlockMap[], task: ScanTask, buf: ArrayBuffer): void {
-  const layout = taskLayout(task.length, task.blockSizes, task.sha1);
-  const u8 = new Uint8Array(buf);
-  layout.sections.forEach((s, k) => {
-    const map = maps[k]!;
-    const first = task.offset / s.blockSize;
-    map.zero.set(u8.subarray(s.flags, s.flags + s.blocks), first);
-    map.fingerprints.set(new BigUint64Array(buf, s.fps, s.blocks), first);
-    map.signatures.set(new BigUint64Array(buf, s.sigs, s.blocks), first);
-    if (map.digests) map.digests.set(u8.subarray(s.digests, s.digests + DIGEST_BYTES * s.blocks), first * DIGEST_BYTES);
-  });
 }
 
 export interface MapOptions extends ScanOptions {

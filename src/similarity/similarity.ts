@@ -1,5 +1,5 @@
 import { BlockMap } from '../blockmap/blockmap.js';
-import { NO_REF } from '../table/table.js';
+import { NO_REF, refBlock } from '../table/table.js';
 import { InvalidArgumentError } from '../errors.js';
 
 export interface SimilarityImage {
@@ -37,24 +37,21 @@ interface Distinct {
 
 /** The distinct non-zero contents of a map, with their multiplicity. */
 function distinct(map: BlockMap): Distinct {
-  const nz = map.nonZeroBlocks();
-  const table = map.distinctTable(nz);
+  const table = map.distinctTable();
   const n = table.size;
   const fps = new BigUint64Array(n), sigs = new BigUint64Array(n), weight = new Uint32Array(n), length = new Uint32Array(n);
-  // Where each distinct content lands: look every block up in its own table (first block wins).
-  const firsts = table.lookupColumns(
-    BigUint64Array.from(nz, (b) => map.fingerprints[b]!),
-    BigUint64Array.from(nz, (b) => map.signatures[b]!),
-  );
+  // Where each distinct content lands: look every column up in its own table
+  // (the first block wins, so a content's first column is where it is new).
+  const firsts = table.lookupColumns(map.fingerprints, map.signatures);
   const slot = new Map<number, number>();
-  for (let k = 0; k < nz.length; k++) {
-    const first = Number(firsts[k]! & 0xff_ffff_ffffn);
+  for (let k = 0; k < firsts.length; k++) {
+    const first = refBlock(firsts[k]!);
     let s = slot.get(first);
     if (s === undefined) {
       s = slot.size;
       slot.set(first, s);
-      fps[s] = map.fingerprints[first]!;
-      sigs[s] = map.signatures[first]!;
+      fps[s] = map.fingerprints[k]!;
+      sigs[s] = map.signatures[k]!;
       length[s] = map.blockLength(first);
     }
     weight[s]!++;
