@@ -1,5 +1,6 @@
 import { Engine } from '../engine/engine.js';
 import { ErrorCode, FormatError, InvalidArgumentError } from '../errors.js';
+import { FileFormat } from '../io/format.js';
 
 // The table's design is written where it lives: assembly/blockindex.ts.
 // This file owns its memory: the table sits at BASE in a private engine; a
@@ -54,6 +55,7 @@ const HEADER = 24;
 const TRAILER = 8;
 
 const WHAT = 'block index';
+const FORMAT = new FileFormat('BFIDXTBL', TABLE_VERSION, HEADER, WHAT);
 
 export interface TableStats {
   entries: number;
@@ -240,25 +242,13 @@ export class BlockIndexTable {
   /** Reads a table written by serialize(); a damaged one throws a FormatError with a stable code. */
   static deserialize(bytes: Uint8Array): BlockIndexTable {
     if (!(bytes instanceof Uint8Array)) throw new InvalidArgumentError('bytes', 'a Uint8Array', bytes);
-    if (bytes.length < HEADER + TRAILER) {
-      throw new FormatError(ErrorCode.TRUNCATED, WHAT, `${bytes.length} bytes is shorter than the ${HEADER + TRAILER}-byte header and checksum`);
-    }
-    if (!TABLE_MAGIC.equals(bytes.subarray(0, 8))) throw new FormatError(ErrorCode.BAD_MAGIC, WHAT, 'not a blockferry block index table (bad magic)');
-    const dv = new DataView(bytes.buffer, bytes.byteOffset, HEADER);
-    const version = dv.getUint32(8, true);
-    if (version !== TABLE_VERSION) {
-      throw new FormatError(ErrorCode.UNSUPPORTED_VERSION, WHAT, `format version ${version}; this build reads version ${TABLE_VERSION}`);
-    }
-    const entrySize = dv.getUint32(12, true);
-    if (entrySize !== ENTRY_BYTES) throw new FormatError(ErrorCode.CORRUPT, WHAT, `entry size ${entrySize}, expected ${ENTRY_BYTES}`);
-    const declared = dv.getBigUint64(16, true);
-    const expected = BigInt(HEADER + TRAILER) + declared * BigInt(ENTRY_BYTES);
-    if (expected > BigInt(bytes.length)) {
-      throw new FormatError(ErrorCode.TRUNCATED, WHAT, `header declares ${declared} entries (${expected} bytes) but only ${bytes.length} bytes are present`);
-    }
-    if (expected < BigInt(bytes.length)) {
-      throw new FormatError(ErrorCode.CORRUPT, WHAT, `${BigInt(bytes.length) - expected} bytes after the declared end`);
-    }
+    // The frame (length, magic, version, declared length) is the shared one;
+    // the checksum is plain XXH3-64, computed below in the table's own memory.
+    const b = FORMAT.open(bytes);
+    const entrySize = b.readUInt32LE(12);
+    if (entrySize !== ENTRY_BYTES) throw FORMAT.corrupt(`entry size ${entrySize}, expected ${ENTRY_BYTES}`);
+    const declared = b.readBigUInt64LE(16);
+    FORMAT.checkLength(b, BigInt(HEADER + TRAILER) + declared * BigInt(ENTRY_BYTES));
     const n = Number(declared);
     const table = new BlockIndexTable({ expectedEntries: n });
     const st = table.stagingPtr;
