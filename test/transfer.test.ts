@@ -46,8 +46,18 @@ after(async () => { await svc.close(); rmSync(dir, { recursive: true, force: tru
 describe('migration over TCP', () => {
   it('similarity: fills from the neighbour, sends only the missing contents once, ends byte-identical', async () => {
     const { path, data } = makeSource('a.img');
-    const r = await migrate(path, { to, name: 'a', strategy: 'similarity', auth: { key } });
+    const log: string[] = [];
+    const r = await migrate(path, { to, name: 'a', strategy: 'similarity', auth: { key }, onFrame: (f) => log.push(`${f.direction === 'sent' ? '>' : '<'}${f.type}`) });
     assert.deepEqual(readFileSync(join(dir, 'dst', 'a.img')), data);
+    // The frames that crossed. Fingerprints stream out while NEEDs come back, so the two
+    // interleave; each direction's own order is fixed. Two runs of data (blocks 0..79 and the
+    // 8 repeats at 88..95; the zero run between costs nothing): two BLOCK_INFO, three NEED.
+    // The 16 new blocks go in one BLOCKS frame, the repeats as one COPY naming content sent before it.
+    const sent = log.filter((t) => t[0] === '>'), received = log.filter((t) => t[0] === '<');
+    assert.deepEqual(sent.filter((t) => t !== '>BLOCK_INFO' && t !== '>INFO_END'), ['>HELLO', '>AUTH', '>BEGIN', '>BLOCKS', '>COPY', '>SYNC', '>VERIFY', '>ROUND', '>COMMIT']);
+    assert.deepEqual(sent.filter((t) => t === '>BLOCK_INFO' || t === '>INFO_END'), ['>BLOCK_INFO', '>BLOCK_INFO', '>INFO_END']);
+    assert.ok(sent.indexOf('>INFO_END') < sent.indexOf('>SYNC'));
+    assert.deepEqual(received, ['<HELLO_ACK', '<READY', '<BEGIN_OK', '<NEED', '<NEED', '<NEED', '<SYNC_OK', '<VERIFY_RESULT', '<DONE']);
     assert.equal(r.blocks.filledFromNeighbours, 64);
     assert.equal(r.blocks.sent, 16, 'the 16 new blocks; the 8 repeats of block 70 are copied');
     assert.equal(r.blocks.copied, 8);

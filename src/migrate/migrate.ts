@@ -4,7 +4,7 @@
 import { basename } from 'node:path';
 import { checkBlockSize } from '../engine/engine.js';
 import { BlockferryError, ErrorCode, InvalidArgumentError } from '../errors.js';
-import { Channel, type Traffic } from '../protocol/channel.js';
+import { Channel, type FrameRecord, type Traffic } from '../protocol/channel.js';
 import { clientHandshake, type AuthOptions } from '../protocol/handshake.js';
 import { BEGIN, BEGIN_OK, BEGIN_OVERWRITE } from '../protocol/messages.js';
 import { compressorFor, type CompressMode } from '../protocol/compression.js';
@@ -12,7 +12,7 @@ import { connect, parseTarget } from '../transport/tcp.js';
 import { openSource, statImage } from '../image/source.js';
 import { Scanner } from '../scan/scanner.js';
 import { STRATEGIES, type StrategyName } from './strategies.js';
-import type { LiveOptions, MigrationEvent } from './strategy.js';
+import type { LiveOptions, MigrationEvent, MigrationProgress } from './strategy.js';
 
 export type Strategy = StrategyName;
 
@@ -32,6 +32,10 @@ export interface MigrateOptions extends LiveOptions {
   overwrite?: boolean;
   scanner?: Scanner;
   onEvent?: (e: MigrationEvent) => void;
+  /** Where the migration stands, at most every few hundred milliseconds per phase and at each phase's start and end. */
+  onProgress?: (p: MigrationProgress) => void;
+  /** Every frame this side sends and receives (a frame log, for diagnostics). */
+  onFrame?: (f: FrameRecord) => void;
 }
 
 export interface MigrationResult {
@@ -82,7 +86,7 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
   const event = (phase: string, detail?: unknown) => options.onEvent?.({ phase, detail });
 
   const socket = await connect(target).catch(async (e) => { if (ownScanner) await scanner.close(); throw e; });
-  const ch = new Channel(socket, { bwlimit: options.bwlimit ?? 0 });
+  const ch = new Channel(socket, { bwlimit: options.bwlimit ?? 0, ...(options.onFrame ? { onFrame: options.onFrame } : {}) });
   const src = openSource({ kind: 'file', path });
   try {
     const caps = await clientHandshake(ch, options.auth);
@@ -95,10 +99,15 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
     options.tracked?.takeDirty(); // writes from here on are this migration's business
     event('scan');
     const tScan = performance.now();
+    const progress = (p: Omit<MigrationProgress, 'sentBytes' | 'rate'>) => {
+      if (!options.onProgress) return;
+      const sentBytes = sum(ch.sent);
+      options.onProgress({ ...p, sentBytes, rate: sentBytes / Math.max(1e-3, (performance.now() - t0) / 1000) });
+    };
     const live = !!options.tracked || !!options.rescan;
-    const [map] = await scanner.scan(path, { blockSize: bs, live });
+    const [map] = await scanner.scan(path, { blockSize: bs, live, onProgress: (s) => progress({ phase: 'scan', round: 0, done: s.done, total: s.total }) });
     const scanSeconds = (performance.now() - tScan) / 1000;
-    const out = await strategy.run({ ch, src, path, map: map!, blockSize: bs, capabilities: caps, scanner, live: options, event });
+    const out = await strategy.run({ ch, src, path, map: map!, blockSize: bs, capabilities: caps, scanner, live: options, event, progress });
     event('done');
     return {
       name,

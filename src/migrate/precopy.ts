@@ -40,6 +40,8 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
     await ch.send(INFO_END, undefined);
   };
   let announced = false;
+  const total = map.dataBlocks * bs;
+  let done = 0;
   const receiveNeeds = async () => {
     for (;;) {
       const need = await ch.recv(NEED);
@@ -47,6 +49,8 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
       if (!announced) { announced = true; ctx.event('transfer'); }
       view.heldRun(need.start, need.count, need.missing);
       await sender.send(need.missing);
+      done += need.count * bs;
+      ctx.progress({ phase: 'transfer', round: 0, done: Math.min(done, total), total });
     }
   };
   await Promise.all([sendInfo(), receiveNeeds()]);
@@ -62,8 +66,10 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   while (blocksIn(pending) > threshold && rounds < maxRounds) {
     rounds++;
     ctx.event('round', { round: rounds, dirty: blocksIn(pending) });
+    ctx.progress({ phase: 'rounds', round: rounds, done: 0, total: blocksIn(pending) * bs });
     await ch.send(ROUND, { round: rounds });
     await sender.send(pending);
+    ctx.progress({ phase: 'rounds', round: rounds, done: blocksIn(pending) * bs, total: blocksIn(pending) * bs });
     await sync();
     pending = await dirty.take();
   }
@@ -73,6 +79,7 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   // destination only changes when told to, so after the pause only what the
   // last round touches (and what differed here) needs checking again.
   ctx.event('verify');
+  ctx.progress({ phase: 'verify', round: rounds, done: 0, total });
   const differ = await check.once([{ start: 0, count: map.count }]);
   const recheck = IntervalSet.of(differ);
   sender.takeTouched();
@@ -82,6 +89,7 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   const tPause = performance.now();
   const paused = live.pause !== undefined;
   ctx.event('cutover', { dirty: blocksIn(pending) });
+  ctx.progress({ phase: 'cutover', round: rounds + 1, done: 0, total: blocksIn(pending) * bs });
   await live.pause?.();
   const last = IntervalSet.of(pending);
   for (const iv of await dirty.take()) last.add(iv.start, iv.count);

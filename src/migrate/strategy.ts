@@ -14,6 +14,19 @@ export interface MigrationEvent {
   detail?: unknown;
 }
 
+/** Where a migration stands: one shape for every phase, for bars, logs and programs. */
+export interface MigrationProgress {
+  phase: 'scan' | 'transfer' | 'rounds' | 'verify' | 'cutover';
+  /** Pre-copy round (0 during the first pass). */
+  round: number;
+  /** Bytes of the image's data accounted for in this phase (sent, filled, found present), and their total. */
+  done: number;
+  total: number;
+  /** Bytes this side has sent so far, and the rate since the start (bytes per second). */
+  sentBytes: number;
+  rate: number;
+}
+
 export interface LiveOptions {
   /** Writes go through this tracked image: its dirty bitmap drives the rounds. */
   tracked?: TrackedImage;
@@ -41,6 +54,7 @@ export interface MigrationContext {
   scanner: Scanner;
   live: LiveOptions;
   event: (phase: string, detail?: unknown) => void;
+  progress: (p: Omit<MigrationProgress, 'sentBytes' | 'rate'>) => void;
 }
 
 export interface StrategyOutcome {

@@ -23,7 +23,19 @@ export interface FrameDecompressor {
   decompress(data: Buffer, size: number): Buffer;
 }
 
+/** One frame as it crossed: for diagnostics and tests (a frame log). */
+export interface FrameRecord {
+  direction: 'sent' | 'received';
+  type: string;
+  id: number;
+  /** Bytes on the wire, header included. */
+  bytes: number;
+  compressed: boolean;
+}
+
 export interface ChannelOptions {
+  /** Called for every frame sent and received. */
+  onFrame?: (f: FrameRecord) => void;
   /** Bandwidth limit for what this side sends, bytes per second (0 or undefined: none). */
   bwlimit?: number;
   /** Largest frame accepted until setFrameLimit() raises it (handshake messages are small). */
@@ -64,9 +76,11 @@ export class Channel {
   private readonly rate: number;
   private compressor: FrameCompressor | undefined;
   private decompressor: FrameDecompressor | undefined;
+  private readonly onFrame: ((f: FrameRecord) => void) | undefined;
 
   constructor(readonly socket: Socket, options: ChannelOptions = {}) {
     this.rate = options.bwlimit ?? 0;
+    this.onFrame = options.onFrame;
     if (options.frameLimit) this.decoder.limit = options.frameLimit;
     socket.setNoDelay(true);
     socket.on('data', (chunk: Buffer) => {
@@ -101,6 +115,7 @@ export class Channel {
   private deliver(raw: Frame): void {
     const wire = raw.payload.length + HEADER_BYTES;
     this.received[kindOf(raw.type)] += wire;
+    this.onFrame?.({ direction: 'received', type: msgName(raw.type), id: raw.id, bytes: wire, compressed: (raw.flags & FLAG_COMPRESSED) !== 0 });
     let f = raw;
     if (raw.flags & FLAG_COMPRESSED) {
       if (!this.decompressor) throw new ProtocolError(ErrorCode.PROTOCOL, `a compressed ${msgName(raw.type)} frame, but no compression was agreed`);
@@ -170,6 +185,7 @@ export class Channel {
     if (this.socket.destroyed) throw new ProtocolError(ErrorCode.CONNECTION, 'connection closed');
     this.sent[kind] += bytes;
     this.sentRaw[kind] += payload.length + HEADER_BYTES;
+    this.onFrame?.({ direction: 'sent', type: msgName(type), id, bytes, compressed: flags !== 0 });
     this.socket.write(encodeHeader(type, body.length, id, flags));
     const ok = this.socket.write(body);
     if (!ok) {
