@@ -3,7 +3,7 @@ import { randomBytes } from 'node:crypto';
 import { DestinationService } from '../roles/destination/service.js';
 import { migrate } from '../migrate/migrate.js';
 import { TrackedImage } from '../image/tracked.js';
-import { describeMigration } from './main.js';
+import { describeMigration } from './describe.js';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Scanner, blockMapsFor } from '../scan/scanner.js';

@@ -11,8 +11,9 @@ import { similarityMatrix, type SimilarityMatrix } from '../similarity/similarit
 import { Neighbourhood } from '../blockindex/neighbourhood.js';
 import { createProgress, human, type ProgressMode } from './progress.js';
 import { runDemo } from './demo.js';
+import { describeMigration } from './describe.js';
 import { DestinationService } from '../roles/destination/service.js';
-import { migrate, type MigrationResult } from '../migrate/migrate.js';
+import { migrate } from '../migrate/migrate.js';
 import { spawnSync } from 'node:child_process';
 import { chooseBackend, nativeStatus } from '../engine/backend.js';
 import { wasmModule } from '../engine/wasm.js';
@@ -128,22 +129,6 @@ function authFrom(o: { keyFile?: string; insecure?: boolean }) {
 function runCmd(what: string, cmd: string): void {
   const r = spawnSync('/bin/sh', ['-c', cmd], { stdio: ['ignore', 'inherit', 'inherit'] });
   if (r.status !== 0) throw new BlockferryError(ErrorCode.INVALID_ARGUMENT, `${what} ${JSON.stringify(cmd)} exited with ${r.status ?? r.signal}`);
-}
-
-export function describeMigration(r: MigrationResult): string {
-  const t = new Table({ style: { head: [], border: [] } });
-  const sentTotal = Object.values(r.wire.sent).reduce((a, b) => a + b, 0);
-  t.push(
-    { image: `${r.name}: ${human(r.imageSize)}, ${r.blocks.total} blocks of ${r.blockSize} B` },
-    { strategy: r.strategy },
-    { time: `${r.seconds.toFixed(2)} s total, downtime ${(r.downtimeSeconds * 1000).toFixed(0)} ms, ${r.rounds} round${r.rounds === 1 ? '' : 's'}` },
-    { 'sent on the wire': `${human(sentTotal)}: data ${human(r.wire.sent.data)}, fingerprints ${human(r.wire.sent.fingerprints)}, verification ${human(r.wire.sent.verify)}, control ${human(r.wire.sent.control)}` },
-    { 'received': human(Object.values(r.wire.received).reduce((a, b) => a + b, 0)) },
-    { 'blocks sent': `${r.blocks.sent} (${r.blocks.resent} of them again after being dirtied, ${r.blocks.repaired} repaired)` },
-    { 'filled at the destination': `${r.blocks.filledFromNeighbours} from neighbour images, ${r.blocks.copied} copied from blocks already sent, ${r.blocks.resumed} kept from an earlier attempt, ${r.blocks.zero} zero` },
-    { verified: r.verified ? 'yes: every extent\'s SHA-1 matches the source' : 'NO' },
-  );
-  return t.toString();
 }
 
 function print(s: string): void {
@@ -318,16 +303,19 @@ export function buildProgram(): Command {
     .option('--dirty-threshold <n>', 'cut over when a round has this many dirty blocks or fewer', intArg('--dirty-threshold', 0, 2 ** 31), 256)
     .option('--pause-cmd <cmd>', 'run at cutover to pause the writer (e.g. a hypervisor suspend)')
     .option('--resume-cmd <cmd>', 'run once the destination holds the verified image')
+    .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a terminal, JSON lines, or nothing').choices(['auto', 'json', 'none']).default('auto'))
     .option('--json', 'print the result as JSON')
-    .action(async (image: string, o: { to: string; name?: string; strategy: 'full' | 'similarity'; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; maxRounds: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean }) => {
+    .action(async (image: string, o: { to: string; name?: string; strategy: 'full' | 'similarity'; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; maxRounds: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean; progress: ProgressMode }) => {
+      const progress = createProgress(o.progress);
       const r = await migrate(image, {
         to: o.to, strategy: o.strategy, auth: authFrom(o), overwrite: !!o.overwrite, rescan: !!o.rescan,
         maxRounds: o.maxRounds, dirtyThreshold: o.dirtyThreshold,
+        onProgress: (p) => progress.update({ phase: p.round ? `${p.phase} ${p.round}` : p.phase, path: basename(image), done: p.done, total: p.total }),
         ...(o.name ? { name: o.name } : {}),
         ...(o.bwlimit ? { bwlimit: parseRate(o.bwlimit) } : {}),
         ...(o.pauseCmd ? { pause: () => runCmd('--pause-cmd', o.pauseCmd!) } : {}),
         ...(o.resumeCmd ? { resume: () => runCmd('--resume-cmd', o.resumeCmd!) } : {}),
-      });
+      }).finally(() => progress.stop());
       print(o.json ? JSON.stringify(r, null, 2) : describeMigration(r));
     });
 
