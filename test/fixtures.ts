@@ -14,7 +14,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 
 /** Bump when the recipe changes: a new version builds into a new cache directory. */
-export const FIXTURE_VERSION = 'dup-pair-v1';
+export const FIXTURE_VERSION = 'dup-pair-v2';
 
 export interface ImagePair { older: string; newer: string; blockSize: 4096 }
 
@@ -58,8 +58,9 @@ function pick(root: string, budget: number, min: number, max: number, stride: nu
 
 /** The image of folder root: ext4, 4 KiB blocks, fixed UUID, hash seed and clock. */
 export function mkfsImage(root: string, image: string, size: string): void {
-  // Every file, directory and the root itself gets the same timestamps (ctime
-  // still comes from the host; mke2fs 1.47.0 has no way to override it).
+  // Every file, directory and the root itself gets the same timestamps; the
+  // host's ctimes, which mke2fs copies and cannot be told to override, are
+  // reset with debugfs below.
   const stamp = (p: string) => {
     for (const name of readdirSync(p)) {
       const q = join(p, name);
@@ -76,6 +77,16 @@ export function mkfsImage(root: string, image: string, size: string): void {
     '-E', 'root_owner=0:0,hash_seed=6a1b5c0e-0000-4000-8000-0000000f1c75,lazy_itable_init=0,nodiscard',
     '-d', root, image, size,
   ], { stdio: 'pipe', env: { ...process.env, E2FSPROGS_FAKE_TIME: String(EPOCH), SOURCE_DATE_EPOCH: String(EPOCH) } });
+  // mke2fs -d numbers inodes in order from the first non-reserved one (12), so
+  // the used inodes are the root (2), lost+found (11) and 12 up to the count.
+  const h = execFileSync('dumpe2fs', ['-h', image], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
+  const count = Number(/^Inode count:\s+(\d+)/m.exec(h)?.[1]);
+  const free = Number(/^Free inodes:\s+(\d+)/m.exec(h)?.[1]);
+  const used = count - free;
+  if (!(used > 11)) throw new Error(`mkfsImage: cannot read the inode counts of ${image}`);
+  const cmds = [2, 11, ...Array.from({ length: used - 11 }, (_, i) => 12 + i)]
+    .map((ino) => `sif <${ino}> ctime @${EPOCH}\nsif <${ino}> ctime_extra 0\n`).join('');
+  execFileSync('debugfs', ['-w', '-f', '-', image], { input: cmds, stdio: ['pipe', 'ignore', 'pipe'], env: { ...process.env, E2FSPROGS_FAKE_TIME: String(EPOCH) } });
 }
 
 function copyInto(src: string, destRoot: string, rel: string): string {
@@ -85,18 +96,26 @@ function copyInto(src: string, destRoot: string, rel: string): string {
   return dest;
 }
 
-/** A few bytes changed in place at a position fixed by the file's name. */
-function modifyInPlace(path: string): void {
+/** A few bytes changed in place at a position fixed by the file's name in the tree (rel). */
+function modifyInPlace(path: string, rel: string): void {
   const size = statSync(path).size;
-  const h = createHash('sha1').update(path).digest();
+  const h = createHash('sha1').update(rel).digest();
   const at = h.readUInt32LE(0) % Math.max(1, size - 8);
   const fd = openSync(path, 'r+');
   try { writeSync(fd, Buffer.from([0x42, 0x46, h[4]! ^ 0x5a, h[5]! ^ 0xa5]), 0, 4, at); } finally { closeSync(fd); }
 }
 
 function build(dir: string): void {
-  const olderRoot = join(dir, 'older.d');
-  const newerRoot = join(dir, 'newer.d');
+  // The trees live in memory when /dev/shm is there: copying and deleting
+  // 100 MB of small files is the slow part on a busy disk.
+  let work = dir;
+  try { work = mkdtempSync(join('/dev/shm', 'blockferry-fixture-')); } catch { /* no /dev/shm: beside the images */ }
+  try { buildIn(dir, work); } finally { if (work !== dir) rmSync(work, { recursive: true, force: true }); }
+}
+
+function buildIn(dir: string, work: string): void {
+  const olderRoot = join(work, 'older.d');
+  const newerRoot = join(work, 'newer.d');
   mkdirSync(olderRoot);
   mkdirSync(newerRoot);
   const used = new Set<string>();
@@ -118,7 +137,7 @@ function build(dir: string): void {
   base.forEach((f, i) => {
     if (i % 10 === 9) return;
     const dest = copyInto(f, newerRoot, rel(f));
-    if (i % 7 === 3) modifyInPlace(dest);
+    if (i % 7 === 3) modifyInPlace(dest, rel(f));
     else kept.push(f);
   });
   // Files added: a further pick not in older.
