@@ -180,8 +180,8 @@ let pending: Promise<ImagePair> | undefined;
  * Two ext4 images from real files: newer is older a little later (about 10 %
  * of files removed, 1 in 7 changed in place by a few bytes, files added) and
  * holds several copies of the same files, so it has many duplicate blocks,
- * some within a few blocks of each other. About 40 MB and 60 MB of data in
- * 64 MiB and 96 MiB images. Cached in os.tmpdir()/blockferry-fixture-<version>.
+ * some within a few blocks of each other. About 40 MB and 70 MB of data in
+ * 64 MiB and 96 MiB images, byte-reproducible on one machine. Cached in os.tmpdir()/blockferry-fixture-<version>.
  */
 export function duplicateHeavyPair(): Promise<ImagePair> {
   pending ??= (async () => {
