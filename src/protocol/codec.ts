@@ -43,9 +43,9 @@ export const ZSTD_MIN_LEVEL = -7;
 export const ZSTD_MAX_LEVEL = 19;
 export const ZSTD_DEFAULT_LEVEL = 3;
 /**
- * The largest window a decompressor accepts (2^23 = 8 MiB): what our levels
- * up to 19 use at most. A peer that declares a larger window is refused
- * instead of making us allocate it.
+ * The window of every zstd stream, and the largest a decompressor accepts
+ * (2^23 = 8 MiB, eight frames). A peer that declares a larger window is
+ * refused instead of making us allocate it.
  */
 export const ZSTD_WINDOW_LOG_MAX = 23;
 /** Output the decompressor may probe past expectedSize to detect an oversized payload. */
@@ -141,6 +141,10 @@ class ZstdCompressor implements Compressor {
     this.cctx = new z.CCtx();
     this.current = this.pending = level;
     this.cctx.setParameter(z.CParameter.compressionLevel, level);
+    // One window for every level: 8 MiB, eight 1 MiB frames of history (level
+    // 1's own would be 512 KiB, less than one frame: a frame repeating the
+    // previous one would not be found).
+    this.cctx.setParameter(z.CParameter.windowLog, ZSTD_WINDOW_LOG_MAX);
     this.scratch = Buffer.allocUnsafe(z.compressBound(1 << 20) + 64);
   }
 
