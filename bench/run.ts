@@ -1,8 +1,4 @@
-<<<<<<< HEAD
-// npm run bench [-- --only hash,zero,bitmap,native,scan,transfer,index,codec] [-- --json [FILE]]
-=======
-// npm run bench [-- --only hash,zero,bitmap,native,scan,transfer,scale,index] [-- --json [FILE]]
->>>>>>> scale
+// npm run bench [-- --only hash,zero,bitmap,native,scan,transfer,scale,codec,index] [-- --json [FILE]]
 // Every group checks its results against the reference before timing, runs
 // the peers in this one process, and prints ratios against the goals.
 import { writeFileSync } from 'node:fs';
@@ -15,11 +11,8 @@ import { benchBlockIndex } from './blockindex.js';
 import { benchScan } from './scan.js';
 import { benchNative } from './native.js';
 import { benchTransfer } from './transfer.js';
-<<<<<<< HEAD
 import { benchCodec } from './codec.js';
-=======
 import { benchScale } from './scale.js';
->>>>>>> scale
 
 // `--json` alone writes bench-results.json; `--json FILE` or `--json=FILE` names the file.
 const argv = process.argv.slice(2);
@@ -39,14 +32,11 @@ if (want('bitmap')) groups.push(...(await benchBitmap()));
 if (want('native')) groups.push(...(await benchNative()));
 if (want('scan')) groups.push(...(await benchScan()));
 if (want('transfer')) groups.push(...(await benchTransfer()));
-<<<<<<< HEAD
 if (want('codec')) groups.push(...(await benchCodec()));
-=======
 if (want('scale')) {
   const r = await benchScale();
   if (r) extra.scale = r;
 }
->>>>>>> scale
 if (want('index')) {
   const r = await benchBlockIndex();
   groups.push(...r.groups);

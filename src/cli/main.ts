@@ -11,6 +11,7 @@ import { similarityMatrix, type SimilarityMatrix } from '../similarity/similarit
 import { Neighbourhood } from '../blockindex/neighbourhood.js';
 import { createProgress, human, type ProgressMode } from './progress.js';
 import { runDemo } from './demo.js';
+import { parseCompress } from '../protocol/codec.js';
 import { describeMigration } from './describe.js';
 import { DestinationService } from '../roles/destination/service.js';
 import { migrate } from '../migrate/migrate.js';
@@ -96,6 +97,25 @@ async function mapsFor(images: string[], sizes: number[], o: CommonOptions & { s
     await scanner.close();
     for (const n of notices) process.stderr.write(`blockferry: notice: ${n}\n`);
   }
+}
+
+/** A library parser's InvalidArgumentError as a usage error (exit 2). */
+function usage<T>(f: () => T): T {
+  try {
+    return f();
+  } catch (e) {
+    if (e instanceof BlockferryError && e.code === ErrorCode.INVALID_ARGUMENT) throw new UsageError(e.message);
+    throw e;
+  }
+}
+
+/** A size in bytes: 256M, 1G, 65536 (K, M, G, T are powers of 1024; KiB/MiB/GiB/TiB too). */
+export function parseSize(flag: string, v: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*([kmgt]i?b?)?$/i.exec(v.trim());
+  if (!m) throw new UsageError(`${flag} ${JSON.stringify(v)}: expected a size like 256M or 1G`);
+  const unit = (m[2] ?? '').toLowerCase()[0] ?? '';
+  const mult: Record<string, number> = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 };
+  return Math.round(Number(m[1]) * mult[unit]!);
 }
 
 /** --bwlimit: bytes per second, with k/M/G suffixes (powers of 1000), or bits with kbit/mbit/gbit. */
@@ -269,13 +289,14 @@ export function buildProgram(): Command {
     .option('--block-size <size>', 'block size of the neighbourhood index', '4096')
     .option('--key-file <file>', 'pre-shared key (default: BLOCKFERRY_KEY)')
     .option('--insecure', 'plain TCP without authentication (loopback demos only)')
-    .action(async (o: { listen: string; dataDir: string; neighbour: string[]; blockSize: string; keyFile?: string; insecure?: boolean }) => {
+    .addOption(new Option('--compress <mode>', 'accept compressed block data from sources (none: refuse it)').choices(['auto', 'none']).default('auto'))
+    .action(async (o: { listen: string; dataDir: string; neighbour: string[]; blockSize: string; keyFile?: string; insecure?: boolean; compress: 'auto' | 'none' }) => {
       const m = /^\[?([^\]]*?)\]?:(\d{1,5})$/.exec(o.listen);
       if (!m) throw new UsageError(`--listen ${o.listen}: expected HOST:PORT`);
       const [bs, ...rest] = parseBlockSizes(o.blockSize);
       if (rest.length) throw new UsageError('one block size');
       const svc = await DestinationService.start({
-        dataDir: o.dataDir, host: m[1] || '0.0.0.0', port: Number(m[2]), auth: authFrom(o), blockSize: bs!, neighbours: o.neighbour,
+        dataDir: o.dataDir, host: m[1] || '0.0.0.0', port: Number(m[2]), auth: authFrom(o), blockSize: bs!, neighbours: o.neighbour, compression: o.compress !== 'none',
         log: (l) => process.stderr.write(`blockferry serve: ${l}\n`),
       });
       const a = svc.address;
@@ -303,13 +324,16 @@ export function buildProgram(): Command {
     .option('--dirty-threshold <n>', 'cut over when a round has this many dirty blocks or fewer', intArg('--dirty-threshold', 0, 2 ** 31), 256)
     .option('--pause-cmd <cmd>', 'run at cutover to pause the writer (e.g. a hypervisor suspend)')
     .option('--resume-cmd <cmd>', 'run once the destination holds the verified image')
+    .option('--compress <mode>', 'compression of block data: auto (adapts to the link; off where it does not pay), none, zstd or zstd:LEVEL', 'auto')
+    .option('--memory <size>', 'memory for per-block state (e.g. 256M; binary units)', '256M')
     .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a terminal, JSON lines, or nothing').choices(['auto', 'json', 'none']).default('auto'))
     .option('--json', 'print the result as JSON')
-    .action(async (image: string, o: { to: string; name?: string; strategy: 'full' | 'similarity'; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; maxRounds: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean; progress: ProgressMode }) => {
+    .action(async (image: string, o: { compress: string; memory: string; to: string; name?: string; strategy: 'full' | 'similarity'; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; maxRounds: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean; progress: ProgressMode }) => {
       const progress = createProgress(o.progress);
       const r = await migrate(image, {
         to: o.to, strategy: o.strategy, auth: authFrom(o), overwrite: !!o.overwrite, rescan: !!o.rescan,
         maxRounds: o.maxRounds, dirtyThreshold: o.dirtyThreshold,
+        compress: usage(() => parseCompress(o.compress)), memoryBudget: parseSize('--memory', o.memory),
         onProgress: (p) => progress.update({ phase: p.round ? `${p.phase} ${p.round}` : p.phase, path: basename(image), done: p.done, total: p.total }),
         ...(o.name ? { name: o.name } : {}),
         ...(o.bwlimit ? { bwlimit: parseRate(o.bwlimit) } : {}),

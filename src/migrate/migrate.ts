@@ -28,6 +28,11 @@ export interface MigrateOptions extends LiveOptions {
   bwlimit?: number;
   /** Compression of block data on the wire (default auto: on where it pays, if the destination agrees). */
   compress?: CompressMode;
+  /**
+   * Memory for per-block state beyond fixed buffers, in bytes (default 256 MiB):
+   * bounds the index of contents the destination holds (for copies).
+   */
+  memoryBudget?: number;
   /** Replace a complete image of the same name at the destination. */
   overwrite?: boolean;
   scanner?: Scanner;
@@ -68,6 +73,9 @@ export interface MigrationResult {
   verified: boolean;
 }
 
+/** Default memory budget for per-block state: 256 MiB. */
+export const DEFAULT_MEMORY_BUDGET = 256 << 20;
+
 const sum = (t: Traffic) => Object.values(t).reduce((a, b) => a + b, 0);
 
 /** Migrates the image at path to a destination service; resolves once the destination holds it, verified. */
@@ -84,8 +92,13 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
   const ownScanner = !options.scanner;
   const scanner = options.scanner ?? new Scanner();
   const event = (phase: string, detail?: unknown) => options.onEvent?.({ phase, detail });
+  let scannerOpen = true;
+  const closeScanner = async () => { if (scannerOpen && ownScanner) { scannerOpen = false; await scanner.close(); } };
+  if (options.memoryBudget !== undefined && !(Number.isSafeInteger(options.memoryBudget) && options.memoryBudget >= 16 << 20)) {
+    throw new InvalidArgumentError('memoryBudget', 'at least 16 MiB, in bytes', options.memoryBudget);
+  }
 
-  const socket = await connect(target).catch(async (e) => { if (ownScanner) await scanner.close(); throw e; });
+  const socket = await connect(target).catch(async (e) => { await closeScanner(); throw e; });
   const ch = new Channel(socket, { bwlimit: options.bwlimit ?? 0, ...(options.onFrame ? { onFrame: options.onFrame } : {}) });
   const src = openSource({ kind: 'file', path });
   try {
@@ -107,7 +120,12 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
     const live = !!options.tracked || !!options.rescan;
     const [map] = await scanner.scan(path, { blockSize: bs, live, onProgress: (s) => progress({ phase: 'scan', round: 0, done: s.done, total: s.total }) });
     const scanSeconds = (performance.now() - tScan) / 1000;
-    const out = await strategy.run({ ch, src, path, map: map!, blockSize: bs, capabilities: caps, scanner, live: options, event, progress });
+    // A migration that is not live scans once: its workers need not idle through the transfer.
+    if (!live && ownScanner) await closeScanner();
+    const out = await strategy.run({
+      ch, src, path, map: map!, blockSize: bs, capabilities: caps, scanner: scannerOpen ? scanner : undefined, live: options, event, progress,
+      memoryBudget: options.memoryBudget ?? DEFAULT_MEMORY_BUDGET,
+    });
     event('done');
     return {
       name,
@@ -134,6 +152,6 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
   } finally {
     src.close();
     socket.destroy();
-    if (ownScanner) await scanner.close();
+    await closeScanner();
   }
 }

@@ -24,7 +24,8 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
     phases[name] = (phases[name] ?? 0) + (now - t) / 1000;
     t = now;
   };
-  const view = new DestinationView(map);
+  // The copy index takes at most a sixth of the budget (about 30 bytes an entry).
+  const view = new DestinationView(map, Math.floor(ctx.memoryBudget / 6 / 30));
   const sender = new BlockSender(ch, src, view, bs);
   const check = new EndToEndCheck(ch, src, view, bs, sender, (n) => ctx.event('repair', { extents: n }));
   const sync = async () => { await ch.request(SYNC, undefined, SYNC_OK); };
@@ -58,7 +59,7 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   lap('transfer');
 
   // Pre-copy rounds while the image is live.
-  const dirty: DirtySource = live.tracked ? trackedDirty(live.tracked) : live.rescan ? rescanDirty(ctx.scanner, ctx.path, bs, view) : quiet;
+  const dirty: DirtySource = live.tracked ? trackedDirty(live.tracked) : live.rescan && ctx.scanner ? rescanDirty(ctx.scanner, ctx.path, bs, view) : quiet;
   const maxRounds = live.maxRounds ?? 8;
   const threshold = live.dirtyThreshold ?? 256;
   let rounds = 0;

@@ -51,8 +51,11 @@ export interface MigrationContext {
   blockSize: number;
   /** Capabilities both sides share. */
   capabilities: number;
-  scanner: Scanner;
+  /** Undefined once the scanner is closed (a migration that is not live needs no rescans). */
+  scanner: Scanner | undefined;
   live: LiveOptions;
+  /** Bytes this side may hold for per-block state beyond its fixed buffers (docs: README, "Memory"). */
+  memoryBudget: number;
   event: (phase: string, detail?: unknown) => void;
   progress: (p: Omit<MigrationProgress, 'sentBytes' | 'rate'>) => void;
 }

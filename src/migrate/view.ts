@@ -20,10 +20,15 @@ export class DestinationView {
   /** Blocks whose content at the destination is not known (asked for and not yet sent, or to be repaired). */
   private readonly unknown = new IntervalSet();
   /** Contents the destination holds: (fingerprint, signature) → a block holding it there. */
-  private readonly held = new BlockIndexTable();
+  private readonly held: BlockIndexTable;
 
-  constructor(private readonly map: BlockMap) {
+  /**
+   * `maxHeld` bounds the copy index (about 30 bytes an entry): past it, new
+   * contents are not indexed and a later repeat of them goes as data.
+   */
+  constructor(private readonly map: BlockMap, private readonly maxHeld = Infinity) {
     this.data = IntervalSet.of([...map.runs()]);
+    this.held = new BlockIndexTable({ expectedEntries: Math.min(map.dataBlocks, maxHeld) });
   }
 
   content(b: number): Content {
@@ -46,7 +51,7 @@ export class DestinationView {
     if (i >= 0 && this.map.fingerprints[i] === fp && this.map.signatures[i] === sig) this.changed.delete(b);
     else this.changed.set(b, [fp, sig]);
     this.data.add(b, 1);
-    if (index) this.held.insert(fp, sig, makeRef(0, b));
+    if (index && this.held.size < this.maxHeld) this.held.insert(fp, sig, makeRef(0, b));
   }
 
   /** Records that [start, start + count) reads as zeros at the destination. */
@@ -71,12 +76,18 @@ export class DestinationView {
    * them as the map says, so their contents can be copied from.
    */
   heldRun(start: number, count: number, missing: Interval[]): void {
-    const entries: bigint[] = [];
+    const room = Math.max(0, Math.min(count, this.maxHeld - this.held.size));
+    const entries = new BigUint64Array(3 * room);
+    let m = 0;
     let at = start;
     const flush = (s: number, e: number) => {
-      for (let b = s; b < e; b++) {
-        const i = this.map.indexOf(b);
-        if (i >= 0) entries.push(this.map.fingerprints[i]!, this.map.signatures[i]!, makeRef(0, b));
+      if (e <= s) return;
+      for (const r of this.map.runsWithin(s, e - s)) {
+        for (let j = 0; j < r.count && m < room; j++, m++) {
+          entries[3 * m] = this.map.fingerprints[r.index + j]!;
+          entries[3 * m + 1] = this.map.signatures[r.index + j]!;
+          entries[3 * m + 2] = makeRef(0, r.start + j);
+        }
       }
     };
     for (const iv of missing) {
@@ -84,7 +95,7 @@ export class DestinationView {
       at = iv.start + iv.count;
     }
     flush(at, start + count);
-    if (entries.length) this.held.insertMany(BigUint64Array.from(entries));
+    if (m) this.held.insertMany(entries.subarray(0, 3 * m));
     for (const iv of missing) this.unknown.add(iv.start, iv.count);
   }
 

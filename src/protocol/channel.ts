@@ -9,18 +9,31 @@ export type { Traffic, TrafficKind } from './messages.js';
 /** Frames received but not yet consumed before the socket is paused: bounds memory when the reader is slower than the link. */
 const MAX_QUEUED_BYTES = 32 << 20;
 
+/** What one frame cost to send, for a compressor that adapts. */
+export interface FrameSample {
+  compressed: boolean;
+  /** Payload bytes before compression, and bytes on the wire (header included). */
+  rawBytes: number;
+  wireBytes: number;
+  compressSeconds: number;
+  /** From the end of compression until the socket took the frame: pacing, write, and waiting for 'drain'. */
+  waitSeconds: number;
+}
+
 /** Compresses frame payloads on one side of a connection (one stream for the whole connection). */
 export interface FrameCompressor {
   /** Whether this payload should go compressed; decided before compressing (the stream's state must match what the peer sees). */
   wants(kind: string, length: number): boolean;
   compress(payload: Buffer): Buffer;
-  /** Told how long the sender waited for the link after a frame (the link, not the compressor, was the limit). */
-  observe?(rawBytes: number, wireBytes: number, compressSeconds: number, waitSeconds: number): void;
+  /** Told what each frame it was asked about cost. */
+  observe?(s: FrameSample): void;
+  close?(): void;
 }
 
 export interface FrameDecompressor {
   /** Decompresses one frame's payload into exactly `size` bytes; anything else is a ProtocolError. */
   decompress(data: Buffer, size: number): Buffer;
+  close?(): void;
 }
 
 /** One frame as it crossed: for diagnostics and tests (a frame log). */
@@ -141,6 +154,8 @@ export class Channel {
   private fail(e: Error): void {
     if (this.failure) return;
     this.failure = e;
+    this.compressor?.close?.();
+    this.decompressor?.close?.();
     for (const w of this.waiters.splice(0)) w.reject(e);
     for (const w of this.pending.values()) w.reject(e);
     this.pending.clear();
@@ -163,7 +178,8 @@ export class Channel {
     let flags = 0;
     let compressSeconds = 0;
     const c = this.compressor;
-    if (c && c.wants(kind, payload.length)) {
+    const asked = c !== undefined && (kind === 'data' || kind === 'fingerprints');
+    if (asked && c.wants(kind, payload.length)) {
       const t = performance.now();
       const z = c.compress(payload);
       compressSeconds = (performance.now() - t) / 1000;
@@ -200,7 +216,7 @@ export class Channel {
         this.socket.on('error', onClose);
       });
     }
-    if (flags) c!.observe?.(payload.length, body.length, compressSeconds, (performance.now() - t0) / 1000);
+    if (asked) c.observe?.({ compressed: flags !== 0, rawBytes: payload.length, wireBytes: bytes, compressSeconds, waitSeconds: (performance.now() - t0) / 1000 });
   }
 
   /** Sends an ERROR frame (best effort) and closes. */
