@@ -228,6 +228,22 @@ describe('frame decoder', () => {
       const got = [...d.push(all.subarray(0, cut)), ...d.push(all.subarray(cut))];
       assert.deepEqual(got.map((f) => [f.type, f.payload.toString()]), [[Msg.READY, ''], [Msg.SYNC, 'hello']]);
     }
+    // Many frames of mixed sizes (0 bytes to 1 MiB), cut into random chunks of 1 byte to 200 KiB.
+    const sizes = [0, 1, 12, 4096, 1 << 20, 0, 77, 65536 + 3];
+    const many = Buffer.concat(sizes.map((n, i) => Buffer.concat([encodeHeader(Msg.BLOCKS, n, i), Buffer.alloc(n, i + 1)])));
+    let seed = 7;
+    const rnd = () => (seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32;
+    for (let trial = 0; trial < 20; trial++) {
+      const d = new FrameDecoder();
+      const got: Array<{ id: number; n: number; ok: boolean }> = [];
+      for (let at = 0; at < many.length; ) {
+        const k = Math.max(1, Math.floor(rnd() ** 3 * 200_000));
+        for (const f of d.push(many.subarray(at, at + k))) got.push({ id: f.id, n: f.payload.length, ok: f.payload.every((b) => b === f.id + 1) });
+        at += k;
+      }
+      assert.deepEqual(got, sizes.map((n, i) => ({ id: i, n, ok: true })));
+      assert.equal(d.pending, 0);
+    }
     const big = Buffer.alloc(12); big.writeUInt32LE(MAX_PAYLOAD + 1, 0); big[4] = Msg.BLOCKS;
     assert.throws(() => new FrameDecoder().push(big), { code: ErrorCode.PROTOCOL });
     assert.throws(() => encodeHeader(Msg.BLOCKS, MAX_PAYLOAD + 1), { code: ErrorCode.PROTOCOL });

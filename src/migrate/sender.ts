@@ -9,6 +9,7 @@ import type { Channel } from '../protocol/channel.js';
 import { BLOCKS, COPY, ZERO, type Copy } from '../protocol/messages.js';
 import type { ImageSource } from '../image/source.js';
 import type { DestinationView } from './view.js';
+import { copyOf } from '../io/bytes.js';
 
 /** Bytes of block data per BLOCKS frame: 1 MiB keeps frames far under the limit and the pipe full. */
 export const DATA_BATCH = 1 << 20;
@@ -92,7 +93,7 @@ export class BlockSender {
         const off = (dataStart - iv.start) * this.bs;
         const bytes = intervalBytes(this.src.size, this.bs, dataStart, end - dataStart);
         this.runs.push({ start: dataStart, count: end - dataStart });
-        this.frameData.push(Buffer.from(view.subarray(off, off + bytes))); // a copy: the window is reused
+        this.frameData.push(copyOf(view.subarray(off, off + bytes))); // a copy: the window is reused
         this.frameBytes += bytes;
         dataStart = -1;
       };

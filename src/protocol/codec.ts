@@ -20,6 +20,7 @@
 import { createRequire } from 'node:module';
 import type * as ZstdBinding from 'zstd-napi/binding.js';
 import { ErrorCode, InvalidArgumentError, ProtocolError } from '../errors.js';
+import { copyOf } from '../io/bytes.js';
 
 const require = createRequire(import.meta.url);
 let zstd: typeof ZstdBinding | undefined;
@@ -173,7 +174,7 @@ class ZstdCompressor implements Compressor {
     }
     pos += this.drain(cctx, out, pos, payload, z.EndDirective.flush);
     this.started = true;
-    return Buffer.from(out.subarray(0, pos));
+    return copyOf(out.subarray(0, pos));
   }
 
   /** compressStream2 until the input is consumed and the directive is complete; returns bytes written. */

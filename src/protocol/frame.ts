@@ -61,16 +61,20 @@ export function encodeHeader(type: MsgType, length: number, id = 0, flags = 0): 
   return h;
 }
 
+const EMPTY = Buffer.alloc(0);
+
 /** Splits a byte stream into frames; throws ProtocolError on anything malformed. */
 export class FrameDecoder {
   private chunks: Buffer[] = [];
+  /** Index of the first chunk still holding unread bytes. */
+  private head = 0;
   private buffered = 0;
   private need: { type: MsgType; length: number; id: number; flags: number } | undefined;
   /** Largest payload accepted: small before authentication (the handshake's messages), MAX_PAYLOAD after. */
   limit = MAX_PAYLOAD;
 
   push(chunk: Buffer): Frame[] {
-    this.chunks.push(chunk);
+    if (chunk.length) this.chunks.push(chunk);
     this.buffered += chunk.length;
     const out: Frame[] = [];
     for (;;) {
@@ -97,13 +101,40 @@ export class FrameDecoder {
     return this.buffered + (this.need ? HEADER_BYTES : 0);
   }
 
+  /** The next n buffered bytes: a view when one chunk holds them, else exactly n bytes copied once. */
   private take(n: number): Buffer {
-    const all = this.chunks.length === 1 ? this.chunks[0]! : Buffer.concat(this.chunks, this.buffered);
-    const out = all.subarray(0, n);
-    const rest = all.subarray(n);
-    this.chunks = rest.length ? [rest] : [];
-    this.buffered = rest.length;
+    if (n === 0) return EMPTY;
+    const first = this.chunks[this.head]!;
+    this.buffered -= n;
+    if (first.length >= n) {
+      this.consume(first, n);
+      return first.subarray(0, n);
+    }
+    const out = Buffer.allocUnsafe(n);
+    for (let at = 0; at < n; ) {
+      const c = this.chunks[this.head]!;
+      const k = Math.min(c.length, n - at);
+      out.set(k === c.length ? c : c.subarray(0, k), at);
+      at += k;
+      this.consume(c, k);
+    }
     return out;
+  }
+
+  /** Drops k bytes from the head chunk c. */
+  private consume(c: Buffer, k: number): void {
+    if (k < c.length) {
+      this.chunks[this.head] = c.subarray(k);
+      return;
+    }
+    this.head++;
+    if (this.head === this.chunks.length) {
+      this.chunks = [];
+      this.head = 0;
+    } else if (this.head > 1024 && this.head * 2 > this.chunks.length) {
+      this.chunks = this.chunks.slice(this.head);
+      this.head = 0;
+    }
   }
 }
 

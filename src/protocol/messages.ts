@@ -25,15 +25,17 @@ export interface MessageDef<T> {
   encode(m: T, w: Writer): void;
   /** Decodes a whole payload; anything malformed (short, long, out of range) is a ProtocolError. */
   decode(r: Reader): T;
+  /** The encoded size, when cheap to know: the payload is then built in one allocation. */
+  size?(m: T): number;
 }
 
-function def<T>(type: MsgType, name: string, kind: TrafficKind, encode: (m: T, w: Writer) => void, decode: (r: Reader) => T): MessageDef<T> {
-  return { type, name, kind, encode, decode };
+function def<T>(type: MsgType, name: string, kind: TrafficKind, encode: (m: T, w: Writer) => void, decode: (r: Reader) => T, size?: (m: T) => number): MessageDef<T> {
+  return size ? { type, name, kind, encode, decode, size } : { type, name, kind, encode, decode };
 }
 
 /** Bytes a message takes when encoded. */
 export function encode<T>(d: MessageDef<T>, m: T): Buffer {
-  const w = new Writer();
+  const w = new Writer(d.size?.(m) ?? 256);
   d.encode(m, w);
   return w.done();
 }
@@ -150,7 +152,8 @@ export const BLOCK_INFO = def<BlockInfo>(Msg.BLOCK_INFO, 'BLOCK_INFO', 'fingerpr
     const count = counted(r, 16, 'BLOCK_INFO');
     if (count === 0) throw new ProtocolError(ErrorCode.PROTOCOL, 'BLOCK_INFO: an empty run');
     return { start, count, fingerprints: readColumn(r, count), signatures: readColumn(r, count) };
-  });
+  },
+  (m) => 12 + 16 * m.count);
 
 export const INFO_END = emptyOf(Msg.INFO_END, 'INFO_END');
 
@@ -158,7 +161,8 @@ export const INFO_END = emptyOf(Msg.INFO_END, 'INFO_END');
 export interface Need { start: number; count: number; last: boolean; missing: Interval[] }
 export const NEED = def<Need>(Msg.NEED, 'NEED', 'control',
   (m, w) => { w.u64(m.start).u32(m.count).u8(m.last ? 1 : 0); writeIntervals(w, m.missing); },
-  (r) => ({ start: r.u64(), count: r.u32(), last: r.u8() === 1, missing: readIntervals(r, 'NEED') }));
+  (r) => ({ start: r.u64(), count: r.u32(), last: r.u8() === 1, missing: readIntervals(r, 'NEED') }),
+  (m) => 17 + 12 * m.missing.length);
 
 /**
  * Block contents: runs of blocks, a fingerprint per block (the destination
@@ -174,7 +178,8 @@ export const BLOCKS = def<Blocks>(Msg.BLOCKS, 'BLOCKS', 'data',
     if (8 * n > r.remaining) throw new ProtocolError(ErrorCode.PROTOCOL, `BLOCKS: ${n} fingerprints do not fit`);
     const fingerprints = readColumn(r, n);
     return { runs, fingerprints, data: r.bytes(r.remaining) };
-  });
+  },
+  (m) => 4 + 12 * m.runs.length + 8 * m.fingerprints.length + m.data.length);
 
 /** Copies at the destination of content this migration already put there: dst ← src, checked against fp. */
 export interface Copy { dst: number; src: number; fingerprint: bigint }
@@ -185,10 +190,11 @@ export const COPY = def<Copy[]>(Msg.COPY, 'COPY', 'data',
     const out: Copy[] = new Array(n);
     for (let i = 0; i < n; i++) out[i] = { dst: r.u64(), src: r.u64(), fingerprint: r.big() };
     return out;
-  });
+  },
+  (m) => 4 + 24 * m.length);
 
 /** Intervals that must read as zeros. */
-export const ZERO = def<Interval[]>(Msg.ZERO, 'ZERO', 'data', (m, w) => writeIntervals(w, m), (r) => readIntervals(r, 'ZERO'));
+export const ZERO = def<Interval[]>(Msg.ZERO, 'ZERO', 'data', (m, w) => writeIntervals(w, m), (r) => readIntervals(r, 'ZERO'), (m) => 4 + 12 * m.length);
 
 export const ROUND = def<{ round: number }>(Msg.ROUND, 'ROUND', 'control', (m, w) => w.u32(m.round), (r) => ({ round: r.u32() }));
 

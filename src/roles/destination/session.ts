@@ -15,6 +15,7 @@ import {
 import type { ImageSink } from '../../image/sink.js';
 import type { FillSource } from '../fills.js';
 import { Journal } from './journal.js';
+import { copyOf } from '../../io/bytes.js';
 
 /**
  * When the journal is saved during a transfer: a second after the last save
@@ -311,7 +312,7 @@ export class Session {
       if (!this.written.covers(x.start, x.count)) { bad.push(i); continue; }
       const buf = Buffer.allocUnsafe(len);
       await this.sink.read(buf, x.start * this.bs, len);
-      if (!Buffer.from(this.engine.sha1(buf)).equals(x.digest)) bad.push(i);
+      if (!copyOf(this.engine.sha1(buf)).equals(x.digest)) bad.push(i);
     }
     return bad;
   }
