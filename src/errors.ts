@@ -58,6 +58,14 @@ export const ErrorCode = {
   BUSY: 'ERR_BF_BUSY',
   /** A command line that cannot be parsed (unknown option, missing argument). */
   USAGE: 'ERR_BF_USAGE',
+  /** A file blockferry reads (block map, block index, journal) does not exist. */
+  FILE_NOT_FOUND: 'ERR_BF_FILE_NOT_FOUND',
+  /** A file blockferry reads exists but cannot be read. */
+  FILE_UNREADABLE: 'ERR_BF_FILE_UNREADABLE',
+  /** A bug in blockferry: a failure with no code of its own (please report it). */
+  INTERNAL: 'ERR_BF_INTERNAL',
+  /** The native addon failed inside (a Rust panic, caught at the boundary). */
+  NATIVE_PANIC: 'ERR_BF_NATIVE_PANIC',
 } as const;
 
 export type ErrorCodeValue = (typeof ErrorCode)[keyof typeof ErrorCode];

@@ -93,6 +93,20 @@ describe('blockferry CLI', () => {
     assert.equal(existsSync(out), false, 'a failed build leaves no index file');
   });
 
+  it('reads rates and sizes with their units: powers of 1000 for k/M/G and kB/MB, of 1024 for KiB/MiB and for --memory', async () => {
+    const { parseRate, parseSize } = await import('../src/cli/main.js');
+    assert.equal(parseRate('12.5M'), 12.5e6);
+    assert.equal(parseRate('12.5MB'), 12.5e6);
+    assert.equal(parseRate('12MiB'), 12 * 2 ** 20);
+    assert.equal(parseRate('100mbit'), 12.5e6);
+    assert.equal(parseRate('64k'), 64e3);
+    assert.throws(() => parseRate('-1M'), { code: 'ERR_BF_USAGE' });
+    assert.throws(() => parseRate('12 furlongs'), { code: 'ERR_BF_USAGE' });
+    assert.equal(parseSize('--memory', '256M'), 256 * 2 ** 20);
+    assert.equal(parseSize('--memory', '1GiB'), 2 ** 30);
+    assert.throws(() => parseSize('--memory', 'lots'), { code: 'ERR_BF_USAGE' });
+  });
+
   it('runs the demo', () => {
     const r = run('demo', '--progress=none');
     assert.equal(r.code, 0, r.err);

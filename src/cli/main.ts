@@ -118,13 +118,18 @@ export function parseSize(flag: string, v: string): number {
   return Math.round(Number(m[1]) * mult[unit]!);
 }
 
-/** --bwlimit: bytes per second, with k/M/G suffixes (powers of 1000), or bits with kbit/mbit/gbit. */
+/**
+ * --bwlimit: bytes per second. k, M, G (and kB, MB, GB) are powers of 1000,
+ * KiB, MiB, GiB powers of 1024; kbit, mbit, gbit are bits per second.
+ */
 export function parseRate(v: string): number {
-  const m = /^(\d+(?:\.\d+)?)\s*(k|m|g|kbit|mbit|gbit)?$/i.exec(v.trim());
-  if (!m) throw new UsageError(`--bwlimit ${JSON.stringify(v)}: expected a rate like 12.5M (bytes/s) or 100mbit`);
+  const m = /^(\d+(?:\.\d+)?)\s*(k|m|g|kb|mb|gb|kib|mib|gib|kbit|mbit|gbit)?$/i.exec(v.trim());
+  if (!m) throw new UsageError(`--bwlimit ${JSON.stringify(v)}: expected a rate like 12.5M (bytes/s), 12MiB or 100mbit`);
   const n = Number(m[1]);
   const unit = (m[2] ?? '').toLowerCase();
-  const mult: Record<string, number> = { '': 1, k: 1e3, m: 1e6, g: 1e9, kbit: 1e3 / 8, mbit: 1e6 / 8, gbit: 1e9 / 8 };
+  const mult: Record<string, number> = {
+    '': 1, k: 1e3, m: 1e6, g: 1e9, kb: 1e3, mb: 1e6, gb: 1e9, kib: 2 ** 10, mib: 2 ** 20, gib: 2 ** 30, kbit: 1e3 / 8, mbit: 1e6 / 8, gbit: 1e9 / 8,
+  };
   const r = n * mult[unit]!;
   if (!(r >= 1024)) throw new UsageError(`--bwlimit ${v} is below 1 KiB/s`);
   return r;
@@ -317,7 +322,7 @@ export function buildProgram(): Command {
     .addOption(new Option('--strategy <s>', 'what to send').choices(['full', 'similarity']).default('similarity'))
     .option('--key-file <file>', 'pre-shared key (default: BLOCKFERRY_KEY)')
     .option('--insecure', 'plain TCP without authentication (loopback demos only)')
-    .option('--bwlimit <rate>', 'bandwidth limit: bytes/s (12.5M) or bits (100mbit)')
+    .option('--bwlimit <rate>', 'bandwidth limit: bytes/s (12.5M = 12.5e6, 12MiB) or bits (100mbit)')
     .option('--overwrite', 'replace a complete image of the same name at the destination')
     .option('--rescan', 'another process writes the image: rescan each round for changed blocks')
     .option('--max-rounds <n>', 'pre-copy rounds at most', intArg('--max-rounds', 0, 1000), 8)

@@ -49,12 +49,12 @@ export class FileFormat {
     writeFileAtomic(file, [...parts, this.trailer(parts)], this.what);
   }
 
-  /** Reads a whole file; a missing or unreadable one is IMAGE_NOT_FOUND or IMAGE_UNREADABLE. */
+  /** Reads a whole file; a missing or unreadable one is FILE_NOT_FOUND or FILE_UNREADABLE. */
   read(file: string): Buffer {
     try {
       return readFileSync(file);
     } catch (cause) {
-      const code = (cause as NodeJS.ErrnoException).code === 'ENOENT' ? ErrorCode.IMAGE_NOT_FOUND : ErrorCode.IMAGE_UNREADABLE;
+      const code = (cause as NodeJS.ErrnoException).code === 'ENOENT' ? ErrorCode.FILE_NOT_FOUND : ErrorCode.FILE_UNREADABLE;
       throw new BlockferryError(code, `cannot read ${this.what} ${file}: ${(cause as Error).message}`, { cause });
     }
   }

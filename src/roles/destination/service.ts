@@ -94,7 +94,7 @@ export class DestinationService implements Role {
     socket.on('close', () => this.sockets.delete(socket));
     const ch = new Channel(socket);
     this.serve(ch).catch((e: Error) => {
-      const code = e instanceof BlockferryError ? e.code : 'ERR_BF_INTERNAL';
+      const code = e instanceof BlockferryError ? e.code : ErrorCode.INTERNAL;
       this.log(`migration from ${socket.remoteAddress} failed: ${code}: ${e.message}`);
       void ch.sendError(code, e.message);
     });
