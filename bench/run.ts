@@ -31,7 +31,11 @@ if (want('zero')) groups.push(...(await benchZero()));
 if (want('bitmap')) groups.push(...(await benchBitmap()));
 if (want('native')) groups.push(...(await benchNative()));
 if (want('scan')) groups.push(...(await benchScan()));
-if (want('transfer')) groups.push(...(await benchTransfer()));
+if (want('transfer')) {
+  const r = await benchTransfer();
+  groups.push(...r.groups);
+  if (r.figures) extra.transfer = r.figures;
+}
 if (want('codec')) groups.push(...(await benchCodec()));
 if (want('scale')) {
   const r = await benchScale();
