@@ -97,6 +97,8 @@ export class Channel {
   private sendBlockedSince: number | undefined;
   private idleTimer: NodeJS.Timeout | undefined;
   private errorSent = false;
+  /** When this side last sent a frame (a source sends a heartbeat when it has been quiet). */
+  lastSentAt = performance.now();
 
   constructor(readonly socket: Socket, options: ChannelOptions = {}) {
     this.rate = options.bwlimit ?? 0;
@@ -257,6 +259,7 @@ export class Channel {
     if (this.failure) throw this.failure;
     if (this.socket.destroyed) throw new ProtocolError(ErrorCode.CONNECTION, 'connection closed');
     this.sent[kind] += bytes;
+    this.lastSentAt = performance.now();
     this.sentRaw[kind] += payload.length + HEADER_BYTES;
     this.onFrame?.({ direction: 'sent', type: msgName(type), id, bytes, compressed: flags !== 0 });
     this.socket.write(encodeHeader(type, body.length, id, flags));

@@ -204,6 +204,12 @@ export class DestinationService implements Role {
   private async claim(name: string): Promise<void> {
     const old = this.active.get(name);
     if (!old) return;
+    if (old.ch.failed) {
+      // Ending already (its connection failed or timed out): wait for it to save its journal.
+      await old.done;
+      if (this.active.has(name)) throw new BlockferryError(ErrorCode.BUSY, `a migration into ${name} is already running`);
+      return;
+    }
     const grace = this.options.takeoverGrace ?? DEFAULT_TAKEOVER_GRACE_MS;
     const idle = old.ch.idleFor();
     if (idle < grace) throw new BlockferryError(ErrorCode.BUSY, `a migration into ${name} is already running`);
