@@ -47,6 +47,7 @@ export function parseBlockSizes(v: string): number[] {
     return n;
   };
   const out: number[] = [];
+  if (!/^\s*\d/.test(v)) throw new UsageError(`block size ${JSON.stringify(v)} is not a number like 4096, 4k or 1m`);
   for (const part of v.split(',')) {
     const range = part.split('-');
     if (range.length === 2) {

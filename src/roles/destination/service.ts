@@ -2,7 +2,7 @@
 // keeps the block index of the images it holds (its neighbourhood).
 import type { Socket } from 'node:net';
 import { closeSync, constants as fsc, existsSync, lstatSync, mkdirSync, openSync, rmSync, statfsSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { BlockferryError, ErrorCode, ProtocolError } from '../../errors.js';
 import { escapeForLog, LOG_LINE_MAX } from '../../util/sanitize.js';
 import { DEFAULT_PARTIAL_TTL_MS, NAME_RE, prunePartials } from './partials.js';
@@ -274,7 +274,13 @@ export class DestinationService implements Role {
 /** The data directory exists (or is made) and takes files: else ERR_BF_DATA_DIR. */
 function checkDataDir(dir: string): void {
   try {
-    mkdirSync(dir, { recursive: true });
+    // Level by level (Node's recursive mkdir can spin on /proc and the like).
+    const missing: string[] = [];
+    for (let d = resolve(dir); !existsSync(d); d = dirname(d)) {
+      missing.unshift(d);
+      if (dirname(d) === d) break;
+    }
+    for (const d of missing) mkdirSync(d);
     const probe = join(dir, `.bf-probe-${process.pid}-${Date.now()}`);
     closeSync(openSync(probe, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600));
     rmSync(probe, { force: true });
