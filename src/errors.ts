@@ -66,6 +66,20 @@ export const ErrorCode = {
   INTERNAL: 'ERR_BF_INTERNAL',
   /** The native addon failed inside (a Rust panic, caught at the boundary). */
   NATIVE_PANIC: 'ERR_BF_NATIVE_PANIC',
+  /** Not enough disk space at the destination for the data that is arriving (ENOSPC, or the free-space check). */
+  NO_SPACE: 'ERR_BF_NO_SPACE',
+  /** An image larger than the destination accepts (its maxImageSize, --max-image-size). */
+  IMAGE_TOO_LARGE: 'ERR_BF_IMAGE_TOO_LARGE',
+  /** A peer sent nothing for longer than the idle deadline. */
+  TIMEOUT: 'ERR_BF_TIMEOUT',
+  /** The address to listen on is already taken by another socket. */
+  ADDRESS_IN_USE: 'ERR_BF_ADDRESS_IN_USE',
+  /** The address to listen on cannot be bound here (not an address of this host, not permitted, unknown name). */
+  ADDRESS_UNAVAILABLE: 'ERR_BF_ADDRESS_UNAVAILABLE',
+  /** The data directory cannot be created or written (a file, a read-only place, no permission). */
+  DATA_DIR: 'ERR_BF_DATA_DIR',
+  /** A path blockferry would write or read is a symbolic link (or not a regular file) where it must not be. */
+  UNSAFE_PATH: 'ERR_BF_UNSAFE_PATH',
 } as const;
 
 export type ErrorCodeValue = (typeof ErrorCode)[keyof typeof ErrorCode];

@@ -2,8 +2,9 @@
 // exit codes and stable error codes on stderr.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { createServer } from 'node:net';
+import { existsSync, mkdirSync, mkdtempSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { seededBytes } from './util.js';
@@ -13,6 +14,22 @@ const run = (...args: string[]) => {
   const r = spawnSync(process.execPath, [bin, ...args], { encoding: 'utf8' });
   return { code: r.status, out: r.stdout, err: r.stderr };
 };
+
+/** The CLI as a process, without blocking this one (a server in this process may have to answer). */
+const runAsync = (...args: string[]) => new Promise<{ code: number | null; out: string; err: string }>((resolve) => {
+  const p = spawn(process.execPath, [bin, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '', err = '';
+  p.stdout.on('data', (d) => { out += d; });
+  p.stderr.on('data', (d) => { err += d; });
+  p.on('close', (code) => resolve({ code, out, err }));
+});
+
+/** Runs f while something listens on port. */
+async function withBusyPort<T>(port: number, f: () => Promise<T>): Promise<T> {
+  const s = createServer().listen(port, '127.0.0.1');
+  await new Promise((r) => s.once('listening', r));
+  try { return await f(); } finally { s.close(); }
+}
 
 let dir: string, a: string, b: string;
 before(() => {
@@ -105,6 +122,83 @@ describe('blockferry CLI', () => {
     assert.equal(parseSize('--memory', '256M'), 256 * 2 ** 20);
     assert.equal(parseSize('--memory', '1GiB'), 2 ** 30);
     assert.throws(() => parseSize('--memory', 'lots'), { code: 'ERR_BF_USAGE' });
+  });
+
+  it('ends every failure a user can cause with one line, a stable code and its documented exit status (README, "Errors and exit statuses")', async () => {
+    const file = join(dir, 'plain-file');
+    writeFileSync(file, 'x');
+    const idx = join(dir, 'short.bfidx');
+    writeFileSync(idx, Buffer.from('BFIDX'));
+    const busy = createServer().listen(0, '127.0.0.1');
+    await new Promise((r) => busy.once('listening', r));
+    const busyPort = (busy.address() as { port: number }).port;
+    // A running destination (--max-image-size 64K) for the rows that need a peer.
+    const dataDir = join(dir, 'serve-data');
+    const server = spawn(process.execPath, [bin, 'serve', '--listen', '127.0.0.1:0', '--data-dir', dataDir, '--insecure', '--max-image-size', '64K'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const port = await new Promise<number>((res) => server.stdout.once('data', (d: Buffer) => res(JSON.parse(d.toString()).port)));
+    const to = `127.0.0.1:${port}`;
+    const small = join(dir, 'small.img');
+    writeFileSync(small, seededBytes(5, 8 * 4096));
+    const cases: Array<[string, string[], number]> = [
+      ['ERR_BF_USAGE', ['scan', '--frobnicate', a], 2],
+      ['ERR_BF_USAGE', ['scan'], 2],
+      ['ERR_BF_USAGE', ['scan', '--block-size', '-1', a], 2],
+      ['ERR_BF_USAGE', ['bogus'], 2],
+      ['ERR_BF_USAGE', ['serve', '--listen', '127.0.0.1:0', '--data-dir', dir, '--insecure', '--partial-ttl', 'soon'], 2],
+      ['ERR_BF_INVALID_ARGUMENT', ['migrate', a, '--to', 'nohost', '--insecure'], 1],
+      ['ERR_BF_BAD_BLOCK_SIZE', ['scan', '--block-size', '1000', a], 1],
+      ['ERR_BF_IMAGE_NOT_FOUND', ['scan', join(dir, 'missing.img')], 1],
+      ['ERR_BF_NOT_AN_IMAGE', ['scan', dir], 1],
+      ['ERR_BF_BAD_MAGIC', ['index', 'info', a], 1],
+      ['ERR_BF_TRUNCATED', ['index', 'info', idx], 1],
+      ['ERR_BF_WRITE_FAILED', ['scan', '--rescan', '--map-dir', join(file, 'sub'), a], 1],
+      ['ERR_BF_CONNECTION', ['migrate', a, '--to', `127.0.0.1:${busyPort + 0}`, '--insecure', '--name', 'x'], 1],
+      ['ERR_BF_AUTH_FAILED', ['migrate', small, '--to', to, '--key-file', a], 1],
+      ['ERR_BF_REFUSED (ERR_BF_NAME_INVALID)', ['migrate', small, '--to', to, '--insecure', '--name', '../up', '--progress=none'], 1],
+      ['ERR_BF_REFUSED (ERR_BF_IMAGE_TOO_LARGE)', ['migrate', b, '--to', to, '--insecure', '--name', 'big', '--progress=none'], 1],
+      ['ERR_BF_REFUSED (ERR_BF_IMAGE_EXISTS)', ['migrate', small, '--to', to, '--insecure', '--name', 'small', '--progress=none'], 1],
+      ['ERR_BF_ADDRESS_IN_USE', ['serve', '--listen', `127.0.0.1:${busyPort}`, '--data-dir', join(dir, 'd1'), '--insecure'], 1],
+      ['ERR_BF_ADDRESS_UNAVAILABLE', ['serve', '--listen', '192.0.2.1:7000', '--data-dir', join(dir, 'd2'), '--insecure'], 1],
+      ['ERR_BF_DATA_DIR', ['serve', '--listen', '127.0.0.1:0', '--data-dir', file, '--insecure'], 1],
+      ['ERR_BF_DATA_DIR', ['serve', '--listen', '127.0.0.1:0', '--data-dir', '/proc/blockferry-cannot-be-here', '--insecure'], 1],
+      ['ERR_BF_DATA_DIR', ['partial', 'list', '--data-dir', join(dir, 'no-such-dir')], 1],
+      ['ERR_BF_NAME_INVALID', ['partial', 'remove', '../x', '--data-dir', dir], 1],
+    ];
+    try {
+      // The image 'small' exists at the destination before the IMAGE_EXISTS row.
+      const ok = await runAsync('migrate', small, '--to', to, '--insecure', '--name', 'small', '--progress=none');
+      assert.equal(ok.code, 0, ok.err);
+      // The CONNECTION row needs a port with nobody listening.
+      busy.close();
+      await new Promise((r) => setTimeout(r, 50));
+      for (const [code, args, status] of cases) {
+        const r = code === 'ERR_BF_ADDRESS_IN_USE' ? await withBusyPort(busyPort, () => runAsync(...args)) : await runAsync(...args);
+        const lines = r.err.trim().split('\n');
+        assert.equal(r.code, status, `${args.join(' ')}: ${r.err}`);
+        assert.equal(lines.length, 1, `one line: ${r.err}`);
+        assert.ok(lines[0]!.startsWith(`blockferry: error ${code}: `), `${args.join(' ')}: ${r.err}`);
+      }
+      assert.equal((await runAsync('scan', '--rescan', '--no-save', '--map-dir', join(file, 'sub'), a)).code, 0, '--no-save writes nothing, so nothing fails');
+    } finally {
+      server.kill('SIGTERM');
+      busy.close();
+    }
+  });
+
+  it('lists, removes and prunes partial images', () => {
+    const d = join(dir, 'partials');
+    mkdirSync(d);
+    for (const n of ['p1', 'p2']) { writeFileSync(join(d, `${n}.img.partial`), Buffer.alloc(4096)); writeFileSync(join(d, `${n}.img.journal`), 'j'); }
+    const old = new Date(Date.now() - 10 * 86400_000);
+    utimesSync(join(d, 'p1.img.partial'), old, old);
+    utimesSync(join(d, 'p1.img.journal'), old, old);
+    assert.deepEqual(JSON.parse(run('partial', 'list', '--json', '--data-dir', d).out).map((p: { name: string }) => p.name), ['p1', 'p2']);
+    const pruned = run('partial', 'prune', '--json', '--data-dir', d);
+    assert.equal(pruned.code, 0, pruned.err);
+    assert.deepEqual(JSON.parse(pruned.out).map((p: { name: string }) => p.name), ['p1']);
+    assert.equal(run('partial', 'remove', 'p2', '--data-dir', d).code, 0);
+    assert.deepEqual(JSON.parse(run('partial', 'list', '--json', '--data-dir', d).out), []);
+    assert.equal(run('partial', 'remove', 'p2', '--data-dir', d).code, 1);
   });
 
   it('runs the demo', () => {

@@ -14,6 +14,7 @@ import { runDemo } from './demo.js';
 import { parseCompress } from '../protocol/codec.js';
 import { describeMigration } from './describe.js';
 import { DestinationService } from '../roles/destination/service.js';
+import { DEFAULT_PARTIAL_TTL_MS, listPartials, prunePartials, removePartial } from '../roles/destination/partials.js';
 import { migrate } from '../migrate/migrate.js';
 import { spawnSync } from 'node:child_process';
 import { chooseBackend, nativeStatus } from '../engine/backend.js';
@@ -46,6 +47,7 @@ export function parseBlockSizes(v: string): number[] {
     return n;
   };
   const out: number[] = [];
+  if (!/^\s*\d/.test(v)) throw new UsageError(`block size ${JSON.stringify(v)} is not a number like 4096, 4k or 1m`);
   for (const part of v.split(',')) {
     const range = part.split('-');
     if (range.length === 2) {
@@ -53,6 +55,14 @@ export function parseBlockSizes(v: string): number[] {
     } else out.push(one(part));
   }
   return [...new Set(out)];
+}
+
+/** "90s", "15m", "2h", "7d", "500ms", or plain seconds: milliseconds. */
+export function parseDuration(flag: string, v: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$/.exec(v.trim());
+  if (!m) throw new UsageError(`${flag} ${JSON.stringify(v)}: expected a duration like 30s, 15m, 2h or 7d`);
+  const mult: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3600_000, d: 86400_000 };
+  return Math.round(Number(m[1]) * mult[m[2] ?? 's']!);
 }
 
 interface CommonOptions {
@@ -88,7 +98,11 @@ async function mapsFor(images: string[], sizes: number[], o: CommonOptions & { s
         onProgress: (p) => progress.update({ phase: 'scan', ...p }),
         onNotice: (p, msg) => notices.push(`${p}: ${msg}`),
       };
-      if (o.mapDir) opts.mapDir = o.mapDir;
+      if (o.mapDir) {
+        opts.mapDir = o.mapDir;
+        // Maps asked for in a directory must land there: a failure is an error, not a notice.
+        opts.onSaveError = (e) => { throw e; };
+      }
       results.push({ path, ...(await blockMapsFor(scanner, path, opts)) });
     }
     return results;
@@ -194,8 +208,7 @@ function matrixMarkdown(m: SimilarityMatrix): string {
 export function buildProgram(): Command {
   const program = new Command('blockferry')
     .description('Dedup and block transfer for virtual-machine disk images')
-    .version(pkg.version)
-    .showHelpAfterError('(run with --help for usage)');
+    .version(pkg.version);
 
   common(
     program
@@ -295,13 +308,19 @@ export function buildProgram(): Command {
     .option('--key-file <file>', 'pre-shared key (default: BLOCKFERRY_KEY)')
     .option('--insecure', 'plain TCP without authentication (loopback demos only)')
     .addOption(new Option('--compress <mode>', 'accept compressed block data from sources (none: refuse it)').choices(['auto', 'none']).default('auto'))
-    .action(async (o: { listen: string; dataDir: string; neighbour: string[]; blockSize: string; keyFile?: string; insecure?: boolean; compress: 'auto' | 'none' }) => {
+    .option('--max-image-size <size>', 'refuse images larger than this (e.g. 2T; default: no limit)')
+    .option('--reserve <size>', 'disk space to leave free in the data directory (e.g. 10G)', '0')
+    .option('--idle-timeout <duration>', 'end a connection that sends nothing for this long (0: never)', '60s')
+    .option('--partial-ttl <duration>', 'remove partial images untouched for this long (0: never)', '7d')
+    .action(async (o: { listen: string; dataDir: string; neighbour: string[]; blockSize: string; keyFile?: string; insecure?: boolean; compress: 'auto' | 'none'; maxImageSize?: string; reserve: string; idleTimeout: string; partialTtl: string }) => {
       const m = /^\[?([^\]]*?)\]?:(\d{1,5})$/.exec(o.listen);
-      if (!m) throw new UsageError(`--listen ${o.listen}: expected HOST:PORT`);
+      if (!m || Number(m[2]) > 65535) throw new UsageError(`--listen ${o.listen}: expected HOST:PORT`);
       const [bs, ...rest] = parseBlockSizes(o.blockSize);
       if (rest.length) throw new UsageError('one block size');
       const svc = await DestinationService.start({
         dataDir: o.dataDir, host: m[1] || '0.0.0.0', port: Number(m[2]), auth: authFrom(o), blockSize: bs!, neighbours: o.neighbour, compression: o.compress !== 'none',
+        ...(o.maxImageSize !== undefined ? { maxImageSize: parseSize('--max-image-size', o.maxImageSize) } : {}),
+        reserveBytes: parseSize('--reserve', o.reserve), idleTimeout: parseDuration('--idle-timeout', o.idleTimeout), partialTtl: parseDuration('--partial-ttl', o.partialTtl),
         log: (l) => process.stderr.write(`blockferry serve: ${l}\n`),
       });
       const a = svc.address;
@@ -311,6 +330,40 @@ export function buildProgram(): Command {
         process.once('SIGTERM', res);
       });
       await svc.close();
+    });
+
+  const partial = program.command('partial').description('partial images left by migrations that did not finish (NAME.img.partial and NAME.img.journal)');
+  partial
+    .command('list')
+    .description('list partial images, oldest first')
+    .requiredOption('--data-dir <dir>', 'the destination\'s data directory')
+    .option('--json', 'print JSON')
+    .action((o: { dataDir: string; json?: boolean }) => {
+      const list = listPartials(o.dataDir);
+      if (o.json) return print(JSON.stringify(list, null, 2));
+      const t = new Table({ head: ['name', 'size', 'on disk', 'journal', 'untouched for'], style: { head: [], border: [] } });
+      for (const p of list) t.push([p.name, human(p.size), human(p.allocated), p.hasJournal ? 'yes' : 'no', `${(p.ageMs / 3600_000).toFixed(1)} h`]);
+      print(list.length ? t.toString() : `${o.dataDir}: no partial images`);
+    });
+  partial
+    .command('remove')
+    .description('remove the partial image and journal of NAME (do not run while a migration into NAME is running)')
+    .argument('<name>', 'image name')
+    .requiredOption('--data-dir <dir>', 'the destination\'s data directory')
+    .action((name: string, o: { dataDir: string }) => {
+      if (!removePartial(o.dataDir, name)) throw new BlockferryError(ErrorCode.IMAGE_NOT_FOUND, `${o.dataDir}: no partial image named ${name}`);
+      print(`removed the partial image of ${name}`);
+    });
+  partial
+    .command('prune')
+    .description('remove partial images untouched for longer than --partial-ttl')
+    .requiredOption('--data-dir <dir>', 'the destination\'s data directory')
+    .option('--partial-ttl <duration>', 'age from which a partial image is removed', `${DEFAULT_PARTIAL_TTL_MS / 86400_000}d`)
+    .option('--json', 'print JSON')
+    .action((o: { dataDir: string; partialTtl: string; json?: boolean }) => {
+      const removed = prunePartials(o.dataDir, parseDuration('--partial-ttl', o.partialTtl));
+      if (o.json) return print(JSON.stringify(removed, null, 2));
+      print(`removed ${removed.length} partial image${removed.length === 1 ? '' : 's'}${removed.length ? ': ' + removed.map((p) => p.name).join(', ') : ''}`);
     });
 
   program
@@ -396,30 +449,45 @@ function describeIndex(file: string, n: Neighbourhood): string {
     `${info.bytesPerEntry.toFixed(1)} bytes per entry in memory\n${t.toString()}`;
 }
 
-/** Runs the CLI; returns the exit code (0 ok, 1 error, 2 usage). Never throws. */
+/** Exit statuses (README, "Errors and exit statuses"). */
+export const EXIT = { OK: 0, ERROR: 1, USAGE: 2, INTERNAL: 70 } as const;
+
+/** Runs the CLI; returns the exit code (0 ok, 1 error, 2 usage, 70 internal). Never throws. */
 export async function main(argv: string[]): Promise<number> {
   const program = buildProgram();
-  program.exitOverride();
-  program.configureOutput({ writeErr: (s) => process.stderr.write(s) });
-  for (const c of program.commands) {
+  // Commander's own errors (unknown option, missing argument) as one line with ERR_BF_USAGE, on every (sub)command.
+  const configure = (c: Command): void => {
     c.exitOverride();
-    for (const cc of c.commands) cc.exitOverride();
-  }
+    c.configureOutput({
+      writeErr: (s) => process.stderr.write(s),
+      outputError: (s, write) => write(`blockferry: error ${ErrorCode.USAGE}: ${s.replace(/^error: /, '').trim().replace(/\s*\n\s*/g, ' ')} (run with --help for usage)\n`),
+    });
+    for (const cc of c.commands) configure(cc);
+  };
+  configure(program);
   try {
     await program.parseAsync(argv, { from: 'user' });
-    return 0;
+    return EXIT.OK;
   } catch (e) {
     if (e instanceof CommanderError) {
-      if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || e.code === 'commander.help') return 0;
-      return 2; // commander already printed the message
+      if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || e.code === 'commander.help') return EXIT.OK;
+      // A parse callback's own error (intArg) arrives wrapped: commander printed it already.
+      return EXIT.USAGE;
     }
     if (e instanceof BlockferryError) {
       const remote = (e as { remoteCode?: string }).remoteCode;
       const code = remote && remote !== e.code ? `${e.code} (${remote})` : e.code;
-      process.stderr.write(`blockferry: error ${code}: ${e.message}\n`);
-      return e.code === ErrorCode.USAGE ? 2 : 1;
+      process.stderr.write(`blockferry: error ${code}: ${oneLine(e.message)}\n`);
+      return e.code === ErrorCode.USAGE ? EXIT.USAGE : EXIT.ERROR;
     }
-    process.stderr.write(`blockferry: internal error: ${(e as Error)?.stack ?? String(e)}\n`);
-    return 70;
+    // A bug, not something a user did: still one line (BLOCKFERRY_DEBUG=1 for the stack).
+    const errno = (e as NodeJS.ErrnoException)?.code;
+    process.stderr.write(`blockferry: error ERR_BF_INTERNAL: ${oneLine(errno ? `${errno}: ${(e as Error).message}` : String((e as Error)?.message ?? e))}\n`);
+    if (process.env.BLOCKFERRY_DEBUG) process.stderr.write(`${(e as Error)?.stack}\n`);
+    return EXIT.INTERNAL;
   }
+}
+
+function oneLine(s: string): string {
+  return s.replace(/[\r\n]+/g, ' ');
 }

@@ -7,6 +7,7 @@ import { constants, promises as fsp, type Stats } from 'node:fs';
 import { rm, rename } from 'node:fs/promises';
 import { BlockferryError, ErrorCode, ImageError } from '../errors.js';
 import { chooseBackend } from '../engine/backend.js';
+import { checkRegularOrAbsent } from '../io/atomic.js';
 import type { NativeAddon } from 'blockferry/native';
 import type { Extent } from './source.js';
 
@@ -48,6 +49,8 @@ export class FileImageSink implements ImageSink {
 
   /** A new, empty (sparse) partial image; an existing partial file is replaced. */
   static async create(partial: string, final: string, size: number, native = chooseBackend().native): Promise<FileImageSink> {
+    // A leftover partial file is replaced; a symbolic link (or a directory, a fifo) planted there is refused.
+    checkRegularOrAbsent(partial, 'partial image');
     await rm(partial, { force: true });
     const fh = await openChecked(partial, constants.O_RDWR | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW);
     try {
@@ -81,9 +84,13 @@ export class FileImageSink implements ImageSink {
   }
 
   async write(offset: number, data: Uint8Array): Promise<void> {
-    for (let at = 0; at < data.length; ) {
-      const { bytesWritten } = await this.fh.write(data, at, data.length - at, offset + at);
-      at += bytesWritten;
+    try {
+      for (let at = 0; at < data.length; ) {
+        const { bytesWritten } = await this.fh.write(data, at, data.length - at, offset + at);
+        at += bytesWritten;
+      }
+    } catch (e) {
+      throw ioError(e, this.partial, 'write');
     }
   }
 
@@ -114,7 +121,11 @@ export class FileImageSink implements ImageSink {
   }
 
   async flush(): Promise<void> {
-    await this.fh.sync();
+    try {
+      await this.fh.sync();
+    } catch (e) {
+      throw ioError(e, this.partial, 'fsync');
+    }
   }
 
   async commit(): Promise<void> {
@@ -137,8 +148,16 @@ async function openChecked(path: string, flags: number): Promise<fsp.FileHandle>
     return await fsp.open(path, flags, 0o644);
   } catch (cause) {
     const code = (cause as NodeJS.ErrnoException).code;
-    if (code === 'ELOOP') throw new BlockferryError(ErrorCode.WRITE_FAILED, `${path} is a symbolic link; refusing to write through it`, { cause });
+    if (code === 'ELOOP') throw new BlockferryError(ErrorCode.UNSAFE_PATH, `${path} is a symbolic link; refusing to write through it`, { cause });
     if (code === 'EEXIST') throw new BlockferryError(ErrorCode.WRITE_FAILED, `${path} appeared while it was being created`, { cause });
     throw new BlockferryError(ErrorCode.WRITE_FAILED, `cannot open ${path} (${code ?? (cause as Error).message})`, { cause });
   }
+}
+
+/** A failed write or fsync: ENOSPC and EDQUOT are NO_SPACE (the journal is kept; free space and resume), the rest WRITE_FAILED. */
+export function ioError(e: unknown, path: string, what: string): BlockferryError {
+  if (e instanceof BlockferryError) return e;
+  const code = (e as NodeJS.ErrnoException).code;
+  if (code === 'ENOSPC' || code === 'EDQUOT') return new BlockferryError(ErrorCode.NO_SPACE, `${path}: no space left on the destination's disk (${what})`, { cause: e });
+  return new BlockferryError(ErrorCode.WRITE_FAILED, `${path}: ${what} failed: ${(e as Error).message}`, { cause: e });
 }

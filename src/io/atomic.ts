@@ -1,24 +1,46 @@
-import { closeSync, fsyncSync, openSync, renameSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, constants, fsyncSync, lstatSync, openSync, renameSync, rmSync, writeSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
 import { BlockferryError, ErrorCode } from '../errors.js';
 
 /**
- * Writes parts to file atomically: into FILE.tmp-PID, fsync, then rename over
- * FILE. A crash leaves the old file or the new one, never half of one; on
- * failure the temporary file is removed and WRITE_FAILED names `what`.
+ * Writes parts to file atomically: into a fresh FILE.tmp-PID-RANDOM (created
+ * with O_EXCL | O_NOFOLLOW, so nothing planted at that name is written
+ * through), fsync, then rename over FILE. A crash leaves the old file or the
+ * new one, never half of one; on failure the temporary file is removed and
+ * WRITE_FAILED names `what`. A symbolic link (or anything but a regular
+ * file) at FILE is refused with UNSAFE_PATH rather than replaced.
  */
 export function writeFileAtomic(file: string, parts: Uint8Array[], what: string, mode = 0o644): void {
-  const tmp = `${file}.tmp-${process.pid}`;
+  checkRegularOrAbsent(file, what);
+  const tmp = `${file}.tmp-${process.pid}-${randomBytes(6).toString('hex')}`;
   let fd: number | undefined;
+  let created = false;
   try {
-    fd = openSync(tmp, 'w', mode);
+    fd = openSync(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, mode);
+    created = true;
     for (const p of parts) for (let at = 0; at < p.length; ) at += writeSync(fd, p, at, p.length - at);
     fsyncSync(fd);
     closeSync(fd);
     fd = undefined;
+    checkRegularOrAbsent(file, what);
     renameSync(tmp, file);
   } catch (cause) {
     if (fd !== undefined) closeSync(fd);
-    rmSync(tmp, { force: true });
-    throw new BlockferryError(ErrorCode.WRITE_FAILED, `cannot write ${what} ${file}: ${(cause as Error).message}`, { cause });
+    if (created) rmSync(tmp, { force: true });
+    if (cause instanceof BlockferryError) throw cause;
+    const code = (cause as NodeJS.ErrnoException).code;
+    throw new BlockferryError(code === 'ENOSPC' || code === 'EDQUOT' ? ErrorCode.NO_SPACE : ErrorCode.WRITE_FAILED, `cannot write ${what} ${file}: ${(cause as Error).message}`, { cause });
   }
+}
+
+/** Refuses a path that exists and is not a regular file (a planted symbolic link, a directory, a fifo). */
+export function checkRegularOrAbsent(file: string, what: string): void {
+  let st;
+  try {
+    st = lstatSync(file);
+  } catch {
+    return;
+  }
+  if (st.isSymbolicLink()) throw new BlockferryError(ErrorCode.UNSAFE_PATH, `${what} ${file} is a symbolic link; refusing to use it`);
+  if (!st.isFile()) throw new BlockferryError(ErrorCode.UNSAFE_PATH, `${what} ${file} is not a regular file; refusing to use it`);
 }

@@ -6,7 +6,10 @@ import { checkBlockSize } from '../engine/engine.js';
 import { BlockferryError, ErrorCode, InvalidArgumentError } from '../errors.js';
 import { Channel, type FrameRecord, type Traffic } from '../protocol/channel.js';
 import { clientHandshake, type AuthOptions } from '../protocol/handshake.js';
-import { BEGIN, BEGIN_OK, BEGIN_OVERWRITE } from '../protocol/messages.js';
+import { BEGIN, BEGIN_OK, BEGIN_OVERWRITE, SYNC, SYNC_OK } from '../protocol/messages.js';
+
+/** A source that has sent nothing for this long sends SYNC (the destination's idle deadline defaults to 60 s). */
+export const HEARTBEAT_MS = 10_000;
 import { compressorFor, type CompressMode } from '../protocol/compression.js';
 import { connect, parseTarget } from '../transport/tcp.js';
 import { openSource, statImage } from '../image/source.js';
@@ -101,6 +104,7 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
   const socket = await connect(target).catch(async (e) => { await closeScanner(); throw e; });
   const ch = new Channel(socket, { bwlimit: options.bwlimit ?? 0, ...(options.onFrame ? { onFrame: options.onFrame } : {}) });
   const src = openSource({ kind: 'file', path });
+  let heartbeat: NodeJS.Timeout | undefined;
   try {
     const caps = await clientHandshake(ch, options.auth);
     const lacking = strategy.requires & ~caps;
@@ -109,6 +113,13 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
     // Ask first: a refused migration (name, existing image, busy) costs no scan.
     await ch.send(BEGIN, { name, size: src.size, blockSize: bs, flags: options.overwrite ? BEGIN_OVERWRITE : 0, fills: strategy.fills, strategy: strategy.name });
     await ch.recv(BEGIN_OK);
+    // A heartbeat: SYNC when nothing was sent for a while (a long scan or
+    // rescan), so the destination's idle deadline only ends sources that
+    // are really gone.
+    heartbeat = setInterval(() => {
+      if (performance.now() - ch.lastSentAt >= HEARTBEAT_MS && !ch.failed) ch.request(SYNC, undefined, SYNC_OK).catch(() => {});
+    }, HEARTBEAT_MS / 4);
+    heartbeat.unref();
     options.tracked?.takeDirty(); // writes from here on are this migration's business
     event('scan');
     const tScan = performance.now();
@@ -150,6 +161,7 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
       verified: true,
     };
   } finally {
+    if (heartbeat) clearInterval(heartbeat);
     src.close();
     socket.destroy();
     await closeScanner();

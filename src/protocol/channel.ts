@@ -90,6 +90,15 @@ export class Channel {
   private compressor: FrameCompressor | undefined;
   private decompressor: FrameDecompressor | undefined;
   private readonly onFrame: ((f: FrameRecord) => void) | undefined;
+  /** When the peer last showed life: bytes arrived, or it drained what this side wrote. */
+  private lastHeard = performance.now();
+  /** Since when this side has waited for a frame (next()) or for 'drain' (send()); undefined while it is busy itself. */
+  private waitingSince: number | undefined;
+  private sendBlockedSince: number | undefined;
+  private idleTimer: NodeJS.Timeout | undefined;
+  private errorSent = false;
+  /** When this side last sent a frame (a source sends a heartbeat when it has been quiet). */
+  lastSentAt = performance.now();
 
   constructor(readonly socket: Socket, options: ChannelOptions = {}) {
     this.rate = options.bwlimit ?? 0;
@@ -97,11 +106,13 @@ export class Channel {
     if (options.frameLimit) this.decoder.limit = options.frameLimit;
     socket.setNoDelay(true);
     socket.on('data', (chunk: Buffer) => {
+      this.lastHeard = performance.now();
+      if (this.failure) return; // after an abort: nothing more is read
       try {
         for (const f of this.decoder.push(chunk)) this.deliver(f);
       } catch (e) {
-        this.fail(e as Error);
-        socket.destroy();
+        // The peer broke the framing: tell it why (ERROR, as the protocol promises), then close.
+        this.abort(e as Error);
         return;
       }
       if (this.queuedBytes > MAX_QUEUED_BYTES) socket.pause();
@@ -111,7 +122,55 @@ export class Channel {
       this.fail(new ProtocolError(truncated ? ErrorCode.PROTOCOL : ErrorCode.CONNECTION, truncated ? 'connection closed in the middle of a frame' : 'connection closed by the peer'));
     });
     socket.on('error', (e) => this.fail(new ProtocolError(ErrorCode.CONNECTION, `connection failed: ${e.message}`, undefined, { cause: e })));
-    socket.on('close', () => this.fail(new ProtocolError(ErrorCode.CONNECTION, 'connection closed')));
+    socket.on('close', () => { this.fail(new ProtocolError(ErrorCode.CONNECTION, 'connection closed')); this.stopIdle(); });
+    socket.on('drain', () => { this.lastHeard = performance.now(); });
+  }
+
+  /**
+   * How long the peer has been silent while this side waited for it (for a
+   * frame, or for room to write): 0 while this side is busy itself, so slow
+   * local work never counts against the peer.
+   */
+  idleFor(now = performance.now()): number {
+    const since = this.waitingSince ?? this.sendBlockedSince;
+    if (since === undefined) return 0;
+    return Math.max(0, now - Math.max(this.lastHeard, since));
+  }
+
+  /** Ends the connection with ERR_BF_TIMEOUT once the peer has been idle (idleFor) for ms. 0 turns it off. */
+  setIdleTimeout(ms: number): void {
+    this.stopIdle();
+    if (!(ms > 0)) return;
+    const check = () => {
+      const idle = this.idleFor();
+      if (idle >= ms) {
+        this.abort(new ProtocolError(ErrorCode.TIMEOUT, `nothing received for ${Math.round(idle)} ms (idle deadline ${ms} ms)`));
+        return;
+      }
+      this.idleTimer = setTimeout(check, Math.max(10, Math.min(ms - idle, 1000)));
+      this.idleTimer.unref();
+    };
+    this.idleTimer = setTimeout(check, Math.min(ms, 1000));
+    this.idleTimer.unref();
+  }
+
+  private stopIdle(): void {
+    if (this.idleTimer) clearTimeout(this.idleTimer);
+    this.idleTimer = undefined;
+  }
+
+  /**
+   * Ends the connection from this side because of e: everything waiting on
+   * the channel fails with e, the peer gets an ERROR frame with e's code (best
+   * effort), and the socket is closed (destroyed shortly after, even if the
+   * peer does not read).
+   */
+  abort(e: Error): void {
+    this.fail(e);
+    this.stopIdle();
+    const code = (e as { code?: string }).code ?? ErrorCode.PROTOCOL;
+    void this.sendError(code.startsWith('ERR_BF_') ? code : ErrorCode.PROTOCOL, e.message);
+    setTimeout(() => this.socket.destroy(), 500).unref();
   }
 
   /** Raises (or lowers) the largest frame this side accepts: after authentication, the protocol's limit. */
@@ -200,6 +259,7 @@ export class Channel {
     if (this.failure) throw this.failure;
     if (this.socket.destroyed) throw new ProtocolError(ErrorCode.CONNECTION, 'connection closed');
     this.sent[kind] += bytes;
+    this.lastSentAt = performance.now();
     this.sentRaw[kind] += payload.length + HEADER_BYTES;
     this.onFrame?.({ direction: 'sent', type: msgName(type), id, bytes, compressed: flags !== 0 });
     this.socket.write(encodeHeader(type, body.length, id, flags));
@@ -207,10 +267,11 @@ export class Channel {
     if (!ok) {
       if (this.failure) throw this.failure;
       if (this.socket.destroyed) throw new ProtocolError(ErrorCode.CONNECTION, 'connection closed');
+      this.sendBlockedSince = performance.now();
       await new Promise<void>((resolve, reject) => {
         const onDrain = () => { cleanup(); resolve(); };
         const onClose = () => { cleanup(); reject(this.failure ?? new ProtocolError(ErrorCode.CONNECTION, 'connection closed')); };
-        const cleanup = () => { this.socket.off('drain', onDrain); this.socket.off('close', onClose); this.socket.off('error', onClose); };
+        const cleanup = () => { this.sendBlockedSince = undefined; this.socket.off('drain', onDrain); this.socket.off('close', onClose); this.socket.off('error', onClose); };
         this.socket.on('drain', onDrain);
         this.socket.on('close', onClose);
         this.socket.on('error', onClose);
@@ -219,13 +280,24 @@ export class Channel {
     if (asked) c.observe?.({ compressed: flags !== 0, rawBytes: payload.length, wireBytes: bytes, compressSeconds, waitSeconds: (performance.now() - t0) / 1000 });
   }
 
-  /** Sends an ERROR frame (best effort) and closes. */
+  /**
+   * Sends an ERROR frame (best effort, at most once per connection, also
+   * after the channel failed) and closes.
+   */
   async sendError(code: string, message: string): Promise<void> {
-    try {
-      await this.send(ERROR, { code, message });
-    } catch {
-      // the peer is gone already
+    if (!this.errorSent && !this.socket.destroyed && this.socket.writable) {
+      this.errorSent = true;
+      try {
+        const payload = encode(ERROR, { code, message });
+        this.sent.control += payload.length + HEADER_BYTES;
+        this.onFrame?.({ direction: 'sent', type: 'ERROR', id: 0, bytes: payload.length + HEADER_BYTES, compressed: false });
+        this.socket.write(encodeHeader(Msg.ERROR, payload.length, 0, 0));
+        this.socket.write(payload);
+      } catch {
+        // the peer is gone already
+      }
     }
+    this.stopIdle();
     this.socket.end();
   }
 
@@ -239,7 +311,12 @@ export class Channel {
       f = queued;
     } else {
       if (this.failure) throw this.failure;
-      f = await new Promise<Frame>((resolve, reject) => { this.waiters.push({ resolve, reject }); });
+      this.waitingSince = performance.now();
+      try {
+        f = await new Promise<Frame>((resolve, reject) => { this.waiters.push({ resolve, reject }); });
+      } finally {
+        this.waitingSince = undefined;
+      }
     }
     return checkError(f);
   }
@@ -270,6 +347,7 @@ export class Channel {
   }
 
   close(): void {
+    this.stopIdle();
     this.socket.end();
   }
 }

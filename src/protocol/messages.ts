@@ -145,12 +145,15 @@ export const BEGIN_OK = def<BeginOk>(Msg.BEGIN_OK, 'BEGIN_OK', 'control',
  * that no BLOCK_INFO covers are zero: holes and zero runs cost nothing here.
  */
 export interface BlockInfo { start: number; count: number; fingerprints: BigUint64Array; signatures: BigUint64Array }
+/** Largest BLOCK_INFO run (1 MiB of fingerprints and signatures): bounded work per frame. */
+export const MAX_INFO_BLOCKS = 65536;
 export const BLOCK_INFO = def<BlockInfo>(Msg.BLOCK_INFO, 'BLOCK_INFO', 'fingerprints',
   (m, w) => { w.u64(m.start).u32(m.count); writeColumn(w, m.fingerprints); writeColumn(w, m.signatures); },
   (r) => {
     const start = r.u64();
     const count = counted(r, 16, 'BLOCK_INFO');
     if (count === 0) throw new ProtocolError(ErrorCode.PROTOCOL, 'BLOCK_INFO: an empty run');
+    if (count > MAX_INFO_BLOCKS) throw new ProtocolError(ErrorCode.PROTOCOL, `BLOCK_INFO: a run of ${count} blocks (at most ${MAX_INFO_BLOCKS} a frame)`);
     return { start, count, fingerprints: readColumn(r, count), signatures: readColumn(r, count) };
   },
   (m) => 12 + 16 * m.count);
@@ -203,6 +206,8 @@ export const EXTENT_ZERO = 0;
 export const EXTENT_DATA = 1;
 /** An extent of the end-to-end check: a zero interval (any length), or data with the SHA-1 of its bytes. */
 export interface VerifyExtent { start: number; count: number; digest?: Uint8Array }
+/** Most extents one VERIFY may list (the source sends 4096): bounded work per frame. */
+export const MAX_VERIFY_EXTENTS = 65536;
 export const VERIFY = def<VerifyExtent[]>(Msg.VERIFY, 'VERIFY', 'verify',
   (m, w) => {
     w.u32(m.length);
@@ -213,6 +218,7 @@ export const VERIFY = def<VerifyExtent[]>(Msg.VERIFY, 'VERIFY', 'verify',
   },
   (r) => {
     const n = counted(r, 13, 'VERIFY');
+    if (n > MAX_VERIFY_EXTENTS) throw new ProtocolError(ErrorCode.PROTOCOL, `VERIFY: ${n} extents (at most ${MAX_VERIFY_EXTENTS} a frame)`);
     const out: VerifyExtent[] = new Array(n);
     for (let i = 0; i < n; i++) {
       const start = r.u64(), count = r.u32(), kind = r.u8();

@@ -236,6 +236,8 @@ export interface MapOptions extends ScanOptions {
   noSave?: boolean;
   /** Told when a map on disk is stale or damaged (and rebuilt), or could not be saved. */
   onNotice?: (path: string, reason: string) => void;
+  /** Called when a map cannot be saved (default: a notice; throw from it to fail the call instead). */
+  onSaveError?: (e: BlockferryError) => void;
 }
 
 export interface MapResult {
@@ -280,8 +282,10 @@ export async function blockMapsFor(scanner: Scanner, path: string, options: MapO
       try {
         m.save(blockMapPath(path, m.blockSize, options.mapDir));
       } catch (e) {
+        const err = e instanceof BlockferryError ? e : new BlockferryError(ErrorCode.WRITE_FAILED, `block map not saved: ${(e as Error).message}`, { cause: e });
+        if (options.onSaveError) options.onSaveError(err);
         // A read-only image directory must not fail the scan itself.
-        options.onNotice?.(path, `block map not saved: ${(e as Error).message}`);
+        else options.onNotice?.(path, `block map not saved: ${(e as Error).message}`);
       }
     }
   }

@@ -1,7 +1,7 @@
-import { readFileSync } from 'node:fs';
+import { closeSync, constants, fstatSync, openSync, readSync } from 'node:fs';
 import { writeFileAtomic } from '../../io/atomic.js';
 import { TreeChecksum } from '../../engine/checksum.js';
-import { ErrorCode, FormatError } from '../../errors.js';
+import { BlockferryError, ErrorCode, FormatError } from '../../errors.js';
 import { IntervalSet, type Interval } from '../../blocks/intervals.js';
 
 /** File layout: docs/FORMATS.md, "Migration journal". */
@@ -46,14 +46,14 @@ export class Journal {
     writeFileAtomic(file, [header, body, trailer], WHAT, 0o600);
   }
 
-  /** The journal at file, or undefined when there is none. A damaged one throws a FormatError. */
+  /**
+   * The journal at file, or undefined when there is none. A damaged one
+   * throws a FormatError; a symbolic link (or anything but a regular file)
+   * at its name is never followed: UNSAFE_PATH.
+   */
   static load(file: string): Journal | undefined {
-    let b: Buffer;
-    try {
-      b = readFileSync(file);
-    } catch {
-      return undefined;
-    }
+    const b = readNoFollow(file);
+    if (!b) return undefined;
     if (b.length < HEADER + 8) throw new FormatError(ErrorCode.TRUNCATED, WHAT, 'shorter than its header');
     if (!MAGIC.equals(b.subarray(0, 8))) throw new FormatError(ErrorCode.BAD_MAGIC, WHAT, 'bad magic');
     if (b.readUInt32LE(8) !== VERSION) throw new FormatError(ErrorCode.UNSUPPORTED_VERSION, WHAT, `version ${b.readUInt32LE(8)}`);
@@ -74,5 +74,33 @@ export class Journal {
       written.add(iv.start, iv.count);
     }
     return new Journal(size, bs, written);
+  }
+}
+
+/** The bytes of a regular file, opened with O_NOFOLLOW; undefined when there is no file. */
+function readNoFollow(file: string): Buffer | undefined {
+  let fd: number;
+  try {
+    fd = openSync(file, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') return undefined;
+    if (code === 'ELOOP') throw new BlockferryError(ErrorCode.UNSAFE_PATH, `${WHAT} ${file} is a symbolic link; refusing to follow it`, { cause: e });
+    throw new BlockferryError(ErrorCode.WRITE_FAILED, `cannot open ${WHAT} ${file}: ${(e as Error).message}`, { cause: e });
+  }
+  try {
+    const st = fstatSync(fd);
+    if (!st.isFile()) throw new BlockferryError(ErrorCode.UNSAFE_PATH, `${WHAT} ${file} is not a regular file`);
+    // A journal is 48 bytes plus 16 per run; anything near the limit is not one.
+    if (st.size > 1 << 30) throw new FormatError(ErrorCode.CORRUPT, WHAT, `${st.size} bytes`);
+    const b = Buffer.alloc(st.size);
+    for (let at = 0; at < b.length; ) {
+      const n = readSync(fd, b, at, b.length - at, at);
+      if (n === 0) return b.subarray(0, at);
+      at += n;
+    }
+    return b;
+  } finally {
+    closeSync(fd);
   }
 }

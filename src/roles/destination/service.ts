@@ -1,9 +1,11 @@
 // The destination service: receives migrations into its data directory and
 // keeps the block index of the images it holds (its neighbourhood).
 import type { Socket } from 'node:net';
-import { existsSync, mkdirSync } from 'node:fs';
-import { join, resolve } from 'node:path';
-import { BlockferryError, ErrorCode } from '../../errors.js';
+import { closeSync, constants as fsc, existsSync, lstatSync, mkdirSync, openSync, rmSync, statfsSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
+import { BlockferryError, ErrorCode, ProtocolError } from '../../errors.js';
+import { escapeForLog, LOG_LINE_MAX } from '../../util/sanitize.js';
+import { DEFAULT_PARTIAL_TTL_MS, NAME_RE, prunePartials } from './partials.js';
 import { Channel } from '../../protocol/channel.js';
 import { CAPABILITIES, CAP_ZSTD, serverHandshake, type AuthOptions } from '../../protocol/handshake.js';
 import { BEGIN, BEGIN_OVERWRITE, type Begin } from '../../protocol/messages.js';
@@ -20,8 +22,9 @@ import { decompressorFor } from '../../protocol/compression.js';
 export type { SessionStats } from './session.js';
 
 export const INDEX_FILE = 'neighbourhood.bfidx';
-/** Image names: a plain file name, no path, no leading dot. */
-const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+/** Defaults of the limits (docs/PROTOCOL.md, "Limits"). */
+export const DEFAULT_IDLE_TIMEOUT_MS = 60_000;
+export const DEFAULT_TAKEOVER_GRACE_MS = 5_000;
 
 export interface DestinationOptions {
   dataDir: string;
@@ -35,6 +38,22 @@ export interface DestinationOptions {
   /** Accept compressed frames (default true). */
   compression?: boolean;
   log?: (line: string) => void;
+  /** Largest image (declared size, bytes) a migration may bring: larger ones are refused with ERR_BF_IMAGE_TOO_LARGE. Default: no limit. */
+  maxImageSize?: number;
+  /** Bytes of the data directory's file system to leave free: data that would eat into them is refused (ERR_BF_NO_SPACE). Default 0. */
+  reserveBytes?: number;
+  /** A connection that sends nothing for this long while the service waits for it ends with ERR_BF_TIMEOUT (ms; 0: never). Default 60 s. */
+  idleTimeout?: number;
+  /** A new attempt at a name takes it over from a session whose peer has been silent this long (ms). Default 5 s. */
+  takeoverGrace?: number;
+  /** Partial images and journals untouched this long are removed (ms; 0: never). Default 7 days. */
+  partialTtl?: number;
+}
+
+interface ActiveSession {
+  ch: Channel;
+  /** Settles once the session has saved its journal and released the name. */
+  done: Promise<void>;
 }
 
 /**
@@ -46,7 +65,9 @@ export interface DestinationOptions {
 export class DestinationService implements Role {
   readonly name = 'destination';
   private listener: Listener | undefined;
-  private readonly active = new Set<string>();
+  private readonly active = new Map<string, ActiveSession>();
+  private pruneTimer: NodeJS.Timeout | undefined;
+  private free: { at: number; bytes: number } | undefined;
   private readonly sockets = new Set<Socket>();
   readonly neighbourhood: Neighbourhood;
   private readonly scanner: Scanner;
@@ -59,7 +80,7 @@ export class DestinationService implements Role {
   }
 
   static async start(options: DestinationOptions): Promise<DestinationService> {
-    mkdirSync(options.dataDir, { recursive: true });
+    checkDataDir(options.dataDir);
     const bs = options.blockSize ?? 4096;
     const indexFile = join(options.dataDir, INDEX_FILE);
     let n = existsSync(indexFile) ? Neighbourhood.load(indexFile) : new Neighbourhood(bs);
@@ -76,17 +97,47 @@ export class DestinationService implements Role {
       svc.listener = await listen(options.host ?? '127.0.0.1', options.port ?? 0, (s) => svc.accept(s));
     } catch (e) {
       await scanner.close();
-      throw e;
+      throw listenError(e, options.host ?? '127.0.0.1', options.port ?? 0);
     }
+    svc.startPruning();
     return svc;
+  }
+
+  /** Expires abandoned partial images now and then (never one a session is using). */
+  private startPruning(): void {
+    const ttl = this.options.partialTtl ?? DEFAULT_PARTIAL_TTL_MS;
+    if (!(ttl > 0)) return;
+    const prune = () => {
+      try {
+        for (const p of prunePartials(this.options.dataDir, ttl, new Set(this.active.keys()))) {
+          this.log(`removed the partial image of ${p.name}: untouched for ${Math.round(p.ageMs / 1000)} s (partial TTL ${Math.round(ttl / 1000)} s)`);
+        }
+      } catch (e) {
+        this.log(`pruning partial images failed: ${(e as Error).message}`);
+      }
+    };
+    prune();
+    this.pruneTimer = setInterval(prune, Math.max(1000, Math.min(ttl / 4, 3600_000)));
+    this.pruneTimer.unref();
+  }
+
+  /** Bytes the data directory can still take, minus the reserve (statfs, at most every 100 ms). */
+  private freeBytes(): number {
+    const now = performance.now();
+    if (!this.free || now - this.free.at > 100) {
+      const st = statfsSync(this.options.dataDir);
+      this.free = { at: now, bytes: Number(st.bavail) * Number(st.bsize) };
+    }
+    return this.free.bytes - (this.options.reserveBytes ?? 0);
   }
 
   get address(): { host: string; port: number } {
     return this.listener!.address;
   }
 
+  /** Every log line has its control characters escaped and its length capped (peer text: names, messages, strategies). */
   private log(line: string): void {
-    this.options.log?.(line);
+    this.options.log?.(escapeForLog(line, LOG_LINE_MAX));
   }
 
   private accept(socket: Socket): void {
@@ -101,6 +152,7 @@ export class DestinationService implements Role {
   }
 
   async close(): Promise<void> {
+    if (this.pruneTimer) clearInterval(this.pruneTimer);
     await this.listener?.close();
     for (const s of this.sockets) s.destroy();
     await this.indexing;
@@ -109,17 +161,23 @@ export class DestinationService implements Role {
 
   /** One connection: handshake, BEGIN, the session, then the new image into the neighbourhood. */
   async serve(ch: Channel): Promise<void> {
+    ch.setIdleTimeout(this.options.idleTimeout ?? DEFAULT_IDLE_TIMEOUT_MS);
     const caps = await serverHandshake(ch, this.options.auth, this.options.compression === false ? CAPABILITIES & ~CAP_ZSTD : CAPABILITIES);
     const begin = await ch.recv(BEGIN);
+    this.log(`migration into ${escapeForLog(begin.name)} from ${ch.socket.remoteAddress}: ${begin.size} bytes, strategy ${escapeForLog(begin.strategy)}`);
     this.check(begin);
+    await this.claim(begin.name);
     const final = join(this.options.dataDir, `${begin.name}.img`);
-    this.active.add(begin.name);
+    if (existsSync(final) && !(begin.flags & BEGIN_OVERWRITE)) throw new BlockferryError(ErrorCode.IMAGE_EXISTS, `${begin.name} exists at the destination (migrate with --overwrite to replace it)`);
+    let release!: () => void;
+    this.active.set(begin.name, { ch, done: new Promise<void>((r) => { release = r; }) });
     let stats: SessionStats;
     try {
       ch.setCodec(undefined, decompressorFor(caps));
       stats = await new Session(ch, await this.open(begin, final)).run();
     } finally {
       this.active.delete(begin.name);
+      release();
     }
     this.completed.push(stats);
     this.log(`migration into ${begin.name} complete: ${JSON.stringify(stats)}`);
@@ -130,22 +188,53 @@ export class DestinationService implements Role {
   }
 
   private check(b: Begin): void {
-    if (!NAME_RE.test(b.name) || b.name.includes('..')) throw new BlockferryError(ErrorCode.NAME_INVALID, `image name ${JSON.stringify(b.name)} is not a plain file name`);
+    if (!NAME_RE.test(b.name) || b.name.includes('..')) throw new BlockferryError(ErrorCode.NAME_INVALID, `image name ${JSON.stringify(escapeForLog(b.name, 140))} is not a plain file name`);
     if (b.blockSize !== this.neighbourhood.blockSize) throw new BlockferryError(ErrorCode.INVALID_ARGUMENT, `this destination works at ${this.neighbourhood.blockSize}-byte blocks, not ${b.blockSize}`);
     if (!Number.isSafeInteger(b.size) || b.size < 0) throw new BlockferryError(ErrorCode.INVALID_ARGUMENT, `image size ${b.size}`);
-    if (this.active.has(b.name)) throw new BlockferryError(ErrorCode.BUSY, `a migration into ${b.name} is already running`);
-    const final = join(this.options.dataDir, `${b.name}.img`);
-    if (existsSync(final) && !(b.flags & BEGIN_OVERWRITE)) throw new BlockferryError(ErrorCode.IMAGE_EXISTS, `${b.name} exists at the destination (migrate with --overwrite to replace it)`);
+    const max = this.options.maxImageSize;
+    if (max !== undefined && b.size > max) throw new BlockferryError(ErrorCode.IMAGE_TOO_LARGE, `an image of ${b.size} bytes is larger than this destination accepts (${max} bytes)`);
+  }
+
+  /**
+   * The name for a new session. A name in use is BUSY, unless the session
+   * holding it has heard nothing from its peer for takeoverGrace: then that
+   * session is ended (ERR_BF_TIMEOUT; it saves its journal) and this one
+   * resumes from what it kept.
+   */
+  private async claim(name: string): Promise<void> {
+    const old = this.active.get(name);
+    if (!old) return;
+    if (old.ch.failed) {
+      // Ending already (its connection failed or timed out): wait for it to save its journal.
+      await old.done;
+      if (this.active.has(name)) throw new BlockferryError(ErrorCode.BUSY, `a migration into ${name} is already running`);
+      return;
+    }
+    const grace = this.options.takeoverGrace ?? DEFAULT_TAKEOVER_GRACE_MS;
+    const idle = old.ch.idleFor();
+    if (idle < grace) throw new BlockferryError(ErrorCode.BUSY, `a migration into ${name} is already running`);
+    this.log(`a new attempt takes over ${name}: the running one has heard nothing from its source for ${Math.round(idle)} ms`);
+    old.ch.abort(new ProtocolError(ErrorCode.TIMEOUT, `taken over by a new attempt at ${name} after ${Math.round(idle)} ms of silence`));
+    await old.done;
+    if (this.active.has(name)) throw new BlockferryError(ErrorCode.BUSY, `a migration into ${name} is already running`);
   }
 
   /** The partial image and journal: an earlier attempt's when they match, else fresh. */
   private async open(b: Begin, final: string): Promise<ConstructorParameters<typeof Session>[1]> {
     const partial = `${final}.partial`;
     const journalFile = `${final}.journal`;
+    // Links planted at either name are refused, never followed nor silently replaced.
+    for (const [p, what] of [[partial, 'partial image'], [journalFile, 'journal']] as const) {
+      let st;
+      try { st = lstatSync(p); } catch { continue; }
+      if (st.isSymbolicLink()) throw new BlockferryError(ErrorCode.UNSAFE_PATH, `the ${what} of ${b.name} (${p}) is a symbolic link; refusing to use it (remove it: blockferry partial remove ${b.name})`);
+      if (!st.isFile()) throw new BlockferryError(ErrorCode.UNSAFE_PATH, `the ${what} of ${b.name} (${p}) is not a regular file; refusing to use it`);
+    }
     let journal: Journal | undefined;
     try {
       journal = existsSync(partial) ? Journal.load(journalFile) : undefined;
-    } catch {
+    } catch (e) {
+      if (e instanceof BlockferryError && e.code === ErrorCode.UNSAFE_PATH) throw e;
       journal = undefined; // a damaged journal: start over, never trust it
     }
     if (journal && (journal.size !== b.size || journal.blockSize !== b.blockSize)) journal = undefined;
@@ -154,7 +243,7 @@ export class DestinationService implements Role {
       try {
         sink = await FileImageSink.reopen(partial, final, b.size);
       } catch (e) {
-        if (e instanceof BlockferryError && e.code === ErrorCode.WRITE_FAILED) throw e; // a planted link: refuse, loudly
+        if (e instanceof BlockferryError && (e.code === ErrorCode.WRITE_FAILED || e.code === ErrorCode.UNSAFE_PATH)) throw e; // a planted link: refuse, loudly
         journal = undefined;
       }
     }
@@ -170,7 +259,7 @@ export class DestinationService implements Role {
       const src = f.open({ neighbourhood: this.neighbourhood });
       if (src) fills.push(src);
     }
-    return { name: b.name, size: b.size, blockSize: b.blockSize, sink: sink!, journal, journalFile, resumed, fills };
+    return { name: b.name, size: b.size, blockSize: b.blockSize, sink: sink!, journal, journalFile, resumed, fills, freeBytes: () => this.freeBytes() };
   }
 
   /** Adds a completed image to the neighbourhood (once; re-scanned when replaced) and saves the index. */
@@ -180,4 +269,35 @@ export class DestinationService implements Role {
     if (!existing) this.neighbourhood.add(map!);
     this.neighbourhood.save(join(this.options.dataDir, INDEX_FILE));
   }
+}
+
+/** The data directory exists (or is made) and takes files: else ERR_BF_DATA_DIR. */
+function checkDataDir(dir: string): void {
+  try {
+    // Level by level (Node's recursive mkdir can spin on /proc and the like).
+    const missing: string[] = [];
+    for (let d = resolve(dir); !existsSync(d); d = dirname(d)) {
+      missing.unshift(d);
+      if (dirname(d) === d) break;
+    }
+    for (const d of missing) mkdirSync(d);
+    const probe = join(dir, `.bf-probe-${process.pid}-${Date.now()}`);
+    closeSync(openSync(probe, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600));
+    rmSync(probe, { force: true });
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    const why = code === 'EEXIST' || code === 'ENOTDIR' ? 'it (or a parent) is not a directory' : code === 'EACCES' || code === 'EPERM' || code === 'EROFS' ? 'it cannot be written' : (e as Error).message;
+    throw new BlockferryError(ErrorCode.DATA_DIR, `data directory ${dir}: ${why}`, { cause: e });
+  }
+}
+
+/** A failure to listen as a stable code: the address is taken, or cannot be bound here. */
+function listenError(e: unknown, host: string, port: number): unknown {
+  const errno = ((e as { cause?: NodeJS.ErrnoException }).cause ?? (e as NodeJS.ErrnoException))?.code;
+  if (errno === 'EADDRINUSE') return new BlockferryError(ErrorCode.ADDRESS_IN_USE, `cannot listen on ${host}:${port}: the address is in use (another service runs there?)`, { cause: e });
+  if (errno === 'EADDRNOTAVAIL' || errno === 'EACCES' || errno === 'EPERM' || errno === 'ENOTFOUND' || errno === 'EAI_AGAIN' || errno === 'EINVAL' || errno === 'EAFNOSUPPORT') {
+    const why = errno === 'EADDRNOTAVAIL' ? 'not an address of this host' : errno === 'EACCES' || errno === 'EPERM' ? 'not permitted' : errno === 'ENOTFOUND' || errno === 'EAI_AGAIN' ? 'unknown host name' : errno;
+    return new BlockferryError(ErrorCode.ADDRESS_UNAVAILABLE, `cannot listen on ${host}:${port}: ${why}`, { cause: e });
+  }
+  return e;
 }

@@ -3,19 +3,20 @@
 // State is kept as intervals (what holds checked data, what the source said
 // is data), so memory follows the data received, never the declared size.
 import { rmSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { setImmediate as yieldToLoop } from 'node:timers/promises';
 import { Engine } from '../../engine/engine.js';
-import { ErrorCode, ProtocolError } from '../../errors.js';
+import { BlockferryError, ErrorCode, ProtocolError } from '../../errors.js';
 import { IntervalSet, blockCount, blockLength, intervalBytes, type Interval } from '../../blocks/intervals.js';
 import type { Channel } from '../../protocol/channel.js';
 import { Msg, type Frame } from '../../protocol/frame.js';
 import {
-  BEGIN_OK, BLOCK_INFO, BLOCKS, COPY, DONE, INFO_END, NEED, ROUND, SYNC_OK, VERIFY, VERIFY_RESULT, ZERO,
+  BEGIN_OK, BLOCK_INFO, BLOCKS, COMMIT, COPY, DONE, INFO_END, NEED, ROUND, SYNC, SYNC_OK, VERIFY, VERIFY_RESULT, ZERO,
   decode, type BlockInfo, type Done, type VerifyExtent,
 } from '../../protocol/messages.js';
 import type { ImageSink } from '../../image/sink.js';
 import type { FillSource } from '../fills.js';
 import { Journal } from './journal.js';
-import { copyOf } from '../../io/bytes.js';
 
 /**
  * When the journal is saved during a transfer: a second after the last save
@@ -30,6 +31,8 @@ const JOURNAL_MAX_BYTES = 64 << 20;
 const READ_BYTES = 1 << 20;
 /** Largest data extent a VERIFY may name (the work one entry costs). */
 export const MAX_VERIFY_EXTENT_BYTES = 16 << 20;
+/** Entries (zero extents, copies, zero intervals) handled between two turns of the event loop. */
+const ENTRIES_PER_TURN = 512;
 
 export interface SessionStats {
   name: string;
@@ -50,6 +53,8 @@ export interface SessionInit {
   /** True when the journal (and the partial image) come from an earlier attempt. */
   resumed: boolean;
   fills: FillSource[];
+  /** Bytes the data directory can still take (statfs); checked against what BLOCK_INFO announces. */
+  freeBytes?: () => number;
 }
 
 type Phase = 'info' | 'transfer';
@@ -72,6 +77,17 @@ export class Session {
   private sinceSave = 0;
   private savedAt = performance.now();
   private readonly handlers: Partial<Record<number, (f: Frame) => Promise<void>>>;
+  /**
+   * Blocks written (received, copied, filled, zeroed) or found different
+   * since a VERIFY extent last passed over them: COMMIT needs none.
+   */
+  private readonly unchecked = new IntervalSet();
+  /** VERIFY requests answered. */
+  private verifies = 0;
+  /** Bytes NEED asked for, and bytes that arrived (BLOCKS, COPY): what can still arrive is the difference. */
+  private askedBytes = 0;
+  private arrivedBytes = 0;
+  private entries = 0;
 
   constructor(private readonly ch: Channel, private readonly init: SessionInit) {
     this.bs = init.blockSize;
@@ -88,7 +104,7 @@ export class Session {
       [Msg.COPY]: (f) => this.copies(f),
       [Msg.ZERO]: (f) => this.zeros(f),
       [Msg.ROUND]: async (f) => { decode(ROUND, f.payload); },
-      [Msg.SYNC]: async (f) => { await this.saveJournal(); await this.ch.reply(f, SYNC_OK, undefined); },
+      [Msg.SYNC]: async (f) => { decode(SYNC, f.payload); await this.saveJournal(); await this.ch.reply(f, SYNC_OK, undefined); },
       [Msg.VERIFY]: async (f) => this.ch.reply(f, VERIFY_RESULT, await this.verify(decode(VERIFY, f.payload))),
     };
   }
@@ -100,6 +116,7 @@ export class Session {
       for (;;) {
         const f = await this.ch.next();
         if (f.type === Msg.COMMIT) {
+          decode(COMMIT, f.payload);
           await this.commit();
           await this.ch.reply(f, DONE, this.done());
           this.ch.close();
@@ -112,7 +129,7 @@ export class Session {
     } catch (e) {
       // Keep what was checked: a migration run again resumes from it.
       try { await this.saveJournal(); } catch { /* the disk may be the problem */ }
-      throw e;
+      throw noSpace(e);
     } finally {
       await this.sink.close();
       for (const fs of this.init.fills) fs.close();
@@ -126,6 +143,16 @@ export class Session {
 
   private inImage(start: number, count: number, what: string): void {
     if (!(count > 0) || start + count > this.blocks) throw new ProtocolError(ErrorCode.PROTOCOL, `${what} ${start}+${count} outside the image's ${this.blocks} blocks`);
+  }
+
+  /** Lets other connections run between bounded steps of a long list. */
+  private async step(): Promise<void> {
+    if (++this.entries % ENTRIES_PER_TURN === 0) await yieldToLoop();
+  }
+
+  /** Blocks changed: they need a passing VERIFY before COMMIT. */
+  private touched(start: number, count: number): void {
+    this.unchecked.add(start, count);
   }
 
   private async saveJournal(): Promise<void> {
@@ -146,6 +173,7 @@ export class Session {
     const len = intervalBytes(this.size, this.bs, start, count);
     for (const x of this.sink.extents(off, len)) await this.sink.zero(x.offset, x.length);
     this.written.delete(start, count);
+    this.touched(start, count);
   }
 
   /**
@@ -177,13 +205,26 @@ export class Session {
       for (const iv of filled) {
         missing.delete(iv.start, iv.count);
         this.written.add(iv.start, iv.count);
+        this.touched(iv.start, iv.count);
         this.stats.neighbourBlocks += iv.count;
         this.sinceSave += iv.count * this.bs;
       }
     }
     this.expected.add(m.start, m.count);
+    this.askedBytes += missing.size * this.bs;
+    this.checkSpace();
     await this.ch.send(NEED, { start: m.start, count: m.count, last: false, missing: [...missing] });
     await this.maybeSaveJournal();
+  }
+
+  /** What can still arrive must fit in what the disk has free (sparse images: only announced data counts). */
+  private checkSpace(): void {
+    if (!this.init.freeBytes) return;
+    const coming = this.askedBytes - this.arrivedBytes;
+    const free = this.init.freeBytes();
+    if (coming > free) {
+      throw new BlockferryError(ErrorCode.NO_SPACE, `${this.init.name}: ${coming} bytes of data are still to arrive, but the destination has ${free} bytes free; the journal is kept (free space and migrate again to resume)`);
+    }
   }
 
   private fillContext() {
@@ -250,8 +291,10 @@ export class Session {
       at += len;
       this.written.add(iv.start, iv.count);
       this.expected.add(iv.start, iv.count);
+      this.touched(iv.start, iv.count);
     }
     this.stats.receivedBlocks += n;
+    this.arrivedBytes += bytes;
     this.sinceSave += bytes;
     await this.maybeSaveJournal();
   }
@@ -261,6 +304,7 @@ export class Session {
     const list = decode(COPY, f.payload);
     const buf = Buffer.allocUnsafe(this.bs);
     for (const c of list) {
+      await this.step();
       this.inImage(c.dst, 1, 'COPY destination');
       this.inImage(c.src, 1, 'COPY source');
       if (this.phase === 'info' && !this.expected.has(c.dst)) throw new ProtocolError(ErrorCode.PROTOCOL, `COPY into ${c.dst} before its BLOCK_INFO`);
@@ -273,11 +317,14 @@ export class Session {
       if (!ok) {
         // Not what the source believes is here: leave the block unchecked; the end-to-end check finds it.
         this.written.delete(c.dst, 1);
+        this.touched(c.dst, 1);
         continue;
       }
       await this.sink.write(c.dst * this.bs, buf.subarray(0, len));
       this.written.add(c.dst, 1);
       this.expected.add(c.dst, 1);
+      this.touched(c.dst, 1);
+      this.arrivedBytes += len;
       this.stats.copiedBlocks++;
     }
     this.sinceSave += list.length * this.bs;
@@ -286,6 +333,7 @@ export class Session {
 
   private async zeros(f: Frame): Promise<void> {
     for (const iv of decode(ZERO, f.payload)) {
+      await this.step();
       this.inImage(iv.start, iv.count, 'ZERO');
       await this.zeroRange(iv.start, iv.count);
       this.expected.delete(iv.start, iv.count);
@@ -295,31 +343,58 @@ export class Session {
 
   /**
    * VERIFY: a zero extent passes when this side holds no data there (its
-   * own record, no read); a data extent when the SHA-1 of its bytes, read
-   * through the thread pool in bounded slices, matches.
+   * own record, no read); a data extent when the SHA-1 of its bytes matches.
+   * The bytes are read through the thread pool and hashed in READ_BYTES
+   * slices, and long lists yield to the event loop: one VERIFY never holds
+   * up other connections for longer than a slice.
    */
   private async verify(list: VerifyExtent[]): Promise<number[]> {
     const bad: number[] = [];
+    const buf = Buffer.allocUnsafe(Math.min(READ_BYTES, MAX_VERIFY_EXTENT_BYTES));
     for (let i = 0; i < list.length; i++) {
+      await this.step();
       const x = list[i]!;
       this.inImage(x.start, x.count, 'VERIFY extent');
-      if (!x.digest) {
-        if (this.written.intersects(x.start, x.count)) bad.push(i);
-        continue;
+      let ok: boolean;
+      if (!x.digest) ok = !this.written.intersects(x.start, x.count);
+      else {
+        const len = intervalBytes(this.size, this.bs, x.start, x.count);
+        if (len > MAX_VERIFY_EXTENT_BYTES) throw new ProtocolError(ErrorCode.PROTOCOL, `VERIFY extent of ${len} bytes (at most ${MAX_VERIFY_EXTENT_BYTES})`);
+        ok = this.written.covers(x.start, x.count) && Buffer.from(await this.sha1Of(x.start * this.bs, len, buf)).equals(x.digest);
       }
-      const len = intervalBytes(this.size, this.bs, x.start, x.count);
-      if (len > MAX_VERIFY_EXTENT_BYTES) throw new ProtocolError(ErrorCode.PROTOCOL, `VERIFY extent of ${len} bytes (at most ${MAX_VERIFY_EXTENT_BYTES})`);
-      if (!this.written.covers(x.start, x.count)) { bad.push(i); continue; }
-      const buf = Buffer.allocUnsafe(len);
-      await this.sink.read(buf, x.start * this.bs, len);
-      if (!copyOf(this.engine.sha1(buf)).equals(x.digest)) bad.push(i);
+      if (ok) this.unchecked.delete(x.start, x.count);
+      else {
+        this.unchecked.add(x.start, x.count);
+        bad.push(i);
+      }
     }
+    this.verifies++;
     return bad;
   }
 
-  /** COMMIT: only an image whose every data block is accounted for. */
+  private async sha1Of(offset: number, len: number, buf: Buffer): Promise<Buffer> {
+    const h = createHash('sha1');
+    for (let at = 0; at < len; ) {
+      const n = Math.min(buf.length, len - at);
+      await this.sink.read(buf, offset + at, n);
+      h.update(buf.subarray(0, n));
+      at += n;
+    }
+    return h.digest();
+  }
+
+  /**
+   * COMMIT: only an image whose every data block is accounted for, and only
+   * after the end-to-end check: a VERIFY has been answered, and every block
+   * written (or found different) since passed a later VERIFY.
+   */
   private async commit(): Promise<void> {
     if (this.phase !== 'transfer') throw new ProtocolError(ErrorCode.PROTOCOL, 'COMMIT before INFO_END');
+    if (this.blocks > 0 && this.verifies === 0) throw new ProtocolError(ErrorCode.PROTOCOL, 'COMMIT before any VERIFY: the image was never checked end to end');
+    const first = this.unchecked[Symbol.iterator]().next().value as Interval | undefined;
+    if (first) {
+      throw new ProtocolError(ErrorCode.PROTOCOL, `COMMIT of an unchecked image: blocks from ${first.start} (${this.unchecked.size} in all) were written or differed after the last VERIFY that covered them`);
+    }
     for (const iv of this.expected) {
       if (!this.written.covers(iv.start, iv.count)) {
         throw new ProtocolError(ErrorCode.PROTOCOL, `COMMIT of an incomplete image: blocks from ${iv.start} were announced and never received`);
@@ -328,4 +403,12 @@ export class Session {
     await this.sink.commit();
     rmSync(this.init.journalFile, { force: true });
   }
+}
+
+/** ENOSPC and EDQUOT from anywhere below (a sink, a fill) as the stable NO_SPACE. */
+function noSpace(e: unknown): unknown {
+  if (e instanceof BlockferryError) return e;
+  const code = (e as NodeJS.ErrnoException)?.code;
+  if (code === 'ENOSPC' || code === 'EDQUOT') return new BlockferryError(ErrorCode.NO_SPACE, `no space left on the destination's disk: ${(e as Error).message}; the journal is kept`, { cause: e });
+  return e;
 }
