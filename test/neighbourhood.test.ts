@@ -67,6 +67,6 @@ describe('neighbourhood index', () => {
     bad((x) => { x[40] = x[40]! ^ 1; return x; }, ErrorCode.CHECKSUM_MISMATCH);
     bad((x) => { x.writeUInt32LE(0x7fffffff, 16); return x; }, ErrorCode.CORRUPT);
     bad((x) => Buffer.concat([x, Buffer.alloc(3)]), ErrorCode.CORRUPT);
-    assert.throws(() => Neighbourhood.load(join(dir, 'missing')), { code: ErrorCode.IMAGE_NOT_FOUND });
+    assert.throws(() => Neighbourhood.load(join(dir, 'missing')), { code: ErrorCode.FILE_NOT_FOUND });
   });
 });
