@@ -244,6 +244,13 @@ describe('AdaptiveLevel', () => {
     assert.ok(changes <= 10, `${changes} level changes`);
   });
 
+  it('keeps compressing at the lowest level while the compressor is faster than the link, even when compression is the bottleneck', () => {
+    // 100 Mbit/s; level 1 compresses 20 MB/s of input to a third: compression is the bottleneck, yet it moves 20 MB/s where storing moves 12.5.
+    const a = new AdaptiveLevel({ minLevel: 1, maxLevel: 9, startLevel: 1 });
+    const d = simulate(a, 60, { link: 12.5e6, speed: () => 20e6, ratio: () => 0.33 });
+    assert.equal(d.filter((x) => x.codec === 'store').length, 0, JSON.stringify(d.slice(0, 10)));
+  });
+
   it('lowers the level when the link gets faster, then stores on loopback', () => {
     const a = new AdaptiveLevel({ minLevel: 1, maxLevel: 19, startLevel: 6 });
     const d = simulate(a, 60, { link: 2e9, speed: speedOf, ratio: ratioOf });

@@ -57,6 +57,8 @@ export interface AdaptOptions {
 
 /** Levels above this one compress at roughly 1/STEP_SLOWDOWN the speed, until measured. */
 const STEP_SLOWDOWN = 1.5;
+/** Store when the compressor at the lowest level moves input slower than the link times this. */
+const STORE_MARGIN = 1.0;
 
 export class AdaptiveLevel {
   readonly minLevel: number;
@@ -118,15 +120,16 @@ export class AdaptiveLevel {
     if (this.storing) {
       // A probe at the lowest level: leave storing when it is worth it again.
       this.storedFrames++;
-      if (r <= this.storeRatio && !this.compressorSlowerThanLink(d.level, r)) this.setLevel(this.minLevel);
+      if (r <= this.storeRatio && !this.storeBeats(d.level)) this.setLevel(this.minLevel);
       return;
     }
     if (r > this.storeRatio) return this.store();
 
     const waitedOnLink = (s.drainWaitSeconds ?? 0) > 0.1 * Math.max(s.compressSeconds, 1e-6);
     if (this.compressorSlowerThanLink(d.level, r)) {
+      // Lower the level; at the lowest, store only when storing actually moves input faster.
       if (this.level > this.minLevel) this.setLevel(this.level - 1);
-      else this.store();
+      else if (this.storeBeats(d.level)) this.store();
       return;
     }
     if (this.level < this.maxLevel && this.sinceChange >= this.dwell && (waitedOnLink || this.linkRate > 0)) {
@@ -149,6 +152,17 @@ export class AdaptiveLevel {
     if (!speed || !(this.linkRate > 0)) return false;
     // Compression time per input byte (1 / speed) above the link's time for the bytes it makes (r / linkRate).
     return 1 / speed > r / this.linkRate;
+  }
+
+  /**
+   * Storing moves input at the link's rate; compressing at `level` moves it at
+   * min(speed, link ÷ ratio). Storing wins only when the compressor is slower
+   * than the link itself (with a margin): a loopback, or a very fast network.
+   */
+  private storeBeats(level: number): boolean {
+    const speed = this.speed.get(level);
+    if (!speed || !(this.linkRate > 0)) return false;
+    return speed < STORE_MARGIN * this.linkRate;
   }
 
   private store(): void {

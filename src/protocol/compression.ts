@@ -10,6 +10,8 @@ export type CompressMode = { mode: 'auto' | 'none' | 'zstd'; level?: number };
 
 /** Payloads smaller than this go as they are: a frame header costs more than it would save. */
 const MIN_BYTES = 512;
+/** Frames at least this large measure the compressor's speed. */
+const SPEED_SAMPLE_BYTES = 64 << 10;
 
 /** The decompressor a receiver installs for the capabilities agreed (none: compressed frames are a protocol error). */
 export function decompressorFor(caps: number): FrameDecompressor | undefined {
@@ -42,19 +44,26 @@ class ZstdFrames implements FrameCompressor {
   private seconds = 0;
   private compressedFrames = 0;
   private storedFrames = 0;
-  private current = ZSTD_DEFAULT_LEVEL;
+  private current: number;
+  /** Whether the adaptive level decided the frame being sent (small frames are not its business). */
+  private decided = false;
 
   constructor(mode: CompressMode) {
     this.fixedLevel = mode.level ?? ZSTD_DEFAULT_LEVEL;
     this.adapt = mode.mode === 'auto' ? new AdaptiveLevel({ startLevel: mode.level ?? 1 }) : undefined;
+    this.current = this.adapt ? this.adapt.decide().level : this.fixedLevel;
+    // Made now, not on the first frame: creating the context would be charged to that frame's speed.
+    this.z = createCompressor(CodecId.ZSTD, this.current);
   }
 
   wants(kind: string, length: number): boolean {
+    this.decided = false;
     if ((kind !== 'data' && kind !== 'fingerprints') || length < MIN_BYTES) return false;
     if (!this.adapt) {
       this.current = this.fixedLevel;
       return true;
     }
+    this.decided = true;
     const d = this.adapt.decide();
     if (d.codec === 'store') return false;
     this.current = d.level;
@@ -70,13 +79,14 @@ class ZstdFrames implements FrameCompressor {
   observe(s: FrameSample): void {
     if (s.compressed) this.compressedFrames++;
     else this.storedFrames++;
-    if (!this.adapt) return;
     this.bytes = 0.8 * this.bytes + s.wireBytes;
     this.seconds = 0.8 * this.seconds + Math.max(s.waitSeconds, 1e-6);
+    if (!this.adapt || !this.decided) return;
     this.adapt.record({
       bytesIn: s.rawBytes,
       bytesOut: s.wireBytes,
-      compressSeconds: s.compressSeconds,
+      // Speed from small frames is mostly per-call overhead: only frames of 64 KiB or more measure it.
+      compressSeconds: s.rawBytes >= SPEED_SAMPLE_BYTES ? s.compressSeconds : 0,
       linkBytesPerSecond: Math.min(1e10, this.bytes / this.seconds),
       drainWaitSeconds: s.waitSeconds,
     });
