@@ -13,7 +13,7 @@ import type { Extent } from './source.js';
 
 export interface ImageSink {
   readonly size: number;
-  /** Writes data at offset; resolves once the kernel has it (not necessarily the disk: see flush). */
+  /** Writes data at offset; resolves once the write is under way (it may complete later: see flush). The caller must not change data afterwards. */
   write(offset: number, data: Uint8Array): Promise<void>;
   /** Makes [offset, offset + length) read as zeros, punching a hole where the file system can. */
   zero(offset: number, length: number): Promise<void>;
@@ -36,8 +36,21 @@ const ZEROS = Buffer.alloc(1 << 20);
  * are opened with O_NOFOLLOW (a link planted at the partial's name is
  * refused, never written through), and a fresh one with O_EXCL.
  */
+interface Pending {
+  start: number;
+  end: number;
+  done: Promise<void>;
+}
+
+/** Writes in flight at most: 64, and 32 MiB. */
+const MAX_PENDING_WRITES = 64;
+const MAX_PENDING_BYTES = 32 << 20;
+
 export class FileImageSink implements ImageSink {
   private closed = false;
+  private readonly pending = new Set<Pending>();
+  private pendingBytes = 0;
+  private failure: Error | undefined;
 
   private constructor(
     private readonly fh: fsp.FileHandle,
@@ -83,27 +96,65 @@ export class FileImageSink implements ImageSink {
     return this.fh.fd;
   }
 
+  /**
+   * Queues a write and returns once it is under way (write-behind): up to
+   * MAX_PENDING_BYTES in MAX_PENDING_WRITES writes are in flight on libuv's
+   * pool while the caller goes on. The caller must not change `data`
+   * afterwards. Writes that overlap one in flight wait for it (order is
+   * kept); reads, zeroing and flush wait for what they overlap or for all.
+   * A failed write is reported by the next call.
+   */
   async write(offset: number, data: Uint8Array): Promise<void> {
-    try {
-      for (let at = 0; at < data.length; ) {
-        const { bytesWritten } = await this.fh.write(data, at, data.length - at, offset + at);
-        at += bytesWritten;
-      }
-    } catch (e) {
-      throw ioError(e, this.partial, 'write');
+    this.check();
+    await this.settle(offset, offset + data.length);
+    while (this.pending.size >= MAX_PENDING_WRITES || (this.pending.size > 0 && this.pendingBytes + data.length > MAX_PENDING_BYTES)) {
+      await Promise.race([...this.pending].map((p) => p.done));
     }
+    this.check();
+    const p: Pending = { start: offset, end: offset + data.length, done: Promise.resolve() };
+    p.done = this.writeNow(offset, data)
+      .catch((e) => { this.failure ??= ioError(e, this.partial, 'write'); })
+      .finally(() => { this.pending.delete(p); this.pendingBytes -= data.length; });
+    this.pending.add(p);
+    this.pendingBytes += data.length;
+  }
+
+  private async writeNow(offset: number, data: Uint8Array): Promise<void> {
+    for (let at = 0; at < data.length; ) {
+      const { bytesWritten } = await this.fh.write(data, at, data.length - at, offset + at);
+      at += bytesWritten;
+    }
+  }
+
+  private check(): void {
+    if (this.failure) throw this.failure;
+  }
+
+  /** Waits for the writes in flight that overlap [start, end). */
+  private async settle(start: number, end: number): Promise<void> {
+    for (const p of [...this.pending]) if (p.start < end && start < p.end) await p.done;
+  }
+
+  /** Waits for every write in flight. */
+  private async drain(): Promise<void> {
+    while (this.pending.size) await Promise.all([...this.pending].map((p) => p.done));
+    this.check();
   }
 
   async zero(offset: number, length: number): Promise<void> {
     if (length <= 0) return;
+    await this.settle(offset, offset + length);
+    this.check();
     if (this.native) {
       this.native.punchHole(this.fh.fd, offset, length);
       return;
     }
-    for (let at = 0; at < length; at += ZEROS.length) await this.write(offset + at, ZEROS.subarray(0, Math.min(ZEROS.length, length - at)));
+    for (let at = 0; at < length; at += ZEROS.length) await this.writeNow(offset + at, ZEROS.subarray(0, Math.min(ZEROS.length, length - at))).catch((e) => { throw ioError(e, this.partial, 'write'); });
   }
 
   async read(buf: Uint8Array, offset: number, length: number): Promise<void> {
+    await this.settle(offset, offset + length);
+    this.check();
     for (let at = 0; at < length; ) {
       const { bytesRead } = await this.fh.read(buf, at, length - at, offset + at);
       if (bytesRead === 0) throw new ImageError(ErrorCode.IMAGE_CHANGED, this.partial, `ended at byte ${offset + at}`);
@@ -121,6 +172,7 @@ export class FileImageSink implements ImageSink {
   }
 
   async flush(): Promise<void> {
+    await this.drain();
     try {
       await this.fh.sync();
     } catch (e) {
@@ -129,7 +181,7 @@ export class FileImageSink implements ImageSink {
   }
 
   async commit(): Promise<void> {
-    await this.fh.sync();
+    await this.flush();
     await this.close();
     await rename(this.partial, this.final);
   }
@@ -139,6 +191,7 @@ export class FileImageSink implements ImageSink {
     // thread has been given meanwhile.
     if (this.closed) return;
     this.closed = true;
+    while (this.pending.size) await Promise.all([...this.pending].map((p) => p.done));
     await this.fh.close();
   }
 }

@@ -3,7 +3,7 @@
 // BEGIN's fills mask: neighbour images now; backup servers, base-image
 // repositories and intermediaries are further entries.
 import type { Engine } from '../engine/engine.js';
-import { FileImageSource } from '../image/source.js';
+import { open, type FileHandle } from 'node:fs/promises';
 import type { ImageSink } from '../image/sink.js';
 import { IntervalSet, blockLength, type Interval } from '../blocks/intervals.js';
 import { NO_REF, refBlock, refImage } from '../table/table.js';
@@ -57,22 +57,29 @@ interface Hit {
   sig: bigint;
 }
 
+interface Neighbour {
+  fh: FileHandle;
+  size: number;
+}
+
 /** Blocks from the neighbour images of the destination's block index. */
 export class NeighbourFills implements FillSource {
   readonly name = 'neighbours';
-  private readonly sources = new Map<number, FileImageSource | null>();
+  private readonly sources = new Map<number, Promise<Neighbour | null>>();
 
   constructor(private readonly neighbourhood: Neighbourhood) {}
 
-  private source(id: number): FileImageSource | null {
+  /** A neighbour image, read through the thread pool (the event loop keeps serving while the disk works). */
+  private source(id: number): Promise<Neighbour | null> {
     let src = this.sources.get(id);
     if (src === undefined) {
       const im = this.neighbourhood.images[id];
-      try {
-        src = im ? new FileImageSource(im.path) : null;
-      } catch {
-        src = null; // the neighbour went away: its blocks are just not there
-      }
+      src = im
+        ? (async () => {
+          const fh = await open(im.path, 'r');
+          return { fh, size: (await fh.stat()).size };
+        })().catch(() => null) // the neighbour went away: its blocks are just not there
+        : Promise.resolve(null);
       this.sources.set(id, src);
     }
     return src;
@@ -106,15 +113,19 @@ export class NeighbourFills implements FillSource {
       while (j < hits.length && j - i < maxRun && hits[j]!.block === h0.block + (j - i) && hits[j]!.image === h0.image && hits[j]!.nb === h0.nb + (j - i)) j++;
       const run = hits.slice(i, j);
       i = j;
-      const src = this.source(h0.image);
+      const src = await this.source(h0.image);
       const bytes = run.reduce((a, h) => a + len(h.block), 0);
       // A short block (the image's last) only matches a short block of the same length, last in its run.
       if (!src || h0.nb * bs + bytes > src.size || run.some((h, x) => x < run.length - 1 && len(h.block) < bs)) continue;
       const buf = Buffer.allocUnsafe(bytes);
       try {
-        src.readInto(buf, h0.nb * bs, bytes);
+        for (let at = 0; at < bytes; ) {
+          const { bytesRead } = await src.fh.read(buf, at, bytes - at, h0.nb * bs + at);
+          if (bytesRead === 0) throw new Error('short read');
+          at += bytesRead;
+        }
       } catch {
-        continue;
+        continue; // a neighbour that shrank or fails to read: these blocks are asked for instead
       }
       const got = ctx.engine.fingerprints(buf, bs);
       // Write maximal sub-runs of blocks that check out.
@@ -131,7 +142,7 @@ export class NeighbourFills implements FillSource {
   }
 
   close(): void {
-    for (const s of this.sources.values()) s?.close();
+    for (const s of this.sources.values()) void s.then((n) => n?.fh.close()).catch(() => {});
     this.sources.clear();
   }
 }

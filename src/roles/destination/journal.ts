@@ -31,8 +31,9 @@ export class Journal {
     return new Journal(size, blockSize, new IntervalSet());
   }
 
-  save(file: string): void {
-    const runs = [...this.written];
+  /** Saves the journal (or, given, a snapshot of the written set taken earlier). */
+  save(file: string, written: Iterable<Interval> = this.written): void {
+    const runs = [...written];
     const header = Buffer.alloc(HEADER);
     MAGIC.copy(header);
     header.writeUInt32LE(VERSION, 8);

@@ -27,6 +27,8 @@ import { Journal } from './journal.js';
 const JOURNAL_INTERVAL_MS = 1000;
 const JOURNAL_MIN_BYTES = 4 << 20;
 const JOURNAL_MAX_BYTES = 64 << 20;
+/** COPY entries whose reads are in flight at once. */
+const COPY_BATCH = 32;
 /** Bytes read per step when re-checking kept blocks or verifying: bounded work per await. */
 const READ_BYTES = 1 << 20;
 /** Largest data extent a VERIFY may name (the work one entry costs). */
@@ -75,6 +77,9 @@ export class Session {
   /** End of the last BLOCK_INFO run: runs come in increasing order. */
   private infoEnd = 0;
   private sinceSave = 0;
+  /** A periodic journal save in progress, and the failure of the last one. */
+  private saving: Promise<void> | undefined;
+  private backgroundFailure: Error | undefined;
   private savedAt = performance.now();
   private readonly handlers: Partial<Record<number, (f: Frame) => Promise<void>>>;
   /**
@@ -155,23 +160,47 @@ export class Session {
     this.unchecked.add(start, count);
   }
 
+  /** Saves the journal now, with everything written so far durable first. */
   private async saveJournal(): Promise<void> {
+    await this.saving;
+    this.checkBackground();
     await this.sink.flush();
     this.journal.save(this.init.journalFile);
     this.sinceSave = 0;
     this.savedAt = performance.now();
   }
 
+  /**
+   * The periodic save runs beside the frame loop: a snapshot of what is
+   * written, then fsync (which covers at least the snapshot's writes), then
+   * the snapshot is saved. Frames keep being applied meanwhile; one save at a
+   * time. A resumed attempt re-reads what the journal lists, so a block
+   * changed after its snapshot is found, never trusted.
+   */
   private async maybeSaveJournal(): Promise<void> {
+    this.checkBackground();
     const due = this.sinceSave >= JOURNAL_MAX_BYTES || (this.sinceSave >= JOURNAL_MIN_BYTES && performance.now() - this.savedAt >= JOURNAL_INTERVAL_MS);
-    if (due) await this.saveJournal();
+    if (!due || this.saving) return;
+    const snapshot = [...this.written];
+    this.sinceSave = 0;
+    this.savedAt = performance.now();
+    this.saving = (async () => {
+      await this.sink.flush();
+      this.journal.save(this.init.journalFile, snapshot);
+    })()
+      .catch((e: Error) => { this.backgroundFailure ??= e; })
+      .finally(() => { this.saving = undefined; });
+  }
+
+  private checkBackground(): void {
+    if (this.backgroundFailure) throw this.backgroundFailure;
   }
 
   /** Blocks [start, start + count) must read as zeros: forget them, punch what the file holds there. */
   private async zeroRange(start: number, count: number): Promise<void> {
     const off = start * this.bs;
     const len = intervalBytes(this.size, this.bs, start, count);
-    for (const x of this.sink.extents(off, len)) await this.sink.zero(x.offset, x.length);
+    await this.sink.zero(off, len);
     this.written.delete(start, count);
     this.touched(start, count);
   }
@@ -302,30 +331,38 @@ export class Session {
   /** COPY: dst ← src, where src holds content this migration put there; checked against the fingerprint after the read. */
   private async copies(f: Frame): Promise<void> {
     const list = decode(COPY, f.payload);
-    const buf = Buffer.allocUnsafe(this.bs);
-    for (const c of list) {
-      await this.step();
-      this.inImage(c.dst, 1, 'COPY destination');
-      this.inImage(c.src, 1, 'COPY source');
-      if (this.phase === 'info' && !this.expected.has(c.dst)) throw new ProtocolError(ErrorCode.PROTOCOL, `COPY into ${c.dst} before its BLOCK_INFO`);
-      const len = blockLength(this.size, this.bs, c.dst);
-      let ok = this.written.has(c.src) && blockLength(this.size, this.bs, c.src) === len;
-      if (ok) {
-        await this.sink.read(buf, c.src * this.bs, len);
-        ok = this.engine.fingerprints(buf.subarray(0, len), this.bs).fingerprints[0] === c.fingerprint;
+    // Reads go out in batches (up to COPY_BATCH at once on the thread pool);
+    // a batch ends before an entry that reads a block an earlier entry of it writes.
+    for (let i = 0; i < list.length; ) {
+      const batch: Array<{ c: (typeof list)[number]; len: number; buf: Buffer | undefined }> = [];
+      const dsts = new Set<number>();
+      for (; i < list.length && batch.length < COPY_BATCH && !dsts.has(list[i]!.src); i++) {
+        const c = list[i]!;
+        await this.step();
+        this.inImage(c.dst, 1, 'COPY destination');
+        this.inImage(c.src, 1, 'COPY source');
+        if (this.phase === 'info' && !this.expected.has(c.dst)) throw new ProtocolError(ErrorCode.PROTOCOL, `COPY into ${c.dst} before its BLOCK_INFO`);
+        const len = blockLength(this.size, this.bs, c.dst);
+        const readable = this.written.has(c.src) && blockLength(this.size, this.bs, c.src) === len;
+        batch.push({ c, len, buf: readable ? Buffer.allocUnsafe(len) : undefined });
+        dsts.add(c.dst);
       }
-      if (!ok) {
-        // Not what the source believes is here: leave the block unchecked; the end-to-end check finds it.
-        this.written.delete(c.dst, 1);
+      await Promise.all(batch.map((x) => (x.buf ? this.sink.read(x.buf, x.c.src * this.bs, x.len) : undefined)));
+      for (const { c, len, buf } of batch) {
+        const ok = buf !== undefined && this.engine.fingerprints(buf, this.bs).fingerprints[0] === c.fingerprint;
+        if (!ok) {
+          // Not what the source believes is here: leave the block unchecked; the end-to-end check finds it.
+          this.written.delete(c.dst, 1);
+          this.touched(c.dst, 1);
+          continue;
+        }
+        await this.sink.write(c.dst * this.bs, buf);
+        this.written.add(c.dst, 1);
+        this.expected.add(c.dst, 1);
         this.touched(c.dst, 1);
-        continue;
+        this.arrivedBytes += len;
+        this.stats.copiedBlocks++;
       }
-      await this.sink.write(c.dst * this.bs, buf.subarray(0, len));
-      this.written.add(c.dst, 1);
-      this.expected.add(c.dst, 1);
-      this.touched(c.dst, 1);
-      this.arrivedBytes += len;
-      this.stats.copiedBlocks++;
     }
     this.sinceSave += list.length * this.bs;
     await this.maybeSaveJournal();
@@ -400,6 +437,8 @@ export class Session {
         throw new ProtocolError(ErrorCode.PROTOCOL, `COMMIT of an incomplete image: blocks from ${iv.start} were announced and never received`);
       }
     }
+    await this.saving; // a periodic save must not write the journal after it is removed
+    this.checkBackground();
     await this.sink.commit();
     rmSync(this.init.journalFile, { force: true });
   }
