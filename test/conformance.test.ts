@@ -5,7 +5,6 @@
 // serving.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { connect } from 'node:net';
 import { createHash } from 'node:crypto';
 import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -15,7 +14,6 @@ import { removePartial } from '../src/roles/destination/partials.js';
 import { migrate } from '../src/migrate/migrate.js';
 import { Channel } from '../src/protocol/channel.js';
 import { Msg, Writer, type MsgType } from '../src/protocol/frame.js';
-import { clientHandshake } from '../src/protocol/handshake.js';
 import {
   BEGIN, BEGIN_OK, BEGIN_OVERWRITE, BLOCK_INFO, BLOCKS, COMMIT, COPY, DONE, INFO_END, NEED, ROUND, SYNC, SYNC_OK, VERIFY, VERIFY_RESULT, ZERO,
   encode, type VerifyExtent,
@@ -23,6 +21,7 @@ import {
 import { Engine } from '../src/engine/engine.js';
 import { ErrorCode } from '../src/index.js';
 import { seededBytes } from './util.js';
+import { rawClient as connectRaw } from './raw-client.js';
 
 const BS = 4096;
 const key = Buffer.from('blockferry-conformance-key-01234');
@@ -32,15 +31,7 @@ let data: string;
 let svc: DestinationService;
 let original: Buffer;
 
-/** A raw client: connected, authenticated, nothing else. */
-export async function rawClient(port: number): Promise<Channel> {
-  const s = connect(port, '127.0.0.1');
-  await new Promise((r, j) => { s.once('connect', r); s.once('error', j); });
-  s.on('error', () => {});
-  const ch = new Channel(s);
-  await clientHandshake(ch, { key });
-  return ch;
-}
+const rawClient = (port: number) => connectRaw(port, { key });
 
 /** BEGIN for name; resolves once BEGIN_OK came back. */
 async function begin(ch: Channel, name: string, size: number, flags = BEGIN_OVERWRITE): Promise<void> {

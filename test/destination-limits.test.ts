@@ -18,27 +18,20 @@ import { FileImageSink } from '../src/image/sink.js';
 import { migrate } from '../src/migrate/migrate.js';
 import { Channel } from '../src/protocol/channel.js';
 import { Msg, Writer } from '../src/protocol/frame.js';
-import { clientHandshake } from '../src/protocol/handshake.js';
 import { BEGIN, BEGIN_OK, BLOCK_INFO, BLOCKS, INFO_END, NEED, VERIFY, VERIFY_RESULT } from '../src/protocol/messages.js';
 import { writeFileAtomic } from '../src/io/atomic.js';
 import { escapeForLog } from '../src/util/sanitize.js';
 import { Engine } from '../src/engine/engine.js';
 import { ErrorCode } from '../src/index.js';
 import { seededBytes } from './util.js';
+import { rawClient as connectRaw } from './raw-client.js';
 
 const BS = 4096;
 const key = Buffer.from('blockferry-limits-test-key-01234');
 const engine = new Engine();
 let dir: string;
 
-async function rawClient(port: number): Promise<Channel> {
-  const s = connect(port, '127.0.0.1');
-  await new Promise((r, j) => { s.once('connect', r); s.once('error', j); });
-  s.on('error', () => {});
-  const ch = new Channel(s);
-  await clientHandshake(ch, { key });
-  return ch;
-}
+const rawClient = (port: number) => connectRaw(port, { key });
 const begin = (ch: Channel, name: string, size: number, strategy = 'test') => ch.send(BEGIN, { name, size, blockSize: BS, flags: 1, fills: 0, strategy });
 const info = (start: number, bytes: Buffer) => ({ start, count: Math.ceil(bytes.length / BS), ...engine.fingerprints(bytes, BS) });
 const blocksMsg = (start: number, bytes: Buffer) => ({ runs: [{ start, count: Math.ceil(bytes.length / BS) }], fingerprints: engine.fingerprints(bytes, BS).fingerprints, data: bytes });
