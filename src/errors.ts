@@ -58,6 +58,12 @@ export const ErrorCode = {
   BUSY: 'ERR_BF_BUSY',
   /** A command line that cannot be parsed (unknown option, missing argument). */
   USAGE: 'ERR_BF_USAGE',
+  /** A TLS certificate was refused: expired or not yet valid, for another name, signed by another CA, or missing. */
+  TLS_CERT: 'ERR_BF_TLS_CERT',
+  /** A connection was closed by the service's limits before authentication (handshake deadline, too many unauthenticated connections). */
+  LIMIT: 'ERR_BF_LIMIT',
+  /** The destination ran out of space (ENOSPC, EDQUOT) while writing an image or its journal; the partial image and journal are kept. */
+  NO_SPACE: 'ERR_BF_NO_SPACE',
 } as const;
 
 export type ErrorCodeValue = (typeof ErrorCode)[keyof typeof ErrorCode];

@@ -3,11 +3,12 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { ErrorCode, ProtocolError } from '../errors.js';
 import { encodeHeader, FLAG_COMPRESSED, FrameDecoder, HEADER_BYTES, Msg, msgName, Reader, type Frame, type MsgType } from './frame.js';
 import { decode, encode, ERROR, kindOf, type MessageDef, type Traffic } from './messages.js';
+import { tlsError } from '../transport/tls.js';
 
 export type { Traffic, TrafficKind } from './messages.js';
 
 /** Frames received but not yet consumed before the socket is paused: bounds memory when the reader is slower than the link. */
-const MAX_QUEUED_BYTES = 32 << 20;
+export const MAX_QUEUED_BYTES = 32 << 20;
 
 /** What one frame cost to send, for a compressor that adapts. */
 export interface FrameSample {
@@ -110,7 +111,7 @@ export class Channel {
       const truncated = this.decoder.pending > 0;
       this.fail(new ProtocolError(truncated ? ErrorCode.PROTOCOL : ErrorCode.CONNECTION, truncated ? 'connection closed in the middle of a frame' : 'connection closed by the peer'));
     });
-    socket.on('error', (e) => this.fail(new ProtocolError(ErrorCode.CONNECTION, `connection failed: ${e.message}`, undefined, { cause: e })));
+    socket.on('error', (e) => this.fail(tlsError(e) ?? new ProtocolError(ErrorCode.CONNECTION, `connection failed: ${e.message}`, undefined, { cause: e })));
     socket.on('close', () => this.fail(new ProtocolError(ErrorCode.CONNECTION, 'connection closed')));
   }
 
@@ -279,7 +280,7 @@ function checkError(f: Frame): Frame {
     const r = new Reader(f.payload, 'ERROR');
     const code = r.str();
     const message = r.str();
-    const local = code === ErrorCode.AUTH_FAILED || code === ErrorCode.PROTOCOL_VERSION || code === ErrorCode.PROTOCOL ? code : ErrorCode.REFUSED;
+    const local = code === ErrorCode.AUTH_FAILED || code === ErrorCode.PROTOCOL_VERSION || code === ErrorCode.PROTOCOL || code === ErrorCode.TLS_CERT || code === ErrorCode.LIMIT ? code : ErrorCode.REFUSED;
     throw new ProtocolError(local as ProtocolError['code'], `peer: ${message}`, code);
   }
   return f;
