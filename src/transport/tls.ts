@@ -101,7 +101,9 @@ export async function connect(to: string | Target, security: Exclude<Security, {
     const psk = tlsPsk(security.key);
     socket = tlsConnect({
       ...common, ciphers: PSK_CIPHERS,
-      // No certificate in PSK mode: the PSK binder authenticates the server.
+      // No certificate in PSK mode: the PSK binder authenticates the server. A
+      // server that answers with a certificate instead is refused below.
+      rejectUnauthorized: false,
       checkServerIdentity: () => undefined,
       pskCallback: () => ({ psk, identity: PSK_IDENTITY }),
     });
@@ -169,9 +171,12 @@ export function wrapServer(raw: Socket, s: ServerTls): { socket: TLSSocket; secu
   const secure = new Promise<{ refused?: string }>((res, rej) => {
     socket.once('secure', () => {
       if (s.security.mode !== 'cert') return res({});
-      if (socket.authorized) return res({});
-      const why = socket.authorizationError;
-      res({ refused: why ? String(why) : 'no client certificate' });
+      // What tls.Server does for its sockets (onServerSocketSecure), done here for a socket wrapped by hand.
+      const cert = socket.getPeerCertificate();
+      if (!cert || !cert.raw) return res({ refused: 'no client certificate' });
+      const handle = (socket as unknown as { _handle?: { verifyError?: () => (Error & { code?: string }) | null } })._handle;
+      const err: (Error & { code?: string }) | null = handle?.verifyError ? handle.verifyError() : new Error('cannot verify');
+      res(err ? { refused: err.code ?? err.message } : {});
     });
     socket.once('error', (e: Error & { code?: string }) => {
       socket.destroy(); // a TLS socket that failed is finished (no server object to do it)
