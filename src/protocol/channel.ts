@@ -138,6 +138,11 @@ export class Channel {
       if (size > this.decoder.limit) throw new ProtocolError(ErrorCode.PROTOCOL, `a compressed frame declaring ${size} bytes, over the ${this.decoder.limit}-byte limit`);
       f = { ...raw, payload: this.decompressor.decompress(raw.payload.subarray(4), size) };
     }
+    if (f.type === Msg.ERROR && f.id === 0) {
+      // The peer's last word, before it closes: what every wait on this
+      // channel ends with (a sender blocked on 'drain' too), not "closed".
+      try { checkError(f); } catch (e) { queueMicrotask(() => this.fail(e as Error)); }
+    }
     const w = f.id !== 0 ? this.pending.get(f.id) : undefined;
     if (w) {
       this.pending.delete(f.id);

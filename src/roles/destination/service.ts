@@ -181,9 +181,10 @@ export class DestinationService implements Role {
         await this.serve(ch, release);
       } catch (err) {
         const e = err as Error;
-        const code = e instanceof BlockferryError ? e.code : 'ERR_BF_INTERNAL';
+        const code = noSpace(e) ? ErrorCode.NO_SPACE : e instanceof BlockferryError ? e.code : 'ERR_BF_INTERNAL';
         if (!expired) this.log(`migration from ${addr} failed: ${code}: ${e.message}`);
-        await ch.sendError(code, e.message);
+        // Unless the handshake has told the peer already (a write after end would cut TLS short).
+        if (!socket.writableEnded) await ch.sendError(code, e.message);
         // Closed for good, even if the peer never reads the error.
         setTimeout(() => socket.destroy(), 2000).unref();
       }
@@ -301,4 +302,12 @@ function refusePlain(raw: Socket, message: string): void {
   raw.resume(); // read (and drop) what the client still sends, so that its close is seen
   raw.end(Buffer.concat([encodeHeader(Msg.ERROR, payload.length), payload]));
   setTimeout(() => raw.destroy(), 2000).unref();
+}
+
+/** Whether a failure comes from a full disk or quota (ENOSPC, EDQUOT), anywhere in its cause chain. */
+function noSpace(e: unknown): boolean {
+  for (let x = e as { code?: unknown; errno?: unknown; message?: unknown; cause?: unknown } | undefined, i = 0; x && i < 5; x = x.cause as typeof x, i++) {
+    if (x.code === 'ENOSPC' || x.code === 'EDQUOT' || x.errno === 'ENOSPC' || (typeof x.message === 'string' && /\bENOSPC\b|no space left on device/i.test(x.message))) return true;
+  }
+  return false;
 }
