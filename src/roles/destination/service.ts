@@ -299,8 +299,8 @@ function firstByte(raw: Socket): Promise<number | undefined> {
 /** An ERROR frame in plain text, then close: for a client that speaks the protocol without TLS. */
 function refusePlain(raw: Socket, message: string): void {
   const payload = encode(ERROR, { code: ErrorCode.AUTH_FAILED, message });
-  raw.resume(); // read (and drop) what the client still sends, so that its close is seen
-  raw.end(Buffer.concat([encodeHeader(Msg.ERROR, payload.length), payload]));
+  // Nothing more is read from it: closed as soon as the refusal is written.
+  raw.end(Buffer.concat([encodeHeader(Msg.ERROR, payload.length), payload]), () => raw.destroy());
   setTimeout(() => raw.destroy(), 2000).unref();
 }
 
