@@ -80,6 +80,10 @@ export const ErrorCode = {
   DATA_DIR: 'ERR_BF_DATA_DIR',
   /** A path blockferry would write or read is a symbolic link (or not a regular file) where it must not be. */
   UNSAFE_PATH: 'ERR_BF_UNSAFE_PATH',
+  /** A TLS certificate was refused: expired or not yet valid, for another name, signed by another CA, or missing. */
+  TLS_CERT: 'ERR_BF_TLS_CERT',
+  /** A connection was closed by the service's limits before authentication (handshake deadline, too many unauthenticated connections). */
+  LIMIT: 'ERR_BF_LIMIT',
 } as const;
 
 export type ErrorCodeValue = (typeof ErrorCode)[keyof typeof ErrorCode];

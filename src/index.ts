@@ -52,4 +52,5 @@ export { TrackedImage } from './image/tracked.js';
 export { ProtocolError } from './errors.js';
 export { chooseBackend, nativeStatus, type BackendName, type BackendChoice } from './engine/backend.js';
 export type { AuthOptions } from './protocol/handshake.js';
+export type { TlsOptions } from './transport/tls.js';
 export type { Traffic, TrafficKind } from './protocol/channel.js';

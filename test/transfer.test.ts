@@ -3,7 +3,7 @@
 // writes, resume after a dropped connection, and hostile peers.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { connect } from 'node:net';
+import { connect as tlsConnect } from '../src/transport/tls.js';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync, readdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -140,8 +140,7 @@ describe('migration over TCP', () => {
     const { path, data } = makeSource('d.img');
     await assert.rejects(migrate(path, { to, auth: { key: Buffer.from('another-key-of-32-bytes-00000000') } }), { code: ErrorCode.AUTH_FAILED });
     await assert.rejects(migrate(path, { to, auth: { insecure: true } }), { code: ErrorCode.AUTH_FAILED });
-    const s = connect(svc.address.port, '127.0.0.1');
-    await new Promise((r) => s.once('connect', r));
+    const s = await tlsConnect({ host: '127.0.0.1', port: svc.address.port }, { mode: 'psk', key });
     const ch = new Channel(s);
     await ch.send(HELLO, { version: 99, flags: 0, capabilities: 0, nonce: Buffer.alloc(32) });
     await assert.rejects(ch.next(), { code: ErrorCode.PROTOCOL_VERSION });
@@ -159,14 +158,13 @@ describe('migration over TCP', () => {
       Buffer.concat([encodeHeader(Msg.HELLO, 3), Buffer.from([1, 2, 3])]), // HELLO too short
     ];
     for (const bytes of hostile) {
-      const s = connect(svc.address.port, '127.0.0.1');
-      await new Promise((r) => s.once('connect', r));
+      // Inside TLS (the key is known): the frame layer is what is under test.
+      const s = await tlsConnect({ host: '127.0.0.1', port: svc.address.port }, { mode: 'psk', key });
       s.write(bytes);
       await new Promise<void>((resolve) => { s.on('close', () => resolve()); s.on('error', () => {}); s.resume(); });
     }
     // A handshaken client that then sends garbage mid-migration.
-    const s = connect(svc.address.port, '127.0.0.1');
-    await new Promise((r) => s.once('connect', r));
+    const s = await tlsConnect({ host: '127.0.0.1', port: svc.address.port }, { mode: 'psk', key });
     const ch = new Channel(s);
     await clientHandshake(ch, { key });
     await ch.send(BEGIN, { name: 'garbage', size: 10 * BS, blockSize: BS, flags: 0, fills: 0, strategy: 'full' });

@@ -165,6 +165,39 @@ function authFrom(o: { keyFile?: string; insecure?: boolean }) {
   return { key };
 }
 
+/** --cert, --key, --ca (PEM files): mutual TLS with certificates. All three, or none. */
+function tlsFrom(o: { cert?: string; key?: string; ca?: string; servername?: string; insecure?: boolean }) {
+  const given = [o.cert, o.key, o.ca].filter((v) => v !== undefined).length;
+  if (!given) return undefined;
+  if (given !== 3) throw new UsageError('--cert, --key and --ca go together (this side\'s certificate, its key, and the CA that signs the peer\'s)');
+  if (o.insecure) throw new UsageError('--insecure (plain TCP) cannot be combined with certificates');
+  const read = (flag: string, f: string) => {
+    try {
+      return readFileSync(f);
+    } catch (e) {
+      throw new UsageError(`${flag} ${f}: ${(e as Error).message}`);
+    }
+  };
+  return { cert: read('--cert', o.cert!), key: read('--key', o.key!), ca: read('--ca', o.ca!), ...(o.servername ? { servername: o.servername } : {}) };
+}
+
+/** Authentication for serve and migrate: certificates (a key file then optional), else the pre-shared key, else --insecure with a warning. */
+function securityOptions(o: { keyFile?: string; insecure?: boolean; cert?: string; key?: string; ca?: string; servername?: string }) {
+  const tls = tlsFrom(o);
+  if (o.insecure) process.stderr.write('blockferry: warning: --insecure: the stream is unprotected (plain TCP: no encryption, no integrity check, no authentication)\n');
+  if (tls) return { tls, auth: o.keyFile || process.env.BLOCKFERRY_KEY ? authFrom(o) : {} };
+  return { auth: authFrom(o) };
+}
+
+function secureFlags(cmd: Command, client: boolean): Command {
+  cmd
+    .option('--cert <file>', 'TLS certificate (PEM) of this side: mutual TLS 1.3 with certificates')
+    .option('--key <file>', 'private key (PEM) of --cert')
+    .option('--ca <file>', 'CA certificate(s) (PEM) that must sign the peer\'s certificate');
+  if (client) cmd.option('--servername <name>', 'name the server\'s certificate must carry (default: the host of --to)');
+  return cmd;
+}
+
 function runCmd(what: string, cmd: string): void {
   const r = spawnSync('/bin/sh', ['-c', cmd], { stdio: ['ignore', 'inherit', 'inherit'] });
   if (r.status !== 0) throw new BlockferryError(ErrorCode.INVALID_ARGUMENT, `${what} ${JSON.stringify(cmd)} exited with ${r.status ?? r.signal}`);
@@ -298,7 +331,7 @@ export function buildProgram(): Command {
       print(describeIndex(file, n));
     });
 
-  program
+  secureFlags(program
     .command('serve')
     .description('run the destination service: receive migrations into a data directory')
     .requiredOption('--listen <addr>', 'HOST:PORT to listen on (port 0: any free port)')
@@ -307,18 +340,19 @@ export function buildProgram(): Command {
     .option('--block-size <size>', 'block size of the neighbourhood index', '4096')
     .option('--key-file <file>', 'pre-shared key (default: BLOCKFERRY_KEY)')
     .option('--insecure', 'plain TCP without authentication (loopback demos only)')
+    .option('--handshake-timeout <ms>', 'milliseconds a connection has to authenticate', intArg('--handshake-timeout', 100, 600_000), 5000)
     .addOption(new Option('--compress <mode>', 'accept compressed block data from sources (none: refuse it)').choices(['auto', 'none']).default('auto'))
     .option('--max-image-size <size>', 'refuse images larger than this (e.g. 2T; default: no limit)')
     .option('--reserve <size>', 'disk space to leave free in the data directory (e.g. 10G)', '0')
     .option('--idle-timeout <duration>', 'end a connection that sends nothing for this long (0: never)', '60s')
-    .option('--partial-ttl <duration>', 'remove partial images untouched for this long (0: never)', '7d')
-    .action(async (o: { listen: string; dataDir: string; neighbour: string[]; blockSize: string; keyFile?: string; insecure?: boolean; compress: 'auto' | 'none'; maxImageSize?: string; reserve: string; idleTimeout: string; partialTtl: string }) => {
+    .option('--partial-ttl <duration>', 'remove partial images untouched for this long (0: never)', '7d'), false)
+    .action(async (o: { listen: string; dataDir: string; neighbour: string[]; blockSize: string; keyFile?: string; insecure?: boolean; compress: 'auto' | 'none'; maxImageSize?: string; reserve: string; idleTimeout: string; partialTtl: string; cert?: string; key?: string; ca?: string; handshakeTimeout: number }) => {
       const m = /^\[?([^\]]*?)\]?:(\d{1,5})$/.exec(o.listen);
       if (!m || Number(m[2]) > 65535) throw new UsageError(`--listen ${o.listen}: expected HOST:PORT`);
       const [bs, ...rest] = parseBlockSizes(o.blockSize);
       if (rest.length) throw new UsageError('one block size');
       const svc = await DestinationService.start({
-        dataDir: o.dataDir, host: m[1] || '0.0.0.0', port: Number(m[2]), auth: authFrom(o), blockSize: bs!, neighbours: o.neighbour, compression: o.compress !== 'none',
+        dataDir: o.dataDir, host: m[1] || '0.0.0.0', port: Number(m[2]), ...securityOptions(o), handshakeTimeout: o.handshakeTimeout, blockSize: bs!, neighbours: o.neighbour, compression: o.compress !== 'none',
         ...(o.maxImageSize !== undefined ? { maxImageSize: parseSize('--max-image-size', o.maxImageSize) } : {}),
         reserveBytes: parseSize('--reserve', o.reserve), idleTimeout: parseDuration('--idle-timeout', o.idleTimeout), partialTtl: parseDuration('--partial-ttl', o.partialTtl),
         log: (l) => process.stderr.write(`blockferry serve: ${l}\n`),
@@ -366,7 +400,7 @@ export function buildProgram(): Command {
       print(`removed ${removed.length} partial image${removed.length === 1 ? '' : 's'}${removed.length ? ': ' + removed.map((p) => p.name).join(', ') : ''}`);
     });
 
-  program
+  secureFlags(program
     .command('migrate')
     .description('migrate an image to a destination service, live: rounds of dirty blocks, then cutover')
     .argument('<image>', 'the source image')
@@ -385,11 +419,11 @@ export function buildProgram(): Command {
     .option('--compress <mode>', 'compression of block data: auto (adapts to the link; off where it does not pay), none, zstd or zstd:LEVEL', 'auto')
     .option('--memory <size>', 'memory for per-block state (e.g. 256M; binary units)', '256M')
     .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a terminal, JSON lines, or nothing').choices(['auto', 'json', 'none']).default('auto'))
-    .option('--json', 'print the result as JSON')
-    .action(async (image: string, o: { compress: string; memory: string; to: string; name?: string; strategy: 'full' | 'similarity'; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; maxRounds: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean; progress: ProgressMode }) => {
+    .option('--json', 'print the result as JSON'), true)
+    .action(async (image: string, o: { cert?: string; key?: string; ca?: string; servername?: string; compress: string; memory: string; to: string; name?: string; strategy: 'full' | 'similarity'; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; maxRounds: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean; progress: ProgressMode }) => {
       const progress = createProgress(o.progress);
       const r = await migrate(image, {
-        to: o.to, strategy: o.strategy, auth: authFrom(o), overwrite: !!o.overwrite, rescan: !!o.rescan,
+        to: o.to, strategy: o.strategy, ...securityOptions(o), overwrite: !!o.overwrite, rescan: !!o.rescan,
         maxRounds: o.maxRounds, dirtyThreshold: o.dirtyThreshold,
         compress: usage(() => parseCompress(o.compress)), memoryBudget: parseSize('--memory', o.memory),
         onProgress: (p) => progress.update({ phase: p.round ? `${p.phase} ${p.round}` : p.phase, path: basename(image), done: p.done, total: p.total }),

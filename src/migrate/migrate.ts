@@ -12,6 +12,7 @@ import { BEGIN, BEGIN_OK, BEGIN_OVERWRITE, SYNC, SYNC_OK } from '../protocol/mes
 export const HEARTBEAT_MS = 10_000;
 import { compressorFor, type CompressMode } from '../protocol/compression.js';
 import { connect, parseTarget } from '../transport/tcp.js';
+import { connect as connectTls, securityFrom, type TlsOptions } from '../transport/tls.js';
 import { openSource, statImage } from '../image/source.js';
 import { Scanner } from '../scan/scanner.js';
 import { STRATEGIES, type StrategyName } from './strategies.js';
@@ -25,7 +26,10 @@ export interface MigrateOptions extends LiveOptions {
   /** Name at the destination (default: the image's file name without extension). */
   name?: string;
   strategy?: Strategy;
+  /** A pre-shared key (TLS 1.3 with that PSK), or insecure (plain TCP); with `tls`, the key is optional. */
   auth: AuthOptions;
+  /** Certificates: mutual TLS 1.3; the server's certificate must name the host dialled (or `tls.servername`). */
+  tls?: TlsOptions;
   blockSize?: number;
   /** Bandwidth limit in bytes per second. */
   bwlimit?: number;
@@ -101,12 +105,19 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
     throw new InvalidArgumentError('memoryBudget', 'at least 16 MiB, in bytes', options.memoryBudget);
   }
 
-  const socket = await connect(target).catch(async (e) => { await closeScanner(); throw e; });
+  let security;
+  try {
+    security = securityFrom(options.auth, options.tls);
+  } catch (e) {
+    await closeScanner();
+    throw e;
+  }
+  const socket = await (security.mode === 'insecure' ? connect(target) : connectTls(target, security)).catch(async (e) => { await closeScanner(); throw e; });
   const ch = new Channel(socket, { bwlimit: options.bwlimit ?? 0, ...(options.onFrame ? { onFrame: options.onFrame } : {}) });
   const src = openSource({ kind: 'file', path });
   let heartbeat: NodeJS.Timeout | undefined;
   try {
-    const caps = await clientHandshake(ch, options.auth);
+    const caps = await clientHandshake(ch, { ...options.auth, certificates: security.mode === 'cert' });
     const lacking = strategy.requires & ~caps;
     if (lacking) throw new BlockferryError(ErrorCode.REFUSED, `the destination does not offer what strategy ${strategy.name} needs (capabilities 0x${lacking.toString(16)})`);
     ch.setCodec(compressorFor(caps, options.compress ?? { mode: 'auto' }), undefined);

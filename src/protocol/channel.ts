@@ -3,11 +3,12 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { ErrorCode, ProtocolError } from '../errors.js';
 import { encodeHeader, FLAG_COMPRESSED, FrameDecoder, HEADER_BYTES, Msg, msgName, Reader, type Frame, type MsgType } from './frame.js';
 import { decode, encode, ERROR, kindOf, type MessageDef, type Traffic } from './messages.js';
+import { tlsError } from '../transport/tls.js';
 
 export type { Traffic, TrafficKind } from './messages.js';
 
 /** Frames received but not yet consumed before the socket is paused: bounds memory when the reader is slower than the link. */
-const MAX_QUEUED_BYTES = 32 << 20;
+export const MAX_QUEUED_BYTES = 32 << 20;
 
 /** What one frame cost to send, for a compressor that adapts. */
 export interface FrameSample {
@@ -121,7 +122,7 @@ export class Channel {
       const truncated = this.decoder.pending > 0;
       this.fail(new ProtocolError(truncated ? ErrorCode.PROTOCOL : ErrorCode.CONNECTION, truncated ? 'connection closed in the middle of a frame' : 'connection closed by the peer'));
     });
-    socket.on('error', (e) => this.fail(new ProtocolError(ErrorCode.CONNECTION, `connection failed: ${e.message}`, undefined, { cause: e })));
+    socket.on('error', (e) => this.fail(tlsError(e) ?? new ProtocolError(ErrorCode.CONNECTION, `connection failed: ${e.message}`, undefined, { cause: e })));
     socket.on('close', () => { this.fail(new ProtocolError(ErrorCode.CONNECTION, 'connection closed')); this.stopIdle(); });
     socket.on('drain', () => { this.lastHeard = performance.now(); });
   }
@@ -195,6 +196,11 @@ export class Channel {
       const size = raw.payload.readUInt32LE(0);
       if (size > this.decoder.limit) throw new ProtocolError(ErrorCode.PROTOCOL, `a compressed frame declaring ${size} bytes, over the ${this.decoder.limit}-byte limit`);
       f = { ...raw, payload: this.decompressor.decompress(raw.payload.subarray(4), size) };
+    }
+    if (f.type === Msg.ERROR && f.id === 0) {
+      // The peer's last word, before it closes: what every wait on this
+      // channel ends with (a sender blocked on 'drain' too), not "closed".
+      try { checkError(f); } catch (e) { queueMicrotask(() => this.fail(e as Error)); }
     }
     const w = f.id !== 0 ? this.pending.get(f.id) : undefined;
     if (w) {
@@ -357,7 +363,7 @@ function checkError(f: Frame): Frame {
     const r = new Reader(f.payload, 'ERROR');
     const code = r.str();
     const message = r.str();
-    const local = code === ErrorCode.AUTH_FAILED || code === ErrorCode.PROTOCOL_VERSION || code === ErrorCode.PROTOCOL ? code : ErrorCode.REFUSED;
+    const local = code === ErrorCode.AUTH_FAILED || code === ErrorCode.PROTOCOL_VERSION || code === ErrorCode.PROTOCOL || code === ErrorCode.TLS_CERT || code === ErrorCode.LIMIT ? code : ErrorCode.REFUSED;
     throw new ProtocolError(local as ProtocolError['code'], `peer: ${message}`, code);
   }
   return f;

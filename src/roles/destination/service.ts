@@ -3,11 +3,14 @@
 import type { Socket } from 'node:net';
 import { closeSync, constants as fsc, existsSync, lstatSync, mkdirSync, openSync, rmSync, statfsSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
-import { BlockferryError, ErrorCode, ProtocolError } from '../../errors.js';
+import { BlockferryError, ErrorCode, InvalidArgumentError, ProtocolError } from '../../errors.js';
 import { escapeForLog, LOG_LINE_MAX } from '../../util/sanitize.js';
 import { DEFAULT_PARTIAL_TTL_MS, NAME_RE, prunePartials } from './partials.js';
 import { Channel } from '../../protocol/channel.js';
-import { CAPABILITIES, CAP_ZSTD, serverHandshake, type AuthOptions } from '../../protocol/handshake.js';
+import { CAPABILITIES, CAP_ZSTD, HANDSHAKE_FRAME_LIMIT, serverHandshake, type AuthOptions } from '../../protocol/handshake.js';
+import { serverTls, securityFrom, wrapServer, type ServerTls, type TlsOptions } from '../../transport/tls.js';
+import { encodeHeader, Msg } from '../../protocol/frame.js';
+import { encode, ERROR } from '../../protocol/messages.js';
 import { BEGIN, BEGIN_OVERWRITE, type Begin } from '../../protocol/messages.js';
 import { listen, type Listener } from '../../transport/tcp.js';
 import { Neighbourhood } from '../../blockindex/neighbourhood.js';
@@ -30,7 +33,15 @@ export interface DestinationOptions {
   dataDir: string;
   host?: string;
   port?: number;
+  /** A pre-shared key (TLS 1.3 with that PSK), or insecure (plain TCP); with `tls`, the key is optional. */
   auth: AuthOptions;
+  /** Certificates: mutual TLS 1.3; a client must present a certificate signed by `tls.ca`. */
+  tls?: TlsOptions;
+  /** Milliseconds a connection has to authenticate (TLS and the protocol's handshake) before it is closed. Default 5000. */
+  handshakeTimeout?: number;
+  /** Connections not yet authenticated, at most, from one remote address (default 8) and in total (default 64); beyond, new ones are closed at once. */
+  maxUnauthenticatedPerAddress?: number;
+  maxUnauthenticated?: number;
   /** Block size of the neighbourhood index (migrations must use it). Default 4096. */
   blockSize?: number;
   /** Images to add to the neighbourhood at start. */
@@ -73,14 +84,27 @@ export class DestinationService implements Role {
   private readonly scanner: Scanner;
   readonly completed: SessionStats[] = [];
   private indexing: Promise<void> = Promise.resolve();
+  private readonly tls: ServerTls | undefined;
+  /** Connections that have not authenticated yet: per remote address, and in total. */
+  private readonly unauthenticated = new Map<string, number>();
+  private unauthenticatedTotal = 0;
+  /** Connections closed by the limits before authentication: over a cap, or past the handshake deadline. */
+  readonly limited = { overCap: 0, deadline: 0 };
 
-  private constructor(readonly options: DestinationOptions, neighbourhood: Neighbourhood, scanner: Scanner) {
+  private constructor(readonly options: DestinationOptions, neighbourhood: Neighbourhood, scanner: Scanner, tls: ServerTls | undefined) {
     this.neighbourhood = neighbourhood;
     this.scanner = scanner;
+    this.tls = tls;
   }
 
   static async start(options: DestinationOptions): Promise<DestinationService> {
     checkDataDir(options.dataDir);
+    const security = securityFrom(options.auth, options.tls);
+    const tls = security.mode === 'insecure' ? undefined : serverTls(security);
+    for (const k of ['handshakeTimeout', 'maxUnauthenticatedPerAddress', 'maxUnauthenticated'] as const) {
+      const v = options[k];
+      if (v !== undefined && !(Number.isSafeInteger(v) && v >= 1)) throw new InvalidArgumentError(k, 'a positive integer', v);
+    }
     const bs = options.blockSize ?? 4096;
     const indexFile = join(options.dataDir, INDEX_FILE);
     let n = existsSync(indexFile) ? Neighbourhood.load(indexFile) : new Neighbourhood(bs);
@@ -92,7 +116,7 @@ export class DestinationService implements Role {
       n.add(map!);
     }
     n.save(indexFile);
-    const svc = new DestinationService(options, n, scanner);
+    const svc = new DestinationService(options, n, scanner, tls);
     try {
       svc.listener = await listen(options.host ?? '127.0.0.1', options.port ?? 0, (s) => svc.accept(s));
     } catch (e) {
@@ -140,15 +164,82 @@ export class DestinationService implements Role {
     this.options.log?.(escapeForLog(line, LOG_LINE_MAX));
   }
 
-  private accept(socket: Socket): void {
-    this.sockets.add(socket);
-    socket.on('close', () => this.sockets.delete(socket));
-    const ch = new Channel(socket);
-    this.serve(ch).catch((e: Error) => {
-      const code = e instanceof BlockferryError ? e.code : ErrorCode.INTERNAL;
-      this.log(`migration from ${socket.remoteAddress} failed: ${code}: ${e.message}`);
-      void ch.sendError(code, e.message);
-    });
+  /**
+   * A new TCP connection. Until it authenticates it holds one of a few slots
+   * (per remote address and in total; none free: closed at once) and has
+   * handshakeTimeout to finish TLS and the handshake; frames are limited to
+   * HANDSHAKE_FRAME_LIMIT meanwhile. After, the Channel bounds what it queues.
+   */
+  private accept(raw: Socket): void {
+    this.sockets.add(raw);
+    raw.on('close', () => this.sockets.delete(raw));
+    const o = this.options;
+    const addr = raw.remoteAddress ?? '?';
+    const fromAddr = this.unauthenticated.get(addr) ?? 0;
+    if (this.unauthenticatedTotal >= (o.maxUnauthenticated ?? 64) || fromAddr >= (o.maxUnauthenticatedPerAddress ?? 8)) {
+      this.limited.overCap++;
+      raw.on('error', () => {});
+      raw.destroy();
+      return;
+    }
+    this.unauthenticatedTotal++;
+    this.unauthenticated.set(addr, fromAddr + 1);
+    let pending = true;
+    let expired = false;
+    const release = () => {
+      if (!pending) return;
+      pending = false;
+      clearTimeout(deadline);
+      this.unauthenticatedTotal--;
+      const left = (this.unauthenticated.get(addr) ?? 1) - 1;
+      if (left > 0) this.unauthenticated.set(addr, left);
+      else this.unauthenticated.delete(addr);
+    };
+    const deadline = setTimeout(() => {
+      expired = true;
+      this.limited.deadline++;
+      this.log(`connection from ${addr} closed: ${ErrorCode.LIMIT}: not authenticated within ${o.handshakeTimeout ?? 5000} ms`);
+      socket.destroy();
+      raw.destroy();
+    }, o.handshakeTimeout ?? 5000);
+    raw.once('close', release);
+    raw.on('error', () => {}); // reported through the channel (or the TLS socket) above it
+    const tls = this.tls;
+    // The socket the channel speaks over: raw, or the TLS socket that takes over raw's handle (only it reports 'close' then).
+    let socket: Socket = raw;
+    void (async () => {
+      let secure: Promise<{ refused?: string }> | undefined;
+      if (tls) {
+        // A plain-TCP blockferry client (--insecure) gets a readable refusal instead of a TLS error.
+        const first = await firstByte(raw);
+        if (first === undefined) return;
+        if (first !== TLS_HANDSHAKE_RECORD) {
+          refusePlain(raw, 'this server requires TLS; insecure (plain TCP) clients are refused');
+          return;
+        }
+        ({ socket, secure } = wrapServer(raw, tls));
+        const wrapped = socket;
+        this.sockets.add(wrapped);
+        wrapped.once('close', () => { this.sockets.delete(wrapped); release(); });
+        wrapped.on('error', () => {});
+      }
+      const ch = new Channel(socket, { frameLimit: HANDSHAKE_FRAME_LIMIT });
+      try {
+        if (secure) {
+          const { refused } = await secure;
+          if (refused) throw new ProtocolError(ErrorCode.TLS_CERT, `client certificate refused: ${refused}`);
+        }
+        await this.serve(ch, release);
+      } catch (err) {
+        const e = err as Error;
+        const code = noSpace(e) ? ErrorCode.NO_SPACE : e instanceof BlockferryError ? e.code : ErrorCode.INTERNAL;
+        if (!expired) this.log(`migration from ${addr} failed: ${code}: ${e.message}`);
+        // Unless the handshake has told the peer already (a write after end would cut TLS short).
+        if (!socket.writableEnded) await ch.sendError(code, e.message);
+        // Closed for good, even if the peer never reads the error.
+        setTimeout(() => socket.destroy(), 2000).unref();
+      }
+    })();
   }
 
   async close(): Promise<void> {
@@ -160,9 +251,11 @@ export class DestinationService implements Role {
   }
 
   /** One connection: handshake, BEGIN, the session, then the new image into the neighbourhood. */
-  async serve(ch: Channel): Promise<void> {
+  async serve(ch: Channel, authenticated?: () => void): Promise<void> {
     ch.setIdleTimeout(this.options.idleTimeout ?? DEFAULT_IDLE_TIMEOUT_MS);
-    const caps = await serverHandshake(ch, this.options.auth, this.options.compression === false ? CAPABILITIES & ~CAP_ZSTD : CAPABILITIES);
+    const auth = { ...this.options.auth, certificates: !!this.options.tls };
+    const caps = await serverHandshake(ch, auth, this.options.compression === false ? CAPABILITIES & ~CAP_ZSTD : CAPABILITIES);
+    authenticated?.();
     const begin = await ch.recv(BEGIN);
     this.log(`migration into ${escapeForLog(begin.name)} from ${ch.socket.remoteAddress}: ${begin.size} bytes, strategy ${escapeForLog(begin.strategy)}`);
     this.check(begin);
@@ -300,4 +393,41 @@ function listenError(e: unknown, host: string, port: number): unknown {
     return new BlockferryError(ErrorCode.ADDRESS_UNAVAILABLE, `cannot listen on ${host}:${port}: ${why}`, { cause: e });
   }
   return e;
+}
+
+/** First byte of a TLS connection: a handshake record (ClientHello). A blockferry frame starts with its length's low byte. */
+const TLS_HANDSHAKE_RECORD = 0x16;
+
+/** Waits for the first byte without consuming it (undefined: the connection ended first). */
+function firstByte(raw: Socket): Promise<number | undefined> {
+  return new Promise((res) => {
+    const onReadable = () => {
+      const b = raw.read() as Buffer | null;
+      if (!b) return;
+      cleanup();
+      raw.unshift(b);
+      res(b[0]);
+    };
+    const onEnd = () => { cleanup(); res(undefined); };
+    const cleanup = () => { raw.off('readable', onReadable); raw.off('end', onEnd); raw.off('close', onEnd); };
+    raw.on('readable', onReadable);
+    raw.once('end', onEnd);
+    raw.once('close', onEnd);
+  });
+}
+
+/** An ERROR frame in plain text, then close: for a client that speaks the protocol without TLS. */
+function refusePlain(raw: Socket, message: string): void {
+  const payload = encode(ERROR, { code: ErrorCode.AUTH_FAILED, message });
+  // Nothing more is read from it: closed as soon as the refusal is written.
+  raw.end(Buffer.concat([encodeHeader(Msg.ERROR, payload.length), payload]), () => raw.destroy());
+  setTimeout(() => raw.destroy(), 2000).unref();
+}
+
+/** Whether a failure comes from a full disk or quota (ENOSPC, EDQUOT), anywhere in its cause chain. */
+function noSpace(e: unknown): boolean {
+  for (let x = e as { code?: unknown; errno?: unknown; message?: unknown; cause?: unknown } | undefined, i = 0; x && i < 5; x = x.cause as typeof x, i++) {
+    if (x.code === 'ENOSPC' || x.code === 'EDQUOT' || x.errno === 'ENOSPC' || (typeof x.message === 'string' && /\bENOSPC\b|no space left on device/i.test(x.message))) return true;
+  }
+  return false;
 }
