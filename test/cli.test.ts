@@ -173,7 +173,8 @@ describe('blockferry CLI', () => {
       await new Promise((r) => setTimeout(r, 50));
       for (const [code, args, status] of cases) {
         const r = code === 'ERR_BF_ADDRESS_IN_USE' ? await withBusyPort(busyPort, () => runAsync(...args)) : await runAsync(...args);
-        const lines = r.err.trim().split('\n');
+        // --insecure's warning line may come first; the failure itself is one line.
+        const lines = r.err.trim().split('\n').filter((l) => !l.startsWith('blockferry: warning: --insecure'));
         assert.equal(r.code, status, `${args.join(' ')}: ${r.err}`);
         assert.equal(lines.length, 1, `one line: ${r.err}`);
         assert.ok(lines[0]!.startsWith(`blockferry: error ${code}: `), `${args.join(' ')}: ${r.err}`);
