@@ -97,7 +97,7 @@ export class Neighbourhood {
   /** Writes the index atomically (temporary file, fsync, rename). */
   save(file: string): void {
     const list = Buffer.from(JSON.stringify({ images: this.list }), 'utf8');
-    const table = this.table.serialize();
+    const table = this.table.serializedView(); // written at once: no copy of the table
     const header = FORMAT.header();
     header.writeUInt32LE(this.blockSize, 12);
     header.writeUInt32LE(list.length, 16);

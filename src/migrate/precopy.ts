@@ -24,8 +24,8 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
     phases[name] = (phases[name] ?? 0) + (now - t) / 1000;
     t = now;
   };
-  // The copy index takes at most a sixth of the budget (about 30 bytes an entry).
-  const view = new DestinationView(map, Math.floor(ctx.memoryBudget / 6 / 30));
+  // The copy index takes at most an eighth of the budget (about 30 bytes an entry).
+  const view = new DestinationView(map, Math.floor(ctx.memoryBudget / 8 / 30));
   const sender = new BlockSender(ch, src, view, bs);
   const check = new EndToEndCheck(ch, src, view, bs, sender, (n) => ctx.event('repair', { extents: n }));
   const sync = async () => { await ch.request(SYNC, undefined, SYNC_OK); };

@@ -221,8 +221,17 @@ export class BlockIndexTable {
     return new BigUint64Array(this.engine.memory.buffer.slice(st, st + n * ENTRY_BYTES));
   }
 
-  /** The table as bytes (docs/FORMATS.md, "Block index table"). */
+  /** The table as bytes (docs/FORMATS.md, "Block index table"): a copy. */
   serialize(): Uint8Array {
+    return this.serializedView().slice();
+  }
+
+  /**
+   * The table as bytes, as a view into the table's own memory (no copy of a
+   * possibly large table): valid until the table is next changed. For
+   * writing it out at once.
+   */
+  serializedView(): Uint8Array {
     const st = this.stagingPtr;
     const total = HEADER + this.count * ENTRY_BYTES + TRAILER;
     this.engine.ensure(st + total);
@@ -236,7 +245,7 @@ export class BlockIndexTable {
     dv.setBigUint64(16, BigInt(n), true);
     const sum = BigInt.asUintN(64, this.engine.core.xxh3(st, total - TRAILER));
     new DataView(mem.buffer, st + total - TRAILER, TRAILER).setBigUint64(0, sum, true);
-    return mem.slice(st, st + total);
+    return mem.subarray(st, st + total);
   }
 
   /** Reads a table written by serialize(); a damaged one throws a FormatError with a stable code. */
