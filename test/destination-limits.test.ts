@@ -110,8 +110,9 @@ describe('resources bounded by what is received', () => {
     mkdirSync(data);
     const st = statfsSync(data);
     const free = Number(st.bavail) * Number(st.bsize);
-    // Leave 1 MiB usable: 4 MiB of announced data cannot arrive; a 1 TiB sparse image with 64 KiB of data can.
-    const svc = await DestinationService.start({ dataDir: data, auth: { key }, reserveBytes: free - (1 << 20) });
+    // Leave 64 MiB usable: 2 GiB of announced data cannot arrive; a 1 TiB sparse image with 64 KiB of data can.
+    // (Wide margins both ways: other tests write and delete files on the same disk meanwhile.)
+    const svc = await DestinationService.start({ dataDir: data, auth: { key }, reserveBytes: free - (64 << 20) });
     try {
       const sparse = await rawClient(svc.address.port);
       await begin(sparse, 'sparse', 2 ** 40);
@@ -120,10 +121,19 @@ describe('resources bounded by what is received', () => {
       assert.equal((await sparse.recv(NEED)).missing[0]!.count, 16);
       sparse.close();
       const ch = await rawClient(svc.address.port);
-      await begin(ch, 'nospace', 64 << 20);
+      await begin(ch, 'nospace', 4 * 2 ** 30);
       await ch.recv(BEGIN_OK);
-      await ch.send(BLOCK_INFO, info(0, Buffer.from(seededBytes(2, 4 << 20))));
-      await assert.rejects(ch.next(), (e) => remoteCode(e) === ErrorCode.NO_SPACE);
+      // 8 runs of 64 Ki blocks (fingerprints of no real data: nothing at the destination has them, so all are needed).
+      // The refusal may arrive while the runs are still being sent: it ends the send, or the next receive.
+      const refused = (async () => {
+        for (let k = 0; k < 8; k++) {
+          const n = 65536;
+          const fingerprints = BigUint64Array.from({ length: n }, (_, i) => BigInt(k * n + i + 1));
+          await ch.send(BLOCK_INFO, { start: k * (n + 1), count: n, fingerprints, signatures: fingerprints });
+        }
+        await ch.next();
+      })();
+      await assert.rejects(refused, (e) => remoteCode(e) === ErrorCode.NO_SPACE);
       await new Promise((r) => setTimeout(r, 100));
       assert.ok(existsSync(join(data, 'nospace.img.journal')), 'the journal is kept');
     } finally {

@@ -24,7 +24,7 @@ before(() => {
   image = join(dir, 'src.img');
   writeFileSync(image, seededBytes(3, 256 * 4096));
 });
-after(() => rmSync(dir, { recursive: true, force: true }));
+after(() => rmSync(dir, { recursive: true, force: true, maxRetries: 5, retryDelay: 200 }));
 
 let n = 0;
 const start = (o: Partial<Parameters<typeof DestinationService.start>[0]>) => DestinationService.start({ dataDir: join(dir, `dst${n++}`), auth: { key }, ...o });
@@ -86,6 +86,14 @@ describe('limits before authentication', () => {
   });
 });
 
+/** Ends a serve process and waits for it (it writes into its data directory until it exits). */
+async function stop(p: ChildProcess): Promise<void> {
+  if (p.exitCode !== null || p.signalCode !== null) return;
+  const exited = new Promise((r) => p.once('exit', r));
+  p.kill('SIGTERM');
+  await exited;
+}
+
 /** `blockferry serve` in its own process, for its RSS. */
 async function serveProcess(args: string[]): Promise<{ p: ChildProcess; port: number }> {
   const p = spawn(process.execPath, [bin, 'serve', '--listen', '127.0.0.1:0', '--data-dir', join(dir, `proc${n++}`), ...args], { stdio: ['ignore', 'pipe', 'ignore'] });
@@ -108,7 +116,7 @@ describe('memory', () => {
       for (const s of socks) s.destroy();
       assert.ok(peak - base.rss < 64 << 20, `RSS ${base.rss >> 20} MiB before, peak ${peak >> 20} MiB`);
     } finally {
-      p.kill('SIGTERM');
+      await stop(p);
     }
   });
 
@@ -124,7 +132,7 @@ describe('memory', () => {
       const peak = rss(p.pid!).peak;
       assert.ok(peak - base.rss < 256 << 20, `RSS ${base.rss >> 20} MiB before, peak ${peak >> 20} MiB`);
     } finally {
-      p.kill('SIGTERM');
+      await stop(p);
     }
   });
 });

@@ -43,6 +43,15 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   let announced = false;
   const total = map.dataBlocks * bs;
   let done = 0;
+  // The end-to-end check goes out as the transfer goes: each run, right after
+  // its blocks (and the zero gap before it), is checked while later runs are
+  // still being sent; the destination applies frames in order.
+  const stream = check.stream();
+  let checkedTo = 0;
+  const checkUpTo = async (end: number) => {
+    if (end > checkedTo) await stream.add([{ start: checkedTo, count: end - checkedTo }]);
+    checkedTo = Math.max(checkedTo, end);
+  };
   const receiveNeeds = async () => {
     for (;;) {
       const need = await ch.recv(NEED);
@@ -50,12 +59,15 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
       if (!announced) { announced = true; ctx.event('transfer'); }
       view.heldRun(need.start, need.count, need.missing);
       await sender.send(need.missing);
+      await checkUpTo(need.start + need.count);
       done += need.count * bs;
       ctx.progress({ phase: 'transfer', round: 0, done: Math.min(done, total), total });
     }
   };
   await Promise.all([sendInfo(), receiveNeeds()]);
+  await checkUpTo(map.count);
   await sync();
+  sender.takeTouched(); // what the transfer changed is covered by the stream
   lap('transfer');
 
   // Pre-copy rounds while the image is live.
@@ -70,20 +82,22 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
     ctx.progress({ phase: 'rounds', round: rounds, done: 0, total: blocksIn(pending) * bs });
     await ch.send(ROUND, { round: rounds });
     await sender.send(pending);
-    ctx.progress({ phase: 'rounds', round: rounds, done: blocksIn(pending) * bs, total: blocksIn(pending) * bs });
     await sync();
+    ctx.progress({ phase: 'rounds', round: rounds, done: blocksIn(pending) * bs, total: blocksIn(pending) * bs });
     pending = await dirty.take();
   }
   lap('rounds');
 
-  // The end-to-end check of every extent while the image is still live: the
-  // destination only changes when told to, so after the pause only what the
-  // last round touches (and what differed here) needs checking again.
+  // The check's answers, and a check of what the rounds changed, while the
+  // image is still live: the destination only changes when told to, so after
+  // the pause only what the last round touches (and what differed here)
+  // needs checking again.
   ctx.event('verify');
   ctx.progress({ phase: 'verify', round: rounds, done: 0, total });
-  const differ = await check.once([{ start: 0, count: map.count }]);
+  const differ = await stream.finish();
   const recheck = IntervalSet.of(differ);
-  sender.takeTouched();
+  const changedInRounds = sender.takeTouched();
+  if (changedInRounds.runs) for (const x of await check.once(changedInRounds)) recheck.add(x.start, x.count);
   lap('verify');
 
   // Cutover: pause, last round, check what it touched, commit, resume.

@@ -21,6 +21,37 @@ const IN_FLIGHT = 4;
 /** Attempts at repairing extents the check finds different. */
 const VERIFY_ATTEMPTS = 3;
 
+type Extent = Interval & { data: boolean };
+
+export class VerifyStream {
+  private readonly bad: Extent[] = [];
+  private readonly inflight: Promise<void>[] = [];
+
+  constructor(private readonly check: EndToEndCheck) {}
+
+  /** Sends the extents of these ranges now (in VERIFY frames of at most VERIFY_BATCH extents). */
+  async add(ranges: Iterable<Interval>): Promise<void> {
+    let batch: Extent[] = [];
+    for (const x of this.check.extents(ranges)) {
+      batch.push(x);
+      if (batch.length === VERIFY_BATCH) { await this.send(batch); batch = []; }
+    }
+    if (batch.length) await this.send(batch);
+  }
+
+  private async send(list: Extent[]): Promise<void> {
+    const p = this.check.request(list).then((bad) => { this.bad.push(...bad); });
+    p.catch(() => {}); // reported by finish() (or by the wait below)
+    this.inflight.push(p);
+    if (this.inflight.length >= IN_FLIGHT) await this.inflight.shift();
+  }
+
+  async finish(): Promise<Extent[]> {
+    await Promise.all(this.inflight.splice(0));
+    return this.bad;
+  }
+}
+
 export class EndToEndCheck {
   private readonly per: number;
   private readonly engine: Engine;
@@ -43,7 +74,7 @@ export class EndToEndCheck {
   }
 
   /** The extents covering `ranges`: each zero gap as one entry, data cut at EXTENT_BLOCKS-aligned boundaries. */
-  *extents(ranges: Iterable<Interval>): Generator<Interval & { data: boolean }> {
+  *extents(ranges: Iterable<Interval>): Generator<Extent> {
     for (const r of ranges) {
       let at = r.start;
       const end = r.start + r.count;
@@ -68,30 +99,30 @@ export class EndToEndCheck {
   }
 
   /** Checks the ranges once; returns the extents that differ. */
-  async once(ranges: Iterable<Interval>): Promise<Array<Interval & { data: boolean }>> {
-    const bad: Array<Interval & { data: boolean }> = [];
-    const inflight: Promise<void>[] = [];
-    let batch: Array<Interval & { data: boolean }> = [];
-    const sendBatch = async () => {
-      const list = batch;
-      batch = [];
-      const msg: VerifyExtent[] = list.map((x) => (x.data ? { start: x.start, count: x.count, digest: this.digestOf(x) } : { start: x.start, count: x.count }));
-      inflight.push(this.ch.request(VERIFY, msg, VERIFY_RESULT).then((idx) => {
-        for (const i of idx) {
-          const x = list[i];
-          if (!x) throw new BlockferryError(ErrorCode.PROTOCOL, `VERIFY_RESULT names extent ${i} of ${list.length}`);
-          bad.push(x);
-        }
-      }));
-      if (inflight.length >= IN_FLIGHT) await inflight.shift();
-    };
-    for (const x of this.extents(ranges)) {
-      batch.push(x);
-      if (batch.length === VERIFY_BATCH) await sendBatch();
-    }
-    if (batch.length) await sendBatch();
-    await Promise.all(inflight);
-    return bad;
+  async once(ranges: Iterable<Interval>): Promise<Extent[]> {
+    const stream = this.stream();
+    await stream.add(ranges);
+    return stream.finish();
+  }
+
+  /**
+   * A check that goes out piece by piece: add() sends VERIFY requests for
+   * ranges as they become ready (during the transfer, right after each run's
+   * blocks), up to IN_FLIGHT unanswered; finish() collects the extents that
+   * differ. Hashing on both sides then overlaps the transfer.
+   */
+  stream(): VerifyStream {
+    return new VerifyStream(this);
+  }
+
+  /** Sends one VERIFY request for a list of extents; resolves with those that differ. */
+  request(list: Extent[]): Promise<Extent[]> {
+    const msg: VerifyExtent[] = list.map((x) => (x.data ? { start: x.start, count: x.count, digest: this.digestOf(x) } : { start: x.start, count: x.count }));
+    return this.ch.request(VERIFY, msg, VERIFY_RESULT).then((idx) => idx.map((i) => {
+      const x = list[i];
+      if (!x) throw new BlockferryError(ErrorCode.PROTOCOL, `VERIFY_RESULT names extent ${i} of ${list.length}`);
+      return x;
+    }));
   }
 
   /**
