@@ -45,8 +45,8 @@ export class FileFormat {
   }
 
   /** Writes header and content parts plus the trailer atomically (temporary file, fsync, rename). */
-  write(file: string, parts: Uint8Array[]): void {
-    writeFileAtomic(file, [...parts, this.trailer(parts)], this.what);
+  write(file: string, parts: Uint8Array[], mode?: number): void {
+    writeFileAtomic(file, [...parts, this.trailer(parts)], this.what, mode);
   }
 
   /** Reads a whole file; a missing or unreadable one is FILE_NOT_FOUND or FILE_UNREADABLE. */

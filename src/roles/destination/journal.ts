@@ -1,14 +1,12 @@
 import { closeSync, constants, fstatSync, openSync, readSync } from 'node:fs';
-import { writeFileAtomic } from '../../io/atomic.js';
-import { TreeChecksum } from '../../engine/checksum.js';
+import { FileFormat, TRAILER_BYTES } from '../../io/format.js';
 import { BlockferryError, ErrorCode, FormatError } from '../../errors.js';
 import { IntervalSet, type Interval } from '../../blocks/intervals.js';
 
 /** File layout: docs/FORMATS.md, "Migration journal". */
-const MAGIC = Buffer.from('BFJOURNL', 'latin1');
-const VERSION = 2;
 const HEADER = 40;
 const WHAT = 'migration journal';
+const FORMAT = new FileFormat('BFJOURNL', 2, HEADER, WHAT);
 
 /**
  * What the destination knows to be right in a partial image: the intervals
@@ -34,17 +32,13 @@ export class Journal {
   /** Saves the journal (or, given, a snapshot of the written set taken earlier). */
   save(file: string, written: Iterable<Interval> = this.written): void {
     const runs = [...written];
-    const header = Buffer.alloc(HEADER);
-    MAGIC.copy(header);
-    header.writeUInt32LE(VERSION, 8);
+    const header = FORMAT.header();
     header.writeUInt32LE(this.blockSize, 12);
     header.writeBigUInt64LE(BigInt(this.size), 16);
     header.writeBigUInt64LE(BigInt(runs.length), 24);
     const body = Buffer.alloc(16 * runs.length);
     runs.forEach((iv, i) => { body.writeBigUInt64LE(BigInt(iv.start), 16 * i); body.writeBigUInt64LE(BigInt(iv.count), 16 * i + 8); });
-    const trailer = Buffer.alloc(8);
-    trailer.writeBigUInt64LE(new TreeChecksum().update(header).update(body).digest());
-    writeFileAtomic(file, [header, body, trailer], WHAT, 0o600);
+    FORMAT.write(file, [header, body], 0o600);
   }
 
   /**
@@ -53,18 +47,15 @@ export class Journal {
    * at its name is never followed: UNSAFE_PATH.
    */
   static load(file: string): Journal | undefined {
-    const b = readNoFollow(file);
-    if (!b) return undefined;
-    if (b.length < HEADER + 8) throw new FormatError(ErrorCode.TRUNCATED, WHAT, 'shorter than its header');
-    if (!MAGIC.equals(b.subarray(0, 8))) throw new FormatError(ErrorCode.BAD_MAGIC, WHAT, 'bad magic');
-    if (b.readUInt32LE(8) !== VERSION) throw new FormatError(ErrorCode.UNSUPPORTED_VERSION, WHAT, `version ${b.readUInt32LE(8)}`);
+    const bytes = readNoFollow(file);
+    if (!bytes) return undefined;
+    const b = FORMAT.open(bytes);
     const bs = b.readUInt32LE(12);
     const size = Number(b.readBigUInt64LE(16));
     const n = b.readBigUInt64LE(24);
-    if (BigInt(b.length) !== BigInt(HEADER + 8) + 16n * n) throw new FormatError(ErrorCode.CORRUPT, WHAT, 'length does not match its header');
-    if (new TreeChecksum().update(b.subarray(0, b.length - 8)).digest() !== b.readBigUInt64LE(b.length - 8)) {
-      throw new FormatError(ErrorCode.CHECKSUM_MISMATCH, WHAT, 'checksum mismatch');
-    }
+    FORMAT.checkLength(b, BigInt(HEADER + TRAILER_BYTES) + 16n * n);
+    FORMAT.checkChecksum(b);
+    if (!(bs > 0) || !Number.isSafeInteger(size)) throw FORMAT.corrupt(`block size ${bs}, image size ${size}`);
     const blocks = Math.ceil(size / bs);
     const written = new IntervalSet();
     let prevEnd = -1;
