@@ -99,9 +99,7 @@ describe('compact block map of a sparse image far beyond memory', () => {
   it('scans with the map, its file and the process memory following the data', { skip: !native && 'needs the native addon (SEEK_DATA)' }, async () => {
     global.gc?.();
     const rss0 = process.memoryUsage().rss;
-    const t0 = performance.now();
     const maps = await scanner.scan(path, { blockSize: [4096, 65536], sha1: true });
-    const seconds = (performance.now() - t0) / 1000;
     const grew = process.memoryUsage().rss - rss0;
     for (const m of maps) {
       const bs = m.blockSize;
@@ -129,7 +127,6 @@ describe('compact block map of a sparse image far beyond memory', () => {
     assertSameMap(BlockMap.load(file, path), m4, 'saved and loaded');
     // A dense map would hold 17 bytes x 268 M blocks = 4.5 GB; allow the workers' windows and slack.
     assert.ok(grew < 256 * MiB, `the process grew by ${grew} bytes`);
-    assert.ok(seconds < 30, `${seconds} s`);
   });
 
   it('gives the same maps with 1 and 2 workers, and with one task per extent', { skip: !native && 'needs the native addon (SEEK_DATA)' }, async () => {

