@@ -111,24 +111,21 @@ export async function benchCodec(): Promise<GroupResult[]> {
       check(`our decompressor reads the ${peers[1]!.name} stream at level ${level}`, cross.every((f, i) => Buffer.compare(f, frames[i]!) === 0));
       ratioTable.push([set.label, String(level), ...ratios]);
 
-      groups.push(await runGroup({
-        title: `zstd level ${level}, compress ${mib} MiB of ${set.label} in 1 MiB frames on one stream (one core)`,
-        workPerOp: set.data.length,
-        unit: 'MB/s',
-        warmupIterations: 0,
-        iterations: 3,
-        time: 400,
-        tasks: peers.map((p, i) => ({ name: p.name, ours: i === 0, fn: () => p.compress(frames, level) })),
-      }));
-      groups.push(await runGroup({
-        title: `zstd level ${level}, decompress ${mib} MiB of ${set.label} in 1 MiB frames on one stream (one core)`,
-        workPerOp: set.data.length,
-        unit: 'MB/s',
-        warmupIterations: 0,
-        iterations: 3,
-        time: 400,
-        tasks: peers.map((p, i) => ({ name: p.name, ours: i === 0, fn: () => p.decompress(streams.get(p.name)!, FRAME) })),
-      }));
+      const ops: Array<['compress' | 'decompress', (p: (typeof peers)[number]) => unknown]> = [
+        ['compress', (p) => p.compress(frames, level)],
+        ['decompress', (p) => p.decompress(streams.get(p.name)!, FRAME)],
+      ];
+      for (const [op, fn] of ops) {
+        groups.push(await runGroup({
+          title: `zstd level ${level}, ${op} ${mib} MiB of ${set.label} in 1 MiB frames on one stream (one core)`,
+          workPerOp: set.data.length,
+          unit: 'MB/s',
+          warmupIterations: 0,
+          iterations: 3,
+          time: 400,
+          tasks: peers.map((p, i) => ({ name: p.name, ours: i === 0, fn: () => fn(p) })),
+        }));
+      }
     }
   }
   console.log(`\n## zstd compressed size ÷ input size (real data: ${real.what})`);
