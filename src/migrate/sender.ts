@@ -9,7 +9,6 @@ import type { Channel } from '../protocol/channel.js';
 import { BLOCKS, COPY, ZERO, type Copy } from '../protocol/messages.js';
 import type { ImageSource } from '../image/source.js';
 import type { DestinationView } from './view.js';
-import { copyOf } from '../io/bytes.js';
 
 /** Bytes of block data per BLOCKS frame: 1 MiB keeps frames far under the limit and the pipe full. */
 export const DATA_BATCH = 1 << 20;
@@ -38,7 +37,8 @@ export class BlockSender {
   // A frame being built.
   private runs: Interval[] = [];
   private frameFps: bigint[] = [];
-  private frameData: Buffer[] = [];
+  /** The frame's block bytes, gathered out of the read window (reused: encoding copies it into the payload). */
+  private readonly frameData = Buffer.allocUnsafe(2 * DATA_BATCH + (1 << 20));
   private frameBytes = 0;
   private copies: Copy[] = [];
   private zeros = new IntervalSet();
@@ -93,7 +93,7 @@ export class BlockSender {
         const off = (dataStart - iv.start) * this.bs;
         const bytes = intervalBytes(this.src.size, this.bs, dataStart, end - dataStart);
         this.runs.push({ start: dataStart, count: end - dataStart });
-        this.frameData.push(copyOf(view.subarray(off, off + bytes))); // a copy: the window is reused
+        this.frameData.set(view.subarray(off, off + bytes), this.frameBytes); // the window is reused
         this.frameBytes += bytes;
         dataStart = -1;
       };
@@ -138,11 +138,10 @@ export class BlockSender {
   /** Sends what is pending: the data first, then the copies (which may name it), then the zero runs. */
   async flush(): Promise<void> {
     if (this.runs.length) {
-      const data = this.frameData.length === 1 ? this.frameData[0]! : Buffer.concat(this.frameData, this.frameBytes);
+      const data = this.frameData.subarray(0, this.frameBytes);
       const m = { runs: this.runs, fingerprints: BigUint64Array.from(this.frameFps), data };
       this.runs = [];
       this.frameFps = [];
-      this.frameData = [];
       this.frameBytes = 0;
       await this.ch.send(BLOCKS, m);
     }

@@ -261,8 +261,8 @@ export class Session {
   }
 
   /** The blocks of iv (held from an earlier attempt) whose bytes have the fingerprints of m. */
-  private async keep(iv: Interval, m: BlockInfo): Promise<Interval[]> {
-    const kept: Interval[] = [];
+  private async keep(iv: Interval, m: BlockInfo): Promise<IntervalSet> {
+    const kept = new IntervalSet();
     const per = Math.max(1, Math.floor(READ_BYTES / this.bs));
     const buf = Buffer.allocUnsafe(per * this.bs);
     for (let s = iv.start; s < iv.start + iv.count; s += per) {
@@ -272,11 +272,7 @@ export class Session {
       const got = this.engine.fingerprints(buf.subarray(0, len), this.bs);
       for (let i = 0; i < n; i++) {
         const k = s + i - m.start;
-        if (got.fingerprints[i] === m.fingerprints[k] && got.signatures[i] === m.signatures[k]) {
-          const last = kept[kept.length - 1];
-          if (last && last.start + last.count === s + i) last.count++;
-          else kept.push({ start: s + i, count: 1 });
-        }
+        if (got.fingerprints[i] === m.fingerprints[k] && got.signatures[i] === m.signatures[k]) kept.add(s + i);
       }
     }
     return kept;
