@@ -164,3 +164,11 @@ export class ProtocolError extends BlockferryError {
     this.remoteCode = remoteCode;
   }
 }
+
+/** Whether a failure is a full disk or quota (ENOSPC, EDQUOT), itself or anywhere in its cause chain. */
+export function isNoSpace(e: unknown): boolean {
+  for (let x = e as { code?: unknown; cause?: unknown } | undefined, i = 0; x && i < 8; x = x.cause as typeof x, i++) {
+    if (x.code === 'ENOSPC' || x.code === 'EDQUOT' || x.code === ErrorCode.NO_SPACE) return true;
+  }
+  return false;
+}

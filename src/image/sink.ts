@@ -5,7 +5,7 @@
 // or an NBD export of the image in flight implement the same contract.
 import { constants, promises as fsp, type Stats } from 'node:fs';
 import { rm, rename } from 'node:fs/promises';
-import { BlockferryError, ErrorCode, ImageError } from '../errors.js';
+import { BlockferryError, ErrorCode, ImageError, isNoSpace } from '../errors.js';
 import { chooseBackend } from '../engine/backend.js';
 import { checkRegularOrAbsent } from '../io/atomic.js';
 import type { NativeAddon } from 'blockferry/native';
@@ -210,7 +210,6 @@ async function openChecked(path: string, flags: number): Promise<fsp.FileHandle>
 /** A failed write or fsync: ENOSPC and EDQUOT are NO_SPACE (the journal is kept; free space and resume), the rest WRITE_FAILED. */
 export function ioError(e: unknown, path: string, what: string): BlockferryError {
   if (e instanceof BlockferryError) return e;
-  const code = (e as NodeJS.ErrnoException).code;
-  if (code === 'ENOSPC' || code === 'EDQUOT') return new BlockferryError(ErrorCode.NO_SPACE, `${path}: no space left on the destination's disk (${what})`, { cause: e });
+  if (isNoSpace(e)) return new BlockferryError(ErrorCode.NO_SPACE, `${path}: no space left on the destination's disk (${what})`, { cause: e });
   return new BlockferryError(ErrorCode.WRITE_FAILED, `${path}: ${what} failed: ${(e as Error).message}`, { cause: e });
 }

@@ -1,6 +1,6 @@
 import { closeSync, constants, fsyncSync, lstatSync, openSync, renameSync, rmSync, writeSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
-import { BlockferryError, ErrorCode } from '../errors.js';
+import { BlockferryError, ErrorCode, isNoSpace } from '../errors.js';
 
 /**
  * Writes parts to file atomically: into a fresh FILE.tmp-PID-RANDOM (created
@@ -28,8 +28,7 @@ export function writeFileAtomic(file: string, parts: Uint8Array[], what: string,
     if (fd !== undefined) closeSync(fd);
     if (created) rmSync(tmp, { force: true });
     if (cause instanceof BlockferryError) throw cause;
-    const code = (cause as NodeJS.ErrnoException).code;
-    throw new BlockferryError(code === 'ENOSPC' || code === 'EDQUOT' ? ErrorCode.NO_SPACE : ErrorCode.WRITE_FAILED, `cannot write ${what} ${file}: ${(cause as Error).message}`, { cause });
+    throw new BlockferryError(isNoSpace(cause) ? ErrorCode.NO_SPACE : ErrorCode.WRITE_FAILED, `cannot write ${what} ${file}: ${(cause as Error).message}`, { cause });
   }
 }
 

@@ -3,7 +3,7 @@
 import type { Socket } from 'node:net';
 import { closeSync, constants as fsc, existsSync, lstatSync, mkdirSync, openSync, rmSync, statfsSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
-import { BlockferryError, ErrorCode, InvalidArgumentError, ProtocolError } from '../../errors.js';
+import { BlockferryError, ErrorCode, InvalidArgumentError, ProtocolError, isNoSpace } from '../../errors.js';
 import { escapeForLog, LOG_LINE_MAX } from '../../util/sanitize.js';
 import { DEFAULT_PARTIAL_TTL_MS, NAME_RE, prunePartials } from './partials.js';
 import { Channel } from '../../protocol/channel.js';
@@ -232,7 +232,7 @@ export class DestinationService implements Role {
         await this.serve(ch, release);
       } catch (err) {
         const e = err as Error;
-        const code = noSpace(e) ? ErrorCode.NO_SPACE : e instanceof BlockferryError ? e.code : ErrorCode.INTERNAL;
+        const code = isNoSpace(e) ? ErrorCode.NO_SPACE : e instanceof BlockferryError ? e.code : ErrorCode.INTERNAL;
         if (!expired) this.log(`migration from ${addr} failed: ${code}: ${e.message}`);
         // Unless the handshake has told the peer already (a write after end would cut TLS short).
         if (!socket.writableEnded) await ch.sendError(code, e.message);
@@ -424,10 +424,3 @@ function refusePlain(raw: Socket, message: string): void {
   setTimeout(() => raw.destroy(), 2000).unref();
 }
 
-/** Whether a failure comes from a full disk or quota (ENOSPC, EDQUOT), anywhere in its cause chain. */
-function noSpace(e: unknown): boolean {
-  for (let x = e as { code?: unknown; errno?: unknown; message?: unknown; cause?: unknown } | undefined, i = 0; x && i < 5; x = x.cause as typeof x, i++) {
-    if (x.code === 'ENOSPC' || x.code === 'EDQUOT' || x.errno === 'ENOSPC' || (typeof x.message === 'string' && /\bENOSPC\b|no space left on device/i.test(x.message))) return true;
-  }
-  return false;
-}

@@ -6,7 +6,7 @@ import { rmSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { setImmediate as yieldToLoop } from 'node:timers/promises';
 import { Engine } from '../../engine/engine.js';
-import { BlockferryError, ErrorCode, ProtocolError } from '../../errors.js';
+import { BlockferryError, ErrorCode, ProtocolError, isNoSpace } from '../../errors.js';
 import { IntervalSet, blockCount, blockLength, intervalBytes, type Interval } from '../../blocks/intervals.js';
 import type { Channel } from '../../protocol/channel.js';
 import { Msg, type Frame } from '../../protocol/frame.js';
@@ -443,7 +443,6 @@ export class Session {
 /** ENOSPC and EDQUOT from anywhere below (a sink, a fill) as the stable NO_SPACE. */
 function noSpace(e: unknown): unknown {
   if (e instanceof BlockferryError) return e;
-  const code = (e as NodeJS.ErrnoException)?.code;
-  if (code === 'ENOSPC' || code === 'EDQUOT') return new BlockferryError(ErrorCode.NO_SPACE, `no space left on the destination's disk: ${(e as Error).message}; the journal is kept`, { cause: e });
+  if (isNoSpace(e)) return new BlockferryError(ErrorCode.NO_SPACE, `no space left on the destination's disk: ${(e as Error).message}; the journal is kept`, { cause: e });
   return e;
 }
