@@ -84,6 +84,14 @@ export const ErrorCode = {
   TLS_CERT: 'ERR_BF_TLS_CERT',
   /** A connection was closed by the service's limits before authentication (handshake deadline, too many unauthenticated connections). */
   LIMIT: 'ERR_BF_LIMIT',
+  /** An NBD server refused the negotiation (unknown export, missing option) or broke the NBD protocol, or answered a command with an error. */
+  NBD: 'ERR_BF_NBD',
+  /** QEMU's monitor (QMP) refused a command or could not be reached. */
+  QMP: 'ERR_BF_QMP',
+  /** Post-copy: the source went away before every block arrived; reads of the missing blocks fail until the migration is resumed. */
+  SOURCE_GONE: 'ERR_BF_SOURCE_GONE',
+  /** A live migration's rounds could not bring the predicted downtime within its budget before the time limit (--on-stall wait). */
+  NO_CONVERGENCE: 'ERR_BF_NO_CONVERGENCE',
 } as const;
 
 export type ErrorCodeValue = (typeof ErrorCode)[keyof typeof ErrorCode];
