@@ -16,6 +16,7 @@ import { describeMigration } from './describe.js';
 import { DestinationService } from '../roles/destination/service.js';
 import { DEFAULT_PARTIAL_TTL_MS, listPartials, prunePartials, removePartial } from '../roles/destination/partials.js';
 import { migrate } from '../migrate/migrate.js';
+import type { StrategyName } from '../migrate/strategies.js';
 import { spawnSync } from 'node:child_process';
 import { chooseBackend, nativeStatus } from '../engine/backend.js';
 import { wasmModule } from '../engine/wasm.js';
@@ -406,7 +407,8 @@ export function buildProgram(): Command {
     .argument('<image>', 'the source image')
     .requiredOption('--to <addr>', 'HOST:PORT of the destination service')
     .option('--name <name>', 'name at the destination (default: the file name without extension)')
-    .addOption(new Option('--strategy <s>', 'what to send').choices(['full', 'similarity']).default('similarity'))
+    .addOption(new Option('--strategy <s>', 'what to send and when: full, similarity (pre-copy), postcopy (the destination takes over at once), hybrid (pre-copy of cold blocks, then post-copy)').choices(['full', 'similarity', 'postcopy', 'hybrid']).default('similarity'))
+    .option('--hot-threshold <n>', 'hybrid: blocks written this many times or more wait for the post-copy phase', intArg('--hot-threshold', 1, 2 ** 31), 3)
     .option('--key-file <file>', 'pre-shared key (default: BLOCKFERRY_KEY)')
     .option('--insecure', 'plain TCP without authentication (loopback demos only)')
     .option('--bwlimit <rate>', 'bandwidth limit: bytes/s (12.5M = 12.5e6, 12MiB) or bits (100mbit)')
@@ -420,11 +422,11 @@ export function buildProgram(): Command {
     .option('--memory <size>', 'memory for per-block state (e.g. 256M; binary units)', '256M')
     .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a terminal, JSON lines, or nothing').choices(['auto', 'json', 'none']).default('auto'))
     .option('--json', 'print the result as JSON'), true)
-    .action(async (image: string, o: { cert?: string; key?: string; ca?: string; servername?: string; compress: string; memory: string; to: string; name?: string; strategy: 'full' | 'similarity'; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; maxRounds: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean; progress: ProgressMode }) => {
+    .action(async (image: string, o: { cert?: string; key?: string; ca?: string; servername?: string; compress: string; memory: string; to: string; name?: string; strategy: StrategyName; hotThreshold: number; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; maxRounds: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean; progress: ProgressMode }) => {
       const progress = createProgress(o.progress);
       const r = await migrate(image, {
         to: o.to, strategy: o.strategy, ...securityOptions(o), overwrite: !!o.overwrite, rescan: !!o.rescan,
-        maxRounds: o.maxRounds, dirtyThreshold: o.dirtyThreshold,
+        maxRounds: o.maxRounds, dirtyThreshold: o.dirtyThreshold, hotThreshold: o.hotThreshold,
         compress: usage(() => parseCompress(o.compress)), memoryBudget: parseSize('--memory', o.memory),
         onProgress: (p) => progress.update({ phase: p.round ? `${p.phase} ${p.round}` : p.phase, path: basename(image), done: p.done, total: p.total }),
         ...(o.name ? { name: o.name } : {}),

@@ -16,7 +16,7 @@ import { connect as connectTls, securityFrom, type TlsOptions } from '../transpo
 import { openSource, statImage } from '../image/source.js';
 import { Scanner } from '../scan/scanner.js';
 import { STRATEGIES, type StrategyName } from './strategies.js';
-import type { LiveOptions, MigrationEvent, MigrationProgress } from './strategy.js';
+import type { LiveOptions, MigrationEvent, MigrationProgress, PostcopyCounts } from './strategy.js';
 
 export type Strategy = StrategyName;
 
@@ -78,6 +78,8 @@ export interface MigrationResult {
     repaired: number;
   };
   verified: boolean;
+  /** Post-copy and hybrid: what was missing at the switch, what readers at the destination pulled, what its clients wrote first. */
+  postcopy?: PostcopyCounts;
 }
 
 /** Default memory budget for per-block state: 256 MiB. */
@@ -123,7 +125,7 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
     ch.setCodec(compressorFor(caps, options.compress ?? { mode: 'auto' }), undefined);
     // Ask first: a refused migration (name, existing image, busy) costs no scan.
     await ch.send(BEGIN, { name, size: src.size, blockSize: bs, flags: options.overwrite ? BEGIN_OVERWRITE : 0, fills: strategy.fills, strategy: strategy.name });
-    await ch.recv(BEGIN_OK);
+    const begun = await ch.recv(BEGIN_OK);
     // A heartbeat: SYNC when nothing was sent for a while (a long scan or
     // rescan), so the destination's idle deadline only ends sources that
     // are really gone.
@@ -145,7 +147,7 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
     // A migration that is not live scans once: its workers need not idle through the transfer.
     if (!live && ownScanner) await closeScanner();
     const out = await strategy.run({
-      ch, src, path, map: map!, blockSize: bs, capabilities: caps, scanner: scannerOpen ? scanner : undefined, live: options, event, progress,
+      ch, src, path, map: map!, blockSize: bs, capabilities: caps, begin: begun, scanner: scannerOpen ? scanner : undefined, live: options, event, progress,
       memoryBudget: options.memoryBudget ?? DEFAULT_MEMORY_BUDGET,
     });
     event('done');
@@ -170,6 +172,7 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
         repaired: out.repaired,
       },
       verified: true,
+      ...(out.postcopy ? { postcopy: out.postcopy } : {}),
     };
   } finally {
     if (heartbeat) clearInterval(heartbeat);

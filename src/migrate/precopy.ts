@@ -5,7 +5,7 @@
 import { IntervalSet, split, type Interval } from '../blocks/intervals.js';
 import { BLOCK_INFO, COMMIT, DONE, INFO_END, NEED, ROUND, SYNC, SYNC_OK } from '../protocol/messages.js';
 import { BlockSender } from './sender.js';
-import { EndToEndCheck } from './verify.js';
+import { EndToEndCheck, type VerifyStream } from './verify.js';
 import { DestinationView } from './view.js';
 import { quiet, rescanDirty, trackedDirty, type DirtySource } from './rounds.js';
 import type { MigrationContext, StrategyOutcome } from './strategy.js';
@@ -15,23 +15,30 @@ const INFO_BATCH = 65536;
 
 const blocksIn = (list: Interval[]) => list.reduce((a, iv) => a + iv.count, 0);
 
-export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
-  const { ch, src, map, blockSize: bs, live } = ctx;
-  const phases: Record<string, number> = {};
-  let t = performance.now();
-  const lap = (name: string) => {
-    const now = performance.now();
-    phases[name] = (phases[name] ?? 0) + (now - t) / 1000;
-    t = now;
-  };
+/** What every pre-copy phase works with: the picture of the destination, the sender, the end-to-end check. */
+export interface PrecopyParts {
+  view: DestinationView;
+  sender: BlockSender;
+  check: EndToEndCheck;
+  sync: () => Promise<void>;
+}
+
+export function precopyParts(ctx: MigrationContext): PrecopyParts {
+  const { ch, src, map, blockSize: bs } = ctx;
   // The copy index takes at most an eighth of the budget (about 30 bytes an entry).
   const view = new DestinationView(map, Math.floor(ctx.memoryBudget / 8 / 30));
   const sender = new BlockSender(ch, src, view, bs);
   const check = new EndToEndCheck(ch, src, view, bs, sender, (n) => ctx.event('repair', { extents: n }));
-  const sync = async () => { await ch.request(SYNC, undefined, SYNC_OK); };
+  return { view, sender, check, sync: async () => { await ch.request(SYNC, undefined, SYNC_OK); } };
+}
 
-  // Phases 1-3, overlapped: BLOCK_INFO runs stream out while NEED answers
-  // come back and what they name is sent.
+/**
+ * Phases 1-3, overlapped: BLOCK_INFO runs stream out while NEED answers come
+ * back and what they name is sent. Returns the end-to-end check of what was
+ * sent, still collecting its answers.
+ */
+export async function firstPass(ctx: MigrationContext, { view, sender, check, sync }: PrecopyParts): Promise<VerifyStream> {
+  const { ch, map, blockSize: bs } = ctx;
   ctx.event('fingerprints');
   const sendInfo = async () => {
     for (const r of split(map.runs(), INFO_BATCH)) {
@@ -68,6 +75,22 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   await checkUpTo(map.count);
   await sync();
   sender.takeTouched(); // what the transfer changed is covered by the stream
+  return stream;
+}
+
+export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
+  const { ch, map, blockSize: bs, live } = ctx;
+  const phases: Record<string, number> = {};
+  let t = performance.now();
+  const lap = (name: string) => {
+    const now = performance.now();
+    phases[name] = (phases[name] ?? 0) + (now - t) / 1000;
+    t = now;
+  };
+  const parts = precopyParts(ctx);
+  const { view, sender, check, sync } = parts;
+  const total = map.dataBlocks * bs;
+  const stream = await firstPass(ctx, parts);
   lap('transfer');
 
   // Pre-copy rounds while the image is live.

@@ -20,6 +20,17 @@ export function trackedDirty(t: TrackedImage): DirtySource {
   return { take: async () => t.takeDirty() };
 }
 
+/** A dirty source that also counts, per block, the rounds that found it dirty (write counts where the source keeps none). */
+export function countingDirty(d: DirtySource, counts: Map<number, number>): DirtySource {
+  return {
+    take: async () => {
+      const list = await d.take();
+      for (const iv of list) for (let b = iv.start; b < iv.start + iv.count; b++) counts.set(b, (counts.get(b) ?? 0) + 1);
+      return list;
+    },
+  };
+}
+
 /** Another process writes the image: scan it again and compare with the destination. */
 export function rescanDirty(scanner: Scanner, path: string, blockSize: number, view: DestinationView): DirtySource {
   return {

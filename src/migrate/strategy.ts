@@ -7,7 +7,7 @@ import type { ImageSource } from '../image/source.js';
 import type { BlockMap } from '../blockmap/blockmap.js';
 import type { Scanner } from '../scan/scanner.js';
 import type { TrackedImage } from '../image/tracked.js';
-import type { Done } from '../protocol/messages.js';
+import type { BeginOk, Done } from '../protocol/messages.js';
 
 export interface MigrationEvent {
   phase: string;
@@ -36,6 +36,8 @@ export interface LiveOptions {
   maxRounds?: number;
   /** Cut over once a round finds this many dirty blocks or fewer (default 256). */
   dirtyThreshold?: number;
+  /** Hybrid (paper 002's Threshold): blocks written this many times or more wait for the post-copy phase (default 3). */
+  hotThreshold?: number;
   /** Cutover: called to pause the writer (a VM's suspend). */
   pause?: () => unknown;
   /** Called once the destination holds the verified image (a VM's resume there). */
@@ -51,6 +53,8 @@ export interface MigrationContext {
   blockSize: number;
   /** Capabilities both sides share. */
   capabilities: number;
+  /** The destination's answer to BEGIN (a resumed attempt; an image it already took over). */
+  begin: BeginOk;
   /** Undefined once the scanner is closed (a migration that is not live needs no rescans). */
   scanner: Scanner | undefined;
   live: LiveOptions;
@@ -72,6 +76,15 @@ export interface StrategyOutcome {
   repaired: number;
   /** The destination's own account (DONE). */
   destination: Done;
+  /** Post-copy and hybrid: blocks missing at the switch, demand pulls (requests and blocks), blocks the destination's clients wrote first. */
+  postcopy?: PostcopyCounts;
+}
+
+export interface PostcopyCounts {
+  missingAtSwitch: number;
+  pulls: number;
+  pulledBlocks: number;
+  owned: number;
 }
 
 export interface Strategy {

@@ -130,7 +130,7 @@ export class EndToEndCheck {
    * again (data) or zeroed (zero intervals), and checked again, up to
    * VERIFY_ATTEMPTS times, else ERR_BF_VERIFY_FAILED.
    */
-  async repairing(ranges: Iterable<Interval>, sync: () => Promise<void>): Promise<void> {
+  async repairing(ranges: Iterable<Interval>, sync: () => Promise<void>, narrow: (r: Interval[]) => Iterable<Interval> = (r) => r): Promise<void> {
     let todo: Interval[] = [...ranges];
     for (let attempt = 0; todo.length; attempt++) {
       const bad = await this.once(todo);
@@ -147,7 +147,7 @@ export class EndToEndCheck {
       await this.sender.send(data, true);
       this.repaired += this.sender.counters.sent + this.sender.counters.copied - before;
       await sync();
-      todo = bad;
+      todo = [...narrow(bad.map(({ start, count }) => ({ start, count })))];
     }
   }
 }

@@ -38,6 +38,14 @@ export const Msg = {
   DONE: 28,
   SYNC: 29,
   SYNC_OK: 30,
+  // Post-copy (CAP_POSTCOPY): the destination takes over while blocks still arrive.
+  MISSING: 40,
+  SWITCH: 41,
+  SWITCH_OK: 42,
+  PULL: 43,
+  OWNED: 44,
+  PROBE: 45,
+  PROBE_OK: 46,
 } as const;
 export type MsgType = (typeof Msg)[keyof typeof Msg];
 const KNOWN = new Set<number>(Object.values(Msg));

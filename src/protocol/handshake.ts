@@ -20,7 +20,9 @@ export const CAP_SIMILARITY = 1;
 export const CAP_RESUME = 2;
 /** zstd-compressed frames (docs/PROTOCOL.md, "Compression"). */
 export const CAP_ZSTD = 4;
-export const CAPABILITIES = CAP_SIMILARITY | CAP_RESUME | CAP_ZSTD;
+/** The destination can take over before every block arrived and serve the image meanwhile (post-copy, hybrid). */
+export const CAP_POSTCOPY = 16;
+export const CAPABILITIES = CAP_SIMILARITY | CAP_RESUME | CAP_ZSTD | CAP_POSTCOPY;
 /** Largest frame before authentication: the handshake's messages are under 100 bytes. */
 export const HANDSHAKE_FRAME_LIMIT = 256;
 

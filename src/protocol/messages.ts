@@ -135,10 +135,15 @@ export const BEGIN = def<Begin>(Msg.BEGIN, 'BEGIN', 'control',
     return m;
   });
 
-export interface BeginOk { resumed: boolean; keptBlocks: number }
+/** `switched`: the destination already took over this image (a post-copy to resume: no pre-copy phase, straight to SWITCH). */
+export interface BeginOk { resumed: boolean; keptBlocks: number; switched: boolean }
 export const BEGIN_OK = def<BeginOk>(Msg.BEGIN_OK, 'BEGIN_OK', 'control',
-  (m, w) => w.u8(m.resumed ? 1 : 0).u64(m.keptBlocks),
-  (r) => ({ resumed: r.u8() === 1, keptBlocks: r.u64() }));
+  (m, w) => w.u8((m.resumed ? 1 : 0) | (m.switched ? 2 : 0)).u64(m.keptBlocks),
+  (r) => {
+    const f = r.u8();
+    if (f & ~3) throw new ProtocolError(ErrorCode.PROTOCOL, `BEGIN_OK: unknown flags 0x${f.toString(16)}`);
+    return { resumed: (f & 1) !== 0, switched: (f & 2) !== 0, keptBlocks: r.u64() };
+  });
 
 /**
  * One run of non-zero blocks with their fingerprints and signatures. Blocks
@@ -250,9 +255,26 @@ export const DONE = def<Done>(Msg.DONE, 'DONE', 'control',
 export const SYNC = emptyOf(Msg.SYNC, 'SYNC');
 export const SYNC_OK = emptyOf(Msg.SYNC_OK, 'SYNC_OK');
 
+// --- Post-copy ---------------------------------------------------------------
+
+/** Blocks whose content at the destination is not (or no longer) the source's: sent before SWITCH, any number of frames. */
+export const MISSING = def<Interval[]>(Msg.MISSING, 'MISSING', 'control', (m, w) => writeIntervals(w, m), (r) => readIntervals(r, 'MISSING'), (m) => 4 + 12 * m.length);
+/** The source is paused: the destination takes over (a request; SWITCH_OK once it serves the image). */
+export const SWITCH = emptyOf(Msg.SWITCH, 'SWITCH');
+/** Blocks the source need not push: the destination holds them already (a resumed post-copy) or its clients wrote them. */
+export const SWITCH_OK = def<Interval[]>(Msg.SWITCH_OK, 'SWITCH_OK', 'control', (m, w) => writeIntervals(w, m), (r) => readIntervals(r, 'SWITCH_OK'), (m) => 4 + 12 * m.length);
+/** Destination to source: a reader waits for these blocks; send them before anything else. */
+export const PULL = def<Interval[]>(Msg.PULL, 'PULL', 'control', (m, w) => writeIntervals(w, m), (r) => readIntervals(r, 'PULL'), (m) => 4 + 12 * m.length);
+/** Destination to source: its clients wrote these blocks; they are the destination's now and are never pushed. */
+export const OWNED = def<Interval[]>(Msg.OWNED, 'OWNED', 'control', (m, w) => writeIntervals(w, m), (r) => readIntervals(r, 'OWNED'), (m) => 4 + 12 * m.length);
+/** A request answered as soon as the destination reaches it: the source's window on pushed data (demand reads wait behind at most a window). */
+export const PROBE = emptyOf(Msg.PROBE, 'PROBE');
+export const PROBE_OK = emptyOf(Msg.PROBE_OK, 'PROBE_OK');
+
 /** Every message by type. */
 export const MESSAGES: ReadonlyMap<number, MessageDef<unknown>> = new Map(
-  [HELLO, HELLO_ACK, AUTH, READY, ERROR, BEGIN, BEGIN_OK, BLOCK_INFO, INFO_END, NEED, BLOCKS, COPY, ZERO, ROUND, VERIFY, VERIFY_RESULT, COMMIT, DONE, SYNC, SYNC_OK]
+  [HELLO, HELLO_ACK, AUTH, READY, ERROR, BEGIN, BEGIN_OK, BLOCK_INFO, INFO_END, NEED, BLOCKS, COPY, ZERO, ROUND, VERIFY, VERIFY_RESULT, COMMIT, DONE, SYNC, SYNC_OK,
+    MISSING, SWITCH, SWITCH_OK, PULL, OWNED, PROBE, PROBE_OK]
     .map((d) => [d.type, d as MessageDef<unknown>]),
 );
 

@@ -4,6 +4,7 @@ import type { Socket } from 'node:net';
 import { closeSync, constants as fsc, existsSync, lstatSync, mkdirSync, openSync, rmSync, statfsSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { BlockferryError, ErrorCode, InvalidArgumentError, ProtocolError, isNoSpace } from '../../errors.js';
+import type { Interval } from '../../blocks/intervals.js';
 import { escapeForLog, LOG_LINE_MAX } from '../../util/sanitize.js';
 import { DEFAULT_PARTIAL_TTL_MS, NAME_RE, prunePartials } from './partials.js';
 import { Channel } from '../../protocol/channel.js';
@@ -20,6 +21,9 @@ import { FILL_SOURCES, type FillSource } from '../fills.js';
 import type { Role } from '../role.js';
 import { Journal } from './journal.js';
 import { Session, type SessionStats } from './session.js';
+import { ArrivingImage } from './arriving.js';
+import type { NbdExport } from '../../nbd/protocol.js';
+import { FileExport } from '../../nbd/file-export.js';
 import { decompressorFor } from '../../protocol/compression.js';
 
 export type { SessionStats } from './session.js';
@@ -61,6 +65,13 @@ export interface DestinationOptions {
   partialTtl?: number;
 }
 
+/** An image the destination took over (post-copy): served while it arrives, and after. */
+interface Taken {
+  image: ArrivingImage;
+  journal: Journal;
+  journalFile: string;
+}
+
 interface ActiveSession {
   ch: Channel;
   /** Settles once the session has saved its journal and released the name. */
@@ -77,6 +88,8 @@ export class DestinationService implements Role {
   readonly name = 'destination';
   private listener: Listener | undefined;
   private readonly active = new Map<string, ActiveSession>();
+  /** Images taken over by a post-copy, by name: served over NBD while they arrive and after. */
+  private readonly taken = new Map<string, Taken>();
   private pruneTimer: NodeJS.Timeout | undefined;
   private free: { at: number; bytes: number } | undefined;
   private readonly sockets = new Set<Socket>();
@@ -246,6 +259,8 @@ export class DestinationService implements Role {
     if (this.pruneTimer) clearInterval(this.pruneTimer);
     await this.listener?.close();
     for (const s of this.sockets) s.destroy();
+    for (const t of this.taken.values()) await t.image.close().catch(() => {});
+    this.taken.clear();
     await this.indexing;
     await this.scanner.close();
   }
@@ -268,6 +283,10 @@ export class DestinationService implements Role {
     try {
       ch.setCodec(undefined, decompressorFor(caps));
       stats = await new Session(ch, await this.open(begin, final)).run();
+    } catch (e) {
+      const missing = this.taken.get(begin.name)?.image;
+      if (missing && !missing.isComplete) this.log(`${begin.name}: the source went away during post-copy with ${missing.stale.size} blocks missing; reads of them fail until the migration is resumed`);
+      throw e;
     } finally {
       this.active.delete(begin.name);
       release();
@@ -316,6 +335,19 @@ export class DestinationService implements Role {
   private async open(b: Begin, final: string): Promise<ConstructorParameters<typeof Session>[1]> {
     const partial = `${final}.partial`;
     const journalFile = `${final}.journal`;
+    const taken = this.taken.get(b.name);
+    if (taken && !taken.image.isComplete) {
+      // A post-copy whose source went away: the image is still served here, and this attempt resumes it.
+      const img = taken.image;
+      if (img.size !== b.size || img.blockSize !== b.blockSize) {
+        throw new BlockferryError(ErrorCode.INVALID_ARGUMENT, `${b.name} was taken over as ${img.size} bytes in ${img.blockSize}-byte blocks; this attempt says ${b.size} and ${b.blockSize}`);
+      }
+      return {
+        name: b.name, size: b.size, blockSize: b.blockSize, sink: img.sink, journal: taken.journal, journalFile, resumed: true, fills: [],
+        freeBytes: () => this.freeBytes(), arriving: img,
+      };
+    }
+    if (taken) this.taken.delete(b.name); // complete, and replaced (--overwrite)
     // Links planted at either name are refused, never followed nor silently replaced.
     for (const [p, what] of [[partial, 'partial image'], [journalFile, 'journal']] as const) {
       let st;
@@ -352,7 +384,31 @@ export class DestinationService implements Role {
       const src = f.open({ neighbourhood: this.neighbourhood });
       if (src) fills.push(src);
     }
-    return { name: b.name, size: b.size, blockSize: b.blockSize, sink: sink!, journal, journalFile, resumed, fills, freeBytes: () => this.freeBytes() };
+    const j = journal;
+    const takeOver = (s: ImageSink) => {
+      const image = new ArrivingImage(b.name, b.size, b.blockSize, s, () => this.openComplete(b.name, final));
+      this.taken.set(b.name, { image, journal: j, journalFile });
+      this.log(`${b.name}: taken over (post-copy); served while it arrives`);
+      return image;
+    };
+    return { name: b.name, size: b.size, blockSize: b.blockSize, sink: sink!, journal, journalFile, resumed, fills, freeBytes: () => this.freeBytes(), takeOver };
+  }
+
+  /** What the service serves under a name over NBD: an image taken over (arriving or complete), else a complete image of the data directory. */
+  exportOf(name: string): NbdExport | undefined {
+    const t = this.taken.get(name);
+    if (t) return t.image;
+    return undefined;
+  }
+
+  /** The blocks a taken-over image still lacks (empty once complete). */
+  missingOf(name: string): Interval[] | undefined {
+    return this.taken.get(name)?.image.missing();
+  }
+
+  /** The committed image, served from its final name (the NBD clients of the taken-over image go on there). */
+  private async openComplete(name: string, final: string): Promise<NbdExport> {
+    return FileExport.open(final, { name, description: `blockferry: ${name}` });
   }
 
   /** Adds a completed image to the neighbourhood (once; re-scanned when replaced) and saves the index. */

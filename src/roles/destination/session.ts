@@ -11,12 +11,13 @@ import { IntervalSet, blockCount, blockLength, intervalBytes, type Interval } fr
 import type { Channel } from '../../protocol/channel.js';
 import { Msg, type Frame } from '../../protocol/frame.js';
 import {
-  BEGIN_OK, BLOCK_INFO, BLOCKS, COMMIT, COPY, DONE, INFO_END, NEED, ROUND, SYNC, SYNC_OK, VERIFY, VERIFY_RESULT, ZERO,
+  BEGIN_OK, BLOCK_INFO, BLOCKS, COMMIT, COPY, DONE, INFO_END, MISSING, NEED, OWNED, PROBE, PROBE_OK, PULL, ROUND, SWITCH, SWITCH_OK, SYNC, SYNC_OK, VERIFY, VERIFY_RESULT, ZERO,
   decode, type BlockInfo, type Done, type VerifyExtent,
 } from '../../protocol/messages.js';
 import type { ImageSink } from '../../image/sink.js';
 import type { FillSource } from '../fills.js';
 import { Journal } from './journal.js';
+import type { ArrivingImage } from './arriving.js';
 
 /**
  * When the journal is saved during a transfer: a second after the last save
@@ -57,9 +58,14 @@ export interface SessionInit {
   fills: FillSource[];
   /** Bytes the data directory can still take (statfs); checked against what BLOCK_INFO announces. */
   freeBytes?: () => number;
+  /** Post-copy: the image was already taken over by an earlier attempt, which this one resumes. */
+  arriving?: ArrivingImage;
+  /** Post-copy: makes the image one the destination serves while it arrives (absent: SWITCH is refused). */
+  takeOver?: (sink: ImageSink) => ArrivingImage;
 }
 
-type Phase = 'info' | 'transfer';
+/** info: BLOCK_INFO runs; transfer: blocks after INFO_END; postcopy: after SWITCH, the destination serves the image. */
+type Phase = 'info' | 'transfer' | 'postcopy';
 
 export class Session {
   readonly stats: SessionStats;
@@ -67,7 +73,8 @@ export class Session {
   private readonly bs: number;
   private readonly size: number;
   private readonly blocks: number;
-  private readonly sink: ImageSink;
+  /** Where blocks are written: the partial image, or after SWITCH the arriving image's view of it for the source. */
+  private sink: ImageSink;
   private readonly journal: Journal;
   /** Blocks holding data that was checked (received, filled, copied or kept): the journal's content. */
   private readonly written: IntervalSet;
@@ -93,6 +100,9 @@ export class Session {
   private askedBytes = 0;
   private arrivedBytes = 0;
   private entries = 0;
+  /** Post-copy: blocks the source named MISSING before SWITCH, and the image once taken over. */
+  private readonly missing = new IntervalSet();
+  private arriving: ArrivingImage | undefined;
 
   constructor(private readonly ch: Channel, private readonly init: SessionInit) {
     this.bs = init.blockSize;
@@ -111,13 +121,17 @@ export class Session {
       [Msg.ROUND]: async (f) => { decode(ROUND, f.payload); },
       [Msg.SYNC]: async (f) => { decode(SYNC, f.payload); await this.saveJournal(); await this.ch.reply(f, SYNC_OK, undefined); },
       [Msg.VERIFY]: async (f) => this.ch.reply(f, VERIFY_RESULT, await this.verify(decode(VERIFY, f.payload))),
+      [Msg.MISSING]: async (f) => this.missingFrame(decode(MISSING, f.payload)),
+      [Msg.SWITCH]: async (f) => { decode(SWITCH, f.payload); await this.switchOver(f); },
+      [Msg.PROBE]: async (f) => { decode(PROBE, f.payload); await this.ch.reply(f, PROBE_OK, undefined); },
     };
+    if (init.arriving) this.phase = 'postcopy';
   }
 
   /** Runs the session to COMMIT; resolves with its stats once the image is in place. */
   async run(): Promise<SessionStats> {
     try {
-      await this.ch.send(BEGIN_OK, { resumed: this.init.resumed, keptBlocks: this.written.size });
+      await this.ch.send(BEGIN_OK, { resumed: this.init.resumed, keptBlocks: this.written.size, switched: this.init.arriving !== undefined });
       for (;;) {
         const f = await this.ch.next();
         if (f.type === Msg.COMMIT) {
@@ -134,6 +148,8 @@ export class Session {
     } catch (e) {
       // Keep what was checked: a migration run again resumes from it.
       try { await this.saveJournal(); } catch { /* the disk may be the problem */ }
+      // A taken-over image stays served; reads of what is missing fail until a resume.
+      if (this.arriving && !this.arriving.isComplete) this.arriving.detach(e as Error);
       throw noSpace(e);
     } finally {
       await this.sink.close();
@@ -158,6 +174,8 @@ export class Session {
   /** Blocks changed: they need a passing VERIFY before COMMIT. */
   private touched(start: number, count: number): void {
     this.unchecked.add(start, count);
+    // Blocks the destination's clients own were not written by the source (the arriving image skips them).
+    if (this.arriving) for (const o of [...this.arriving.owned.within(start, count)]) this.unchecked.delete(o.start, o.count);
   }
 
   /** Saves the journal now, with everything written so far durable first. */
@@ -213,7 +231,7 @@ export class Session {
    * offered to the fill sources, and what they cannot fill is asked for.
    */
   private async blockInfo(m: BlockInfo): Promise<void> {
-    if (this.phase !== 'info') throw new ProtocolError(ErrorCode.PROTOCOL, 'BLOCK_INFO after INFO_END');
+    if (this.phase !== 'info') throw new ProtocolError(ErrorCode.PROTOCOL, this.phase === 'postcopy' ? 'BLOCK_INFO after SWITCH (a taken-over image resumes with post-copy only)' : 'BLOCK_INFO after INFO_END');
     this.inImage(m.start, m.count, 'BLOCK_INFO');
     if (m.start < this.infoEnd) throw new ProtocolError(ErrorCode.PROTOCOL, `BLOCK_INFO ${m.start} overlaps or precedes the previous run (ending at ${this.infoEnd})`);
     if (this.init.resumed && m.start > this.infoEnd) await this.zeroRange(this.infoEnd, m.start - this.infoEnd);
@@ -279,7 +297,7 @@ export class Session {
   }
 
   private async infoDone(_: void): Promise<void> {
-    if (this.phase !== 'info') throw new ProtocolError(ErrorCode.PROTOCOL, 'a second INFO_END');
+    if (this.phase !== 'info') throw new ProtocolError(ErrorCode.PROTOCOL, this.phase === 'postcopy' ? 'INFO_END after SWITCH' : 'a second INFO_END');
     if (this.init.resumed && this.infoEnd < this.blocks) await this.zeroRange(this.infoEnd, this.blocks - this.infoEnd);
     this.phase = 'transfer';
     await this.saveJournal();
@@ -389,7 +407,9 @@ export class Session {
       const x = list[i]!;
       this.inImage(x.start, x.count, 'VERIFY extent');
       let ok: boolean;
-      if (!x.digest) ok = !this.written.intersects(x.start, x.count);
+      // Blocks the destination's clients wrote are theirs: no digest of the source's applies.
+      if (this.arriving?.owned.covers(x.start, x.count)) ok = true;
+      else if (!x.digest) ok = !this.written.intersects(x.start, x.count);
       else {
         const len = intervalBytes(this.size, this.bs, x.start, x.count);
         if (len > MAX_VERIFY_EXTENT_BYTES) throw new ProtocolError(ErrorCode.PROTOCOL, `VERIFY extent of ${len} bytes (at most ${MAX_VERIFY_EXTENT_BYTES})`);
@@ -416,19 +436,67 @@ export class Session {
     return h.digest();
   }
 
+  /** MISSING: blocks whose content here is not the source's; they become the taken-over image's missing blocks. */
+  private async missingFrame(list: Interval[]): Promise<void> {
+    if (this.phase === 'postcopy') return; // a resumed post-copy: the image's own record of what arrived holds
+    for (const iv of list) {
+      await this.step();
+      this.inImage(iv.start, iv.count, 'MISSING');
+      this.missing.add(iv.start, iv.count);
+      this.written.delete(iv.start, iv.count);
+    }
+  }
+
+  /**
+   * SWITCH: the source is paused and the destination takes over. The image
+   * is served from now on (the service exports it); blocks named MISSING
+   * are pulled on demand and pushed in the background. SWITCH_OK lists the
+   * blocks the source need not push.
+   */
+  private async switchOver(f: Frame): Promise<void> {
+    if (this.arriving) throw new ProtocolError(ErrorCode.PROTOCOL, 'a second SWITCH');
+    if (!this.init.takeOver) throw new ProtocolError(ErrorCode.PROTOCOL, 'SWITCH: this destination does not serve images (post-copy is not offered)');
+    let img = this.init.arriving;
+    if (!img) {
+      img = this.init.takeOver(this.sink);
+      for (const iv of this.missing) img.stale.add(iv.start, iv.count);
+    }
+    this.missing.clear();
+    this.arriving = img;
+    this.phase = 'postcopy';
+    this.sink = img.fromSource;
+    const ch = this.ch;
+    img.attach({
+      pull: (list) => { ch.send(PULL, list).catch(() => {}); },
+      owned: (list) => {
+        for (const iv of list) { this.written.add(iv.start, iv.count); this.unchecked.delete(iv.start, iv.count); }
+        ch.send(OWNED, list).catch(() => {});
+      },
+    });
+    for (const iv of img.owned) { this.written.add(iv.start, iv.count); this.unchecked.delete(iv.start, iv.count); }
+    await this.saveJournal();
+    const held = new IntervalSet();
+    held.add(0, this.blocks);
+    for (const iv of img.stale) held.delete(iv.start, iv.count);
+    await this.ch.reply(f, SWITCH_OK, [...held]);
+  }
+
   /**
    * COMMIT: only an image whose every data block is accounted for, and only
    * after the end-to-end check: a VERIFY has been answered, and every block
    * written (or found different) since passed a later VERIFY.
    */
   private async commit(): Promise<void> {
-    if (this.phase !== 'transfer') throw new ProtocolError(ErrorCode.PROTOCOL, 'COMMIT before INFO_END');
+    if (this.phase === 'info') throw new ProtocolError(ErrorCode.PROTOCOL, 'COMMIT before INFO_END');
     if (this.blocks > 0 && this.verifies === 0) throw new ProtocolError(ErrorCode.PROTOCOL, 'COMMIT before any VERIFY: the image was never checked end to end');
     const first = this.unchecked[Symbol.iterator]().next().value as Interval | undefined;
     if (first) {
       throw new ProtocolError(ErrorCode.PROTOCOL, `COMMIT of an unchecked image: blocks from ${first.start} (${this.unchecked.size} in all) were written or differed after the last VERIFY that covered them`);
     }
-    for (const iv of this.expected) {
+    if (this.arriving && !this.arriving.arrived) {
+      throw new ProtocolError(ErrorCode.PROTOCOL, `COMMIT of an incomplete image: ${this.arriving.stale.size} blocks never arrived`);
+    }
+    for (const iv of this.arriving ? [] : this.expected) {
       if (!this.written.covers(iv.start, iv.count)) {
         throw new ProtocolError(ErrorCode.PROTOCOL, `COMMIT of an incomplete image: blocks from ${iv.start} were announced and never received`);
       }
