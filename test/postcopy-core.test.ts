@@ -7,7 +7,12 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DestinationService } from '../src/roles/destination/service.js';
 import { migrate } from '../src/migrate/migrate.js';
+import { spawn } from 'node:child_process';
 import { seededBytes, rng } from './util.js';
+import { ArrivingImage } from '../src/roles/destination/arriving.js';
+import { NbdExportError, NBD_EIO } from '../src/nbd/protocol.js';
+
+const bin = new URL('../../bin/blockferry.js', import.meta.url).pathname;
 
 const BS = 4096;
 const MiB = 1 << 20;
@@ -63,4 +68,41 @@ describe('post-copy: the destination serves the image while it arrives', () => {
       }
     });
   }
+});
+
+describe('post-copy: the source goes away', () => {
+  it('reads of missing blocks fail at once with EIO, arrived ones still read; a resumed migration completes the image with the writes kept', async () => {
+    let taken!: () => void;
+    const tookOver = new Promise<void>((r) => { taken = r; });
+    const svc = await DestinationService.start({ dataDir: join(dir, 'gone'), auth: { insecure: true }, log: (l) => { if (l.includes('taken over')) taken(); } });
+    try {
+      // A real source process, slow enough to be killed mid-push.
+      const child = spawn(process.execPath, [bin, 'migrate', image, '--to', `127.0.0.1:${svc.address.port}`, '--insecure', '--name', 'vm', '--strategy', 'postcopy', '--bwlimit', '2M', '--progress', 'none'], { stdio: 'ignore' });
+      const exited = new Promise((r) => child.on('exit', r));
+      await tookOver;
+      const exp = svc.exportOf('vm') as ArrivingImage;
+      assert.ok(exp instanceof ArrivingImage);
+      // The first block is pulled before the source dies; then a write of ours.
+      assert.deepEqual(Buffer.from(await exp.read(0, BS)), bytes.subarray(0, BS));
+      const mine = Buffer.alloc(BS, 0x3c);
+      await exp.write(12 * MiB, mine, false);
+      child.kill('SIGKILL');
+      await exited;
+      while (!exp.sourceGone) await new Promise((r) => setTimeout(r, 20));
+      const missing = svc.missingOf('vm')!;
+      assert.ok(missing.length > 0, 'blocks are missing');
+      const m = missing[missing.length - 1]!;
+      await assert.rejects(exp.read(m.start * BS, BS), (e: unknown) => e instanceof NbdExportError && e.errno === NBD_EIO && /ERR_BF_SOURCE_GONE|source went away/.test(e.message));
+      assert.deepEqual(Buffer.from(await exp.read(0, BS)), bytes.subarray(0, BS), 'what arrived still reads');
+      // The source is back: the same migration again resumes the taken-over image.
+      const r = await migrate(image, { to: `127.0.0.1:${svc.address.port}`, name: 'vm', strategy: 'postcopy', auth: { insecure: true } });
+      const want = Buffer.from(bytes);
+      mine.copy(want, 12 * MiB);
+      assert.ok(readFileSync(join(dir, 'gone', 'vm.img')).equals(want), 'complete, with the write made while the source was away');
+      assert.ok(r.blocks.sent < bytes.length / BS, 'the resumed attempt did not send everything again');
+      assert.deepEqual(Buffer.from(await exp.read(12 * MiB, BS)), mine, 'still served after completion');
+    } finally {
+      await svc.close();
+    }
+  });
 });

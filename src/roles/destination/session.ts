@@ -455,9 +455,9 @@ export class Session {
    */
   private async switchOver(f: Frame): Promise<void> {
     if (this.arriving) throw new ProtocolError(ErrorCode.PROTOCOL, 'a second SWITCH');
-    if (!this.init.takeOver) throw new ProtocolError(ErrorCode.PROTOCOL, 'SWITCH: this destination does not serve images (post-copy is not offered)');
     let img = this.init.arriving;
     if (!img) {
+      if (!this.init.takeOver) throw new ProtocolError(ErrorCode.PROTOCOL, 'SWITCH: this destination does not serve images (post-copy is not offered)');
       img = this.init.takeOver(this.sink);
       for (const iv of this.missing) img.stale.add(iv.start, iv.count);
     }
