@@ -24,6 +24,7 @@ import { createInterface } from 'node:readline';
 import Table from 'cli-table3';
 import { benchCorpus, missingDistinct } from './corpus.js';
 import { check, randomFill, runGroup, type GroupResult } from './lib.js';
+import { twoHosts } from './netns.js';
 
 const bin = new URL('../../bin/blockferry.js', import.meta.url).pathname;
 const MiB = 1 << 20;
@@ -181,33 +182,16 @@ async function migration(ctx: Ctx, dests: ReturnType<typeof destinations>, prefi
 }
 
 async function wan(ctx: Ctx): Promise<Record<string, Row[]>> {
-  const tag = `${process.pid % 100000}`;
-  const SRC = `bfbs${tag}`, DST = `bfbd${tag}`, VS = `bbs${tag}`, VD = `bbd${tag}`;
-  const net = `10.214.${process.pid % 250}`;
-  const tbf = (rate: string, burst: string) => ['ip', 'netns', 'exec', SRC, 'tc', 'qdisc', 'replace', 'dev', VS, 'root', 'tbf', 'rate', rate, 'burst', burst, 'latency', '200ms'];
-  const ok = process.getuid?.() === 0 && sh(['ip', 'netns', 'add', SRC]) && sh(['ip', 'netns', 'add', DST]) &&
-    sh(['ip', 'link', 'add', VS, 'netns', SRC, 'type', 'veth', 'peer', 'name', VD, 'netns', DST]) &&
-    sh(['ip', '-n', SRC, 'addr', 'add', `${net}.1/24`, 'dev', VS]) && sh(['ip', '-n', DST, 'addr', 'add', `${net}.2/24`, 'dev', VD]) &&
-    sh(['ip', '-n', SRC, 'link', 'set', VS, 'up']) && sh(['ip', '-n', DST, 'link', 'set', VD, 'up']) &&
-    sh(['ip', '-n', SRC, 'link', 'set', 'lo', 'up']) && sh(['ip', '-n', DST, 'link', 'set', 'lo', 'up']) &&
-    sh(tbf('100mbit', '256kb'));
-  if (!ok) {
-    sh(['ip', 'netns', 'del', SRC]);
-    sh(['ip', 'netns', 'del', DST]);
+  const hosts = twoHosts('bfb', 214);
+  if (!hosts || !hosts.shape('100mbit', '256kb')) {
+    hosts?.drop();
     console.log('\n(transfer over tbf links: needs root and iproute2 for network namespaces; skipped)');
     return {};
   }
+  const { DST, inSrc, inDst, host } = hosts;
   const haveRsync = sh(['rsync', '--version']);
-  const inSrc = ['ip', 'netns', 'exec', SRC];
-  const inDst = ['ip', 'netns', 'exec', DST];
-  const host = `${net}.2`;
   // Both directions on the source's veth: everything that crossed the link, headers included.
-  const counter = () => {
-    const r = run([...inSrc, 'cat', `/sys/class/net/${VS}/statistics/tx_bytes`, `/sys/class/net/${VS}/statistics/rx_bytes`]);
-    const [tx, rx] = r.out.trim().split(/\s+/).map(Number);
-    check('veth counters', Number.isFinite(tx) && Number.isFinite(rx), r.err);
-    return tx! + rx!;
-  };
+  const counter = () => hosts.bytes();
   const dests = destinations(ctx, inDst, host);
   const procs: ChildProcess[] = [];
   const out: Record<string, Row[]> = {};
@@ -266,7 +250,7 @@ async function wan(ctx: Ctx): Promise<Record<string, Row[]>> {
     }
 
     // 2. 1 Gbit/s.
-    check('tbf 1gbit', sh(tbf('1gbit', '1mb')));
+    check('tbf 1gbit', hosts.shape('1gbit', '1mb'));
     console.log('\n1 Gbit/s tbf link, same images:');
     const g = [await m('blockferry similarity (--compress auto)', ['--strategy', 'similarity'])];
     if (process.env.BF_BENCH_GBIT_ALL) {
@@ -284,8 +268,7 @@ async function wan(ctx: Ctx): Promise<Record<string, Row[]>> {
   } finally {
     await dests.stop();
     for (const p of procs) p.kill('SIGKILL');
-    sh(['ip', 'netns', 'del', SRC]);
-    sh(['ip', 'netns', 'del', DST]);
+    hosts.drop();
   }
 }
 

@@ -408,7 +408,7 @@ export function buildProgram(): Command {
     .requiredOption('--to <addr>', 'HOST:PORT of the destination service')
     .option('--name <name>', 'name at the destination (default: the file name without extension)')
     .addOption(new Option('--strategy <s>', 'what to send and when: full, similarity (pre-copy), postcopy (the destination takes over at once), hybrid (pre-copy of cold blocks, then post-copy)').choices(['full', 'similarity', 'postcopy', 'hybrid']).default('similarity'))
-    .option('--hot-threshold <n>', 'hybrid: blocks written this many times or more wait for the post-copy phase', intArg('--hot-threshold', 1, 2 ** 31), 3)
+    .option('--hot-threshold <n>', 'hybrid: blocks written this many times or more wait for the post-copy phase', intArg('--hot-threshold', 1, 2 ** 31), 2)
     .option('--key-file <file>', 'pre-shared key (default: BLOCKFERRY_KEY)')
     .option('--insecure', 'plain TCP without authentication (loopback demos only)')
     .option('--bwlimit <rate>', 'bandwidth limit: bytes/s (12.5M = 12.5e6, 12MiB) or bits (100mbit)')

@@ -16,14 +16,19 @@ import { CAP_POSTCOPY, CAP_SIMILARITY } from '../protocol/handshake.js';
 import type { MigrationContext, Strategy, StrategyOutcome } from './strategy.js';
 
 /** Blocks per push step: small, so that a demand read waits behind little. */
-const PUSH_BLOCKS = 16;
-/** Bytes pushed between two PROBEs, and PROBEs unanswered at most: at most about a window of pushed data queues ahead of a PULL's answer. */
-const PROBE_EVERY = 64 << 10;
+const PUSH_BLOCKS = 4;
+/**
+ * Bytes pushed between two PROBEs, and PROBEs unanswered at most: at most
+ * (PROBES_IN_FLIGHT + 1) × PROBE_EVERY bytes of pushed data queue ahead of
+ * a PULL's answer (in socket buffers and on the link). 48 KiB is 4 ms at
+ * 100 Mbit/s, and still several times the bandwidth-delay product of a LAN.
+ */
+const PROBE_EVERY = 16 << 10;
 const PROBES_IN_FLIGHT = 2;
 /** Intervals per MISSING frame. */
 const MISSING_BATCH = 65536;
 /** Default Threshold (paper 002): blocks written this many times or more are hot. */
-export const DEFAULT_HOT_THRESHOLD = 3;
+export const DEFAULT_HOT_THRESHOLD = 2;
 
 const blocksIn = (list: Iterable<Interval>) => { let n = 0; for (const iv of list) n += iv.count; return n; };
 

@@ -36,7 +36,7 @@ export interface LiveOptions {
   maxRounds?: number;
   /** Cut over once a round finds this many dirty blocks or fewer (default 256). */
   dirtyThreshold?: number;
-  /** Hybrid (paper 002's Threshold): blocks written this many times or more wait for the post-copy phase (default 3). */
+  /** Hybrid (paper 002's Threshold): blocks written this many times or more wait for the post-copy phase (default 2). */
   hotThreshold?: number;
   /** Cutover: called to pause the writer (a VM's suspend). */
   pause?: () => unknown;
