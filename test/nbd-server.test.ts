@@ -19,7 +19,7 @@ import { ErrorCode } from '../src/errors.js';
 import {
   NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC, NBD_CMD_FLAG_FAST_ZERO, NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH,
   NBD_CMD_READ, NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_EINVAL, NBD_EIO, NBD_ENOSPC, NBD_ENOTSUP,
-  NBD_EPERM, NBD_FLAG_CAN_MULTI_CONN, NBD_FLAG_READ_ONLY, NBD_IHAVEOPT, NBD_MAX_PAYLOAD, NBD_OPT_LIST,
+  NBD_EPERM, NBD_FLAG_CAN_MULTI_CONN, NBD_FLAG_READ_ONLY, NBD_IHAVEOPT, NBD_MAX_PAYLOAD, NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_LIST,
   NBD_OPT_STARTTLS, NBD_REP_ACK, NBD_REP_ERR_POLICY, NBD_REP_ERR_TOO_BIG, NBD_REP_ERR_UNSUP, NBD_REP_SERVER,
   NBD_STATE_HOLE, NBD_STATE_ZERO, NbdExportError, type NbdExport,
 } from '../src/nbd/protocol.js';
@@ -107,6 +107,15 @@ async function fileMap(path: string): Promise<[number, number, boolean][]> {
 async function exportMap(uri: string): Promise<[number, number, boolean][]> {
   const m = JSON.parse(await ok('nbdinfo', '--map', '--json', uri)) as { offset: number; length: number; type: number }[];
   return merge(m.map((e) => [e.offset, e.length, (e.type & NBD_STATE_HOLE) !== 0]));
+}
+
+/** NBD_OPT_GO's data for a name, no information requests. */
+function goData(name: string): Buffer {
+  const n = Buffer.from(name);
+  const d = Buffer.alloc(4 + n.length + 2);
+  d.writeUInt32BE(n.length, 0);
+  n.copy(d, 4);
+  return d;
 }
 
 function merge(m: [number, number, boolean][]): [number, number, boolean][] {
@@ -241,6 +250,25 @@ describe('NBD server: a read-only export', () => {
     c.send({ type: NBD_CMD_TRIM, cookie: 2n, offset: 0, length: 4096 });
     assert.equal((await c.reply()).error, NBD_EPERM);
     assert.ok(readFileSync(img.path).equals(img.bytes));
+  });
+});
+
+describe('NBD server: a file export without the native addon', () => {
+  it('reports everything as data, zeroes by writing zeros, and offers no fast zeroing', async () => {
+    const img = makeImage('portable.img', 6);
+    const e = await FileExport.open(img.path, { native: null });
+    exports.push(e);
+    const s = await serve({ exports: new Map([['p', e]]) });
+    assert.deepEqual(await exportMap(s.uri('p')), [[0, 8 * MiB, false]]);
+    const info = JSON.parse(await ok('nbdinfo', '--json', s.uri('p'))) as { exports: Record<string, unknown>[] };
+    assert.equal(info.exports[0]!['can_fast_zero'], false);
+    await ok('qemu-io', '-f', 'raw', '-c', 'write -z -u 0 64k', '-c', `discard ${MiB} 64k`, s.uri('p'));
+    img.bytes.fill(0, 0, 64 << 10);
+    img.bytes.fill(0, MiB, MiB + (64 << 10));
+    assert.ok(readFileSync(img.path).equals(img.bytes));
+    const c = await open(RawNbd.open(s.address, 'p'));
+    c.send({ type: NBD_CMD_WRITE_ZEROES, cookie: 1n, offset: 0, length: 4096, flags: NBD_CMD_FLAG_FAST_ZERO });
+    assert.equal((await c.reply()).error, NBD_ENOTSUP);
   });
 });
 
@@ -513,6 +541,22 @@ describe('NBD server: errors and hostile clients', () => {
     assert.equal(s.limited.options, 1);
     assert.equal(s.limited.deadline, 1);
     await stillServes();
+  });
+
+  it('NBD_OPT_EXPORT_NAME: the old way in (size and flags, no zeros with NO_ZEROES); a name over NBD_MAX_STRING is TOO_BIG to GO', async () => {
+    const c = await open(RawNbd.connect(s.address));
+    await c.hello();
+    c.option(NBD_OPT_GO, goData('x'.repeat(5000)));
+    assert.equal((await c.optionReply()).type >>> 0, NBD_REP_ERR_TOO_BIG >>> 0);
+    c.option(NBD_OPT_EXPORT_NAME, Buffer.from('h'));
+    const r = await c.read(10);
+    assert.equal(Number(r.readBigUInt64BE(0)), 8 * MiB);
+    c.send({ type: NBD_CMD_READ, cookie: 1n, offset: 8 * MiB - 4096, length: 4096 });
+    assert.ok((await c.reply()).data!.equals(img.bytes.subarray(8 * MiB - 4096)));
+    const d = await open(RawNbd.connect(s.address));
+    await d.hello();
+    d.option(NBD_OPT_EXPORT_NAME, Buffer.from('nope'));
+    await d.closed; // no way to refuse EXPORT_NAME but closing
   });
 
   it('an unknown export name: NBD_REP_ERR_UNKNOWN to GO', async () => {
