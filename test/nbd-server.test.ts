@@ -477,6 +477,17 @@ describe('NBD server: errors and hostile clients', () => {
     await stillServes();
   });
 
+  it('a client that ends its side after its requests still gets the replies', async () => {
+    const c = await open(RawNbd.open(s.address, 'h'));
+    c.send({ type: NBD_CMD_READ, cookie: 1n, offset: MiB, length: 64 << 10 });
+    c.send({ type: NBD_CMD_READ, cookie: 2n, offset: 0, length: 4096 });
+    c.socket.end();
+    const got = [await c.reply(), await c.reply()].sort((a, b) => Number(a.cookie - b.cookie));
+    assert.ok(got[0]!.data!.equals(img.bytes.subarray(MiB, MiB + (64 << 10))));
+    assert.ok(got[1]!.data!.equals(img.bytes.subarray(0, 4096)));
+    await c.closed;
+  });
+
   it('a truncated option, then the client goes away: the server goes on', async () => {
     const a = await open(RawNbd.connect(s.address));
     await a.hello();

@@ -70,6 +70,8 @@ const BASE_ALLOCATION_ID = 1;
 const MAX_EXTENTS = 65536;
 /** Bytes buffered from a socket when no request is being read; above it the socket is paused. */
 const READ_HIGH_WATER = 256 << 10;
+/** How long replies may take to leave once the connection is ending; then it is cut. */
+const DRAIN_GRACE_MS = 10_000;
 const KNOWN_CMD_FLAGS = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_DF | NBD_CMD_FLAG_REQ_ONE | NBD_CMD_FLAG_FAST_ZERO;
 /** Error numbers the protocol defines; an export's other numbers go out as EIO. */
 const WIRE_ERRNOS = new Set([NBD_EPERM, NBD_EIO, NBD_ENOMEM, NBD_EINVAL, NBD_ENOSPC, NBD_EOVERFLOW, NBD_ENOTSUP, NBD_ESHUTDOWN]);
@@ -174,7 +176,8 @@ export class NbdServer {
     const where = 'path' in options.listen ? options.listen.path : `${options.listen.host}:${options.listen.port}`;
     if ('path' in options.listen) await clearStaleSocket(options.listen.path);
     let self: NbdServer | undefined;
-    const server = createServer((s) => self ? self.accept(s) : s.destroy());
+    // Half-open: a client that ends its side after its last request still gets the replies.
+    const server = createServer({ allowHalfOpen: true }, (s) => self ? self.accept(s) : s.destroy());
     await new Promise<void>((res, rej) => {
       server.once('error', (e) => rej(listenFailure(e, where)));
       if ('path' in options.listen) server.listen(options.listen.path, () => res());
@@ -280,6 +283,9 @@ class Connection {
   private stopping = false;
   private inFlight = 0;
   private inFlightBytes = 0;
+  /** Requests whose export work runs (the export has not answered yet). */
+  private readonly working = new Set<Promise<Buffer[]>>();
+  /** Requests not finished: working, or with a reply not yet sent. */
   private readonly running = new Set<Promise<void>>();
   private slotFreed: (() => void) | undefined;
   private done: Promise<void> = Promise.resolve();
@@ -313,8 +319,13 @@ class Connection {
       if (!(e instanceof ConnectionEnd)) this.server.log(`connection from ${this.peer} closed: ${(e as Error).message}`);
     } finally {
       clearTimeout(deadline);
-      // Requests already running finish and send their replies (DISC, close()), or find the socket gone.
-      await Promise.all([...this.running]);
+      // Requests already read finish (DISC, close(), a client that went away)...
+      await Promise.all([...this.working]);
+      // ... and their replies go out, unless the client does not read them.
+      const drained = Promise.all([...this.running]);
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([drained, new Promise<void>((r) => { timer = setTimeout(r, DRAIN_GRACE_MS); })]);
+      clearTimeout(timer);
       this.endSocket();
       finished();
     }
@@ -576,20 +587,27 @@ class Connection {
       const bytes = req.type === NBD_CMD_WRITE || (req.type === NBD_CMD_READ && req.length <= NBD_MAX_PAYLOAD) ? req.length : 0;
       this.inFlight++;
       this.inFlightBytes += bytes;
-      const p: Promise<void> = this.handle(req, data)
-        .catch((e) => this.server.log(`connection from ${this.peer}: a request failed unexpectedly: ${(e as Error).message}`))
-        .finally(() => {
-          this.running.delete(p);
-          this.inFlight--;
-          this.inFlightBytes -= bytes;
-          this.slotFreed?.();
-        });
+      const work: Promise<Buffer[]> = this.handle(req, data)
+        .catch((e) => {
+          // A bug here, not the export's failure (handle() answers those): the client still gets its reply.
+          this.server.log(`connection from ${this.peer}: ${COMMAND_NAMES[req.type] ?? req.type} failed unexpectedly: ${(e as Error).message}`);
+          return this.error(req, NBD_EIO, 'internal error');
+        })
+        .finally(() => this.working.delete(work));
+      this.working.add(work);
+      // Still in flight until its reply is handed to the kernel: a client that does not read cannot make the server hold more.
+      const p: Promise<void> = work.then((parts) => this.send(parts)).finally(() => {
+        this.running.delete(p);
+        this.inFlight--;
+        this.inFlightBytes -= bytes;
+        this.slotFreed?.();
+      });
       this.running.add(p);
     }
   }
 
-  /** One request, to its reply (sent). */
-  private async handle(req: NbdRequest, data: Buffer | undefined): Promise<void> {
+  /** One request: what the export answers, as the reply's parts (sent by the caller). */
+  private async handle(req: NbdRequest, data: Buffer | undefined): Promise<Buffer[]> {
     const exp = this.exp!;
     const invalid = this.check(req, exp);
     if (invalid) return this.error(req, invalid.errno, invalid.message);
@@ -599,12 +617,12 @@ class Connection {
           const bytes = req.length ? await exp.read(req.offset, req.length) : new Uint8Array(0);
           if (bytes.length !== req.length) throw new Error(`the export read ${bytes.length} bytes, not ${req.length}`);
           const view = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length);
-          if (!this.structured) return await this.send([encodeSimpleReply(req.cookie, 0), view]);
-          if (!req.length) return await this.send([encodeChunkHeader(req.cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, 0)]);
+          if (!this.structured) return [encodeSimpleReply(req.cookie, 0), view];
+          if (!req.length) return [encodeChunkHeader(req.cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, 0)];
           const off = Buffer.allocUnsafe(8);
           off.writeBigUInt64BE(BigInt(req.offset), 0);
           // One data chunk, even with DF: the whole read is in hand before anything is sent.
-          return await this.send([encodeChunkHeader(req.cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, 8 + view.length), off, view]);
+          return [encodeChunkHeader(req.cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, 8 + view.length), off, view];
         }
         case NBD_CMD_WRITE:
           await exp.write!(req.offset, data!, !!(req.flags & NBD_CMD_FLAG_FUA));
@@ -618,7 +636,7 @@ class Connection {
           break;
         case NBD_CMD_WRITE_ZEROES: {
           const fast = !!(req.flags & NBD_CMD_FLAG_FAST_ZERO);
-          if (fast && !exp.fastZero) return await this.error(req, NBD_ENOTSUP, 'fast zeroing is not supported');
+          if (fast && !exp.fastZero) return this.error(req, NBD_ENOTSUP, 'fast zeroing is not supported');
           if (req.length) await exp.zero!(req.offset, req.length, !(req.flags & NBD_CMD_FLAG_NO_HOLE), !!(req.flags & NBD_CMD_FLAG_FUA), fast);
           break;
         }
@@ -631,7 +649,7 @@ class Connection {
     } catch (e) {
       return this.error(req, ...this.failure(e, req));
     }
-    await this.send([encodeSimpleReply(req.cookie, 0)]);
+    return [encodeSimpleReply(req.cookie, 0)];
   }
 
   /** A request the server refuses before the export sees it: an errno and why, or undefined. */
@@ -671,19 +689,19 @@ class Connection {
     return [NBD_EIO, 'input/output error'];
   }
 
-  private error(req: NbdRequest, errno: number, message: string): Promise<void> {
+  private error(req: NbdRequest, errno: number, message: string): Buffer[] {
     // A READ must be answered with chunks once structured replies are on; other commands may use a simple reply.
-    if (!this.structured || req.type !== NBD_CMD_READ) return this.send([encodeSimpleReply(req.cookie, errno)]);
+    if (!this.structured || req.type !== NBD_CMD_READ) return [encodeSimpleReply(req.cookie, errno)];
     const m = Buffer.from(message.slice(0, 256), 'utf8');
     const p = Buffer.allocUnsafe(6 + m.length);
     p.writeUInt32BE(errno, 0);
     p.writeUInt16BE(m.length, 4);
     m.copy(p, 6);
-    return this.send([encodeChunkHeader(req.cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, p.length), p]);
+    return [encodeChunkHeader(req.cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, p.length), p];
   }
 
   /** base:allocation from the export, clipped to the request (one extent with REQ_ONE), merged where flags repeat. */
-  private async blockStatus(req: NbdRequest, exp: NbdExport): Promise<void> {
+  private async blockStatus(req: NbdRequest, exp: NbdExport): Promise<Buffer[]> {
     const got: StatusExtent[] = await exp.allocation(req.offset, req.length);
     const one = !!(req.flags & NBD_CMD_FLAG_REQ_ONE);
     const out: StatusExtent[] = [];
@@ -707,7 +725,7 @@ class Connection {
       p.writeUInt32BE(e.length, 4 + 8 * i);
       p.writeUInt32BE(e.flags, 8 + 8 * i);
     });
-    await this.send([encodeChunkHeader(req.cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, p.length), p]);
+    return [encodeChunkHeader(req.cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, p.length), p];
   }
 }
 
