@@ -212,19 +212,21 @@ export class NbdServer {
     return this.connections.size;
   }
 
-  /** The export a client's name selects ("" the default one), or undefined. */
+  /** The export a client's name selects ("" the default one), or undefined (what negotiation asks). */
   resolve(name: string): NbdExport | undefined {
     const n = name === '' && this.options.defaultExport !== undefined ? this.options.defaultExport : name;
     const e = this.options.exports;
     return typeof e === 'function' ? e(n) : e.get(n);
   }
 
+  /** The names NBD_OPT_LIST answers with. */
   listNames(): string[] {
     const e = this.options.exports;
     if (typeof e !== 'function') return [...e.keys()];
     return this.options.list ? [...this.options.list()] : [];
   }
 
+  /** A line for options.log, with the peer's text in it escaped and capped. */
   log(line: string): void {
     this.options.log?.(escapeForLog(line, LOG_LINE_MAX));
   }
@@ -239,7 +241,11 @@ export class NbdServer {
       socket.destroy();
       return;
     }
-    if (socket.remoteAddress !== undefined) socket.setNoDelay(true);
+    if (socket.remoteAddress !== undefined) {
+      // TCP: replies leave at once, and a peer that vanished is noticed (NBD connections may idle for hours).
+      socket.setNoDelay(true);
+      socket.setKeepAlive(true, 10_000);
+    }
     const c = new Connection(this, socket);
     this.connections.add(c);
     socket.once('close', () => this.connections.delete(c));
