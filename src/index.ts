@@ -54,3 +54,6 @@ export { chooseBackend, nativeStatus, type BackendName, type BackendChoice } fro
 export type { AuthOptions } from './protocol/handshake.js';
 export type { TlsOptions } from './transport/tls.js';
 export type { Traffic, TrafficKind } from './protocol/channel.js';
+export { NbdServer, nbdUri, type NbdServerOptions, type NbdExports, type NbdAddress } from './nbd/server.js';
+export { FileExport, type FileExportOptions } from './nbd/file-export.js';
+export { NbdExportError, type NbdExport, type StatusExtent } from './nbd/protocol.js';

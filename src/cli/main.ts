@@ -20,6 +20,9 @@ import type { StrategyName } from '../migrate/strategies.js';
 import { spawnSync } from 'node:child_process';
 import { chooseBackend, nativeStatus } from '../engine/backend.js';
 import { wasmModule } from '../engine/wasm.js';
+import { NbdServer, type NbdAddress } from '../nbd/server.js';
+import { FileExport } from '../nbd/file-export.js';
+import { NBD_MAX_STRING } from '../nbd/protocol.js';
 import os from 'node:os';
 
 const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
@@ -365,6 +368,47 @@ export function buildProgram(): Command {
         process.once('SIGTERM', res);
       });
       await svc.close();
+    });
+
+  program
+    .command('export')
+    .description('serve a raw image over NBD until SIGINT or SIGTERM (no TLS: a Unix socket or a trusted network)')
+    .argument('<image>', 'the raw image file')
+    .addOption(new Option('--nbd <addr>', 'TCP HOST:PORT to listen on (port 0: any free port; NBD\'s own is 10809)').conflicts('socket'))
+    .option('--socket <path>', 'Unix socket to listen on (a stale socket file there is replaced)')
+    .option('--name <name>', 'export name (default: the file name without extension); the empty name selects it too')
+    .option('--read-only', 'refuse writes, trims and zeroing')
+    .action(async (image: string, o: { nbd?: string; socket?: string; name?: string; readOnly?: boolean }) => {
+      let listen: NbdAddress;
+      if (o.socket !== undefined) {
+        listen = { path: o.socket };
+      } else if (o.nbd !== undefined) {
+        const m = /^\[?([^\]]*?)\]?:(\d{1,5})$/.exec(o.nbd);
+        if (!m || Number(m[2]) > 65535) throw new UsageError(`--nbd ${o.nbd}: expected HOST:PORT`);
+        listen = { host: m[1] || '0.0.0.0', port: Number(m[2]) };
+      } else {
+        throw new UsageError('export needs --nbd HOST:PORT or --socket PATH');
+      }
+      if (o.name !== undefined && Buffer.byteLength(o.name) > NBD_MAX_STRING) throw new UsageError(`--name is longer than ${NBD_MAX_STRING} bytes`);
+      const exp = await FileExport.open(image, { readOnly: !!o.readOnly, ...(o.name !== undefined ? { name: o.name } : {}) });
+      let server: NbdServer;
+      try {
+        server = await NbdServer.listen({
+          listen, exports: new Map([[exp.name, exp]]), defaultExport: exp.name,
+          log: (l) => process.stderr.write(`blockferry export: ${l}\n`),
+          onError: (e, w) => process.stderr.write(`blockferry export: ${w.command} ${w.offset}+${w.length} failed: ${oneLine((e as Error)?.message ?? String(e))}\n`),
+        });
+      } catch (e) {
+        await exp.close();
+        throw e;
+      }
+      print(server.uri(exp.name));
+      await new Promise<void>((res) => {
+        process.once('SIGINT', res);
+        process.once('SIGTERM', res);
+      });
+      await server.close();
+      await exp.close();
     });
 
   const partial = program.command('partial').description('partial images left by migrations that did not finish (NAME.img.partial and NAME.img.journal)');

@@ -125,6 +125,12 @@ export const NBD_MAX_STRING = 4096;
 /** Largest READ or WRITE payload served or asked for: 32 MiB (QEMU's own limit). */
 export const NBD_MAX_PAYLOAD = 32 << 20;
 
+/** Option replies: NBD_REP_INFO payload sizes (the info type included). */
+export const INFO_EXPORT_BYTES = 12;
+export const INFO_BLOCK_SIZE_BYTES = 14;
+/** What NBD_OPT_EXPORT_NAME's reply pads with unless the client set NBD_FLAG_C_NO_ZEROES. */
+export const EXPORT_NAME_ZEROES = 124;
+
 export interface NbdRequest {
   flags: number;
   type: number;
@@ -165,6 +171,15 @@ export function encodeSimpleReply(cookie: bigint, error: number): Buffer {
   return b;
 }
 
+export function encodeOptionReply(option: number, type: number, length: number): Buffer {
+  const b = Buffer.allocUnsafe(OPTION_REPLY_HEADER_BYTES);
+  b.writeBigUInt64BE(NBD_REP_MAGIC, 0);
+  b.writeUInt32BE(option, 8);
+  b.writeUInt32BE(type >>> 0, 12);
+  b.writeUInt32BE(length, 16);
+  return b;
+}
+
 export function encodeChunkHeader(cookie: bigint, flags: number, type: number, length: number): Buffer {
   const b = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_BYTES);
   b.writeUInt32BE(NBD_STRUCTURED_REPLY_MAGIC, 0);
@@ -196,8 +211,15 @@ export interface NbdExport {
   /** Reads [offset, offset + length). May wait (a block still arriving). */
   read(offset: number, length: number): Promise<Uint8Array>;
   write?(offset: number, data: Uint8Array, fua: boolean): Promise<void>;
-  /** WRITE_ZEROES; `punch` when the client allows a hole (no NBD_CMD_FLAG_NO_HOLE). */
-  zero?(offset: number, length: number, punch: boolean, fua: boolean): Promise<void>;
+  /**
+   * WRITE_ZEROES; `punch` when the client allows a hole (no NBD_CMD_FLAG_NO_HOLE).
+   * `fast` (NBD_CMD_FLAG_FAST_ZERO): zero only if that is faster than writing
+   * zeros would be, else throw `NbdExportError(NBD_ENOTSUP)` without touching
+   * the range. Only passed to an export that declares `fastZero`.
+   */
+  zero?(offset: number, length: number, punch: boolean, fua: boolean, fast?: boolean): Promise<void>;
+  /** zero() understands `fast`: the server advertises NBD_FLAG_SEND_FAST_ZERO (without it, FAST_ZERO requests fail with ENOTSUP). */
+  readonly fastZero?: boolean;
   trim?(offset: number, length: number): Promise<void>;
   flush?(): Promise<void>;
   /** base:allocation extents from offset, covering at least one byte and at most length (HOLE and ZERO flags). */

@@ -52,3 +52,20 @@ export async function listen(host: string, port: number, onConnection: (s: Socke
     close: () => new Promise<void>((res) => server.close(() => res())),
   };
 }
+
+/**
+ * A failure to listen on `where` (HOST:PORT or a Unix socket path) as a
+ * stable code: ADDRESS_IN_USE when another socket has it, ADDRESS_UNAVAILABLE
+ * when it cannot be bound here; anything else keeps the system's message.
+ */
+export function listenFailure(e: unknown, where: string): BlockferryError {
+  const errno = (e as NodeJS.ErrnoException).code;
+  if (errno === 'EADDRINUSE') return new BlockferryError(ErrorCode.ADDRESS_IN_USE, `cannot listen on ${where}: the address is in use (another service runs there?)`, { cause: e });
+  const why: Record<string, string> = {
+    EADDRNOTAVAIL: 'not an address of this host', EACCES: 'not permitted', EPERM: 'not permitted', ENOTFOUND: 'unknown host name',
+    EAI_AGAIN: 'unknown host name', ENOENT: 'its directory does not exist', ENOTDIR: 'its directory does not exist', EINVAL: 'not a usable address (a path too long?)',
+    EAFNOSUPPORT: 'address family not supported', ENAMETOOLONG: 'the path is too long',
+  };
+  if (errno && why[errno]) return new BlockferryError(ErrorCode.ADDRESS_UNAVAILABLE, `cannot listen on ${where}: ${why[errno]}`, { cause: e });
+  return new BlockferryError(ErrorCode.INVALID_ARGUMENT, `cannot listen on ${where}: ${(e as Error).message}`, { cause: e });
+}
