@@ -186,6 +186,47 @@ describe(`migration between ${netns ? 'network namespaces over a 100 Mbit/s veth
     }
   });
 
+  it('post-copy: the source process is killed after the switch; reads of missing blocks fail with EIO, a write there is kept, and a second source completes the image', async () => {
+    const image = join(dir, 'pc.img');
+    writeFileSync(image, seededBytes(21, 24 * MiB));
+    const data = join(dir, 'dst-pc');
+    const sock = join(dir, 'pc.sock');
+    const args = inHost(DST, ['serve', '--listen', `${dstAddr}:0`, '--data-dir', data, '--key-file', keyFile, '--nbd-socket', sock]);
+    const proc = spawn(args[0]!, args.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stderr = '';
+    let onTaken: () => void = () => {};
+    const taken = new Promise<void>((r) => { onTaken = r; });
+    proc.stderr!.on('data', (d) => { stderr += d; if (stderr.includes('taken over')) onTaken(); });
+    const { port } = JSON.parse(await new Promise<string>((resolve) => createInterface({ input: proc.stdout! }).once('line', resolve))) as { port: number };
+    const uri = `nbd+unix:///pc?socket=${sock}`;
+    try {
+      const a = migrateArgs(image, port, ['--name', 'pc', '--strategy', 'postcopy', '--bwlimit', '2M']);
+      const first = spawn(a[0]!, a.slice(1), { stdio: 'ignore' });
+      const exited = new Promise((r) => first.once('exit', r));
+      await taken;
+      first.kill('SIGKILL');
+      await exited;
+      for (let t = 0; t < 200 && !stderr.includes('source went away'); t++) await new Promise((r) => setTimeout(r, 25));
+      assert.match(stderr, /source went away during post-copy with \d+ blocks missing/);
+      // The end of the image had not arrived: its read fails at once, not a hang.
+      const bad = spawnSync('qemu-io', ['-f', 'raw', '-c', `read ${23 * MiB} 4096`, uri], { encoding: 'utf8', timeout: 20_000 });
+      assert.equal(bad.signal, null, 'no hang');
+      assert.match(bad.stdout + bad.stderr, /Input\/output error/);
+      // A write of the VM at the destination while the source is away.
+      const w = spawnSync('qemu-io', ['-f', 'raw', '-c', `write -P 0x77 ${20 * MiB} 8192`, uri], { encoding: 'utf8', timeout: 20_000 });
+      assert.equal(w.status, 0, w.stderr);
+      const second = await run(migrateArgs(image, port, ['--name', 'pc', '--strategy', 'postcopy']));
+      assert.equal(second.code, 0, second.err);
+      const want = readFileSync(image);
+      want.fill(0x77, 20 * MiB, 20 * MiB + 8192);
+      assert.ok(readFileSync(join(data, 'pc.img')).equals(want), 'complete: the source\'s bytes and the write made while it was away');
+      const res = JSON.parse(second.out);
+      assert.ok(res.blocks.sent < (24 * MiB) / BS, `the second source sent only what was missing (${res.blocks.sent} blocks)`);
+    } finally {
+      await new Promise<void>((r) => { if (proc.exitCode !== null) return r(); proc.once('exit', () => r()); proc.kill('SIGTERM'); });
+    }
+  });
+
   it('refuses a source with the wrong key and keeps serving', async () => {
     const image = join(dir, 'small.img');
     writeFileSync(image, seededBytes(4, 2 * MiB));

@@ -69,6 +69,13 @@ export function parseDuration(flag: string, v: string): number {
   return Math.round(Number(m[1]) * mult[m[2] ?? 's']!);
 }
 
+/** An NBD listening address, TCP HOST:PORT (port 0: any free port). */
+function parseNbdListen(flag: string, v: string): { host: string; port: number } {
+  const m = /^\[?([^\]]*?)\]?:(\d{1,5})$/.exec(v);
+  if (!m || Number(m[2]) > 65535) throw new UsageError(`${flag} ${v}: expected HOST:PORT`);
+  return { host: m[1] || '0.0.0.0', port: Number(m[2]) };
+}
+
 interface CommonOptions {
   workers?: number;
   progress: ProgressMode;
@@ -349,8 +356,10 @@ export function buildProgram(): Command {
     .option('--max-image-size <size>', 'refuse images larger than this (e.g. 2T; default: no limit)')
     .option('--reserve <size>', 'disk space to leave free in the data directory (e.g. 10G)', '0')
     .option('--idle-timeout <duration>', 'end a connection that sends nothing for this long (0: never)', '60s')
-    .option('--partial-ttl <duration>', 'remove partial images untouched for this long (0: never)', '7d'), false)
-    .action(async (o: { listen: string; dataDir: string; neighbour: string[]; blockSize: string; keyFile?: string; insecure?: boolean; compress: 'auto' | 'none'; maxImageSize?: string; reserve: string; idleTimeout: string; partialTtl: string; cert?: string; key?: string; ca?: string; handshakeTimeout: number }) => {
+    .option('--partial-ttl <duration>', 'remove partial images untouched for this long (0: never)', '7d')
+    .addOption(new Option('--nbd <addr>', 'also serve the images over NBD on TCP HOST:PORT (complete ones, and post-copy ones while they arrive)').conflicts('nbdSocket'))
+    .option('--nbd-socket <path>', 'the same on a Unix socket'), false)
+    .action(async (o: { nbd?: string; nbdSocket?: string; listen: string; dataDir: string; neighbour: string[]; blockSize: string; keyFile?: string; insecure?: boolean; compress: 'auto' | 'none'; maxImageSize?: string; reserve: string; idleTimeout: string; partialTtl: string; cert?: string; key?: string; ca?: string; handshakeTimeout: number }) => {
       const m = /^\[?([^\]]*?)\]?:(\d{1,5})$/.exec(o.listen);
       if (!m || Number(m[2]) > 65535) throw new UsageError(`--listen ${o.listen}: expected HOST:PORT`);
       const [bs, ...rest] = parseBlockSizes(o.blockSize);
@@ -360,9 +369,10 @@ export function buildProgram(): Command {
         ...(o.maxImageSize !== undefined ? { maxImageSize: parseSize('--max-image-size', o.maxImageSize) } : {}),
         reserveBytes: parseSize('--reserve', o.reserve), idleTimeout: parseDuration('--idle-timeout', o.idleTimeout), partialTtl: parseDuration('--partial-ttl', o.partialTtl),
         log: (l) => process.stderr.write(`blockferry serve: ${l}\n`),
+        ...(o.nbdSocket !== undefined ? { nbd: { path: o.nbdSocket } } : o.nbd !== undefined ? { nbd: parseNbdListen('--nbd', o.nbd) } : {}),
       });
       const a = svc.address;
-      print(JSON.stringify({ event: 'listening', host: a.host, port: a.port, dataDir: o.dataDir, neighbours: svc.neighbourhood.images.length }));
+      print(JSON.stringify({ event: 'listening', host: a.host, port: a.port, dataDir: o.dataDir, neighbours: svc.neighbourhood.images.length, ...(svc.nbdUri('') ? { nbd: svc.nbdUri('NAME') } : {}) }));
       await new Promise<void>((res) => {
         process.once('SIGINT', res);
         process.once('SIGTERM', res);
@@ -383,9 +393,7 @@ export function buildProgram(): Command {
       if (o.socket !== undefined) {
         listen = { path: o.socket };
       } else if (o.nbd !== undefined) {
-        const m = /^\[?([^\]]*?)\]?:(\d{1,5})$/.exec(o.nbd);
-        if (!m || Number(m[2]) > 65535) throw new UsageError(`--nbd ${o.nbd}: expected HOST:PORT`);
-        listen = { host: m[1] || '0.0.0.0', port: Number(m[2]) };
+        listen = parseNbdListen('--nbd', o.nbd);
       } else {
         throw new UsageError('export needs --nbd HOST:PORT or --socket PATH');
       }

@@ -40,10 +40,7 @@ export async function listen(host: string, port: number, onConnection: (s: Socke
     onConnection(s);
   });
   await new Promise<void>((res, rej) => {
-    server.once('error', (e: NodeJS.ErrnoException) => {
-      const code = e.code === 'EADDRINUSE' ? 'in use' : e.code === 'EADDRNOTAVAIL' ? 'not an address of this host' : e.code === 'EACCES' ? 'not permitted' : e.message;
-      rej(new BlockferryError(ErrorCode.INVALID_ARGUMENT, `cannot listen on ${host}:${port}: ${code}`, { cause: e }));
-    });
+    server.once('error', (e: NodeJS.ErrnoException) => rej(listenFailure(e, `${host}:${port}`)));
     server.listen(port, host, () => res());
   });
   const a = server.address() as AddressInfo;

@@ -24,6 +24,8 @@ import { Session, type SessionStats } from './session.js';
 import { ArrivingImage } from './arriving.js';
 import type { NbdExport } from '../../nbd/protocol.js';
 import { FileExport } from '../../nbd/file-export.js';
+import { NbdServer, type NbdAddress } from '../../nbd/server.js';
+import { readdirSync } from 'node:fs';
 import { decompressorFor } from '../../protocol/compression.js';
 
 export type { SessionStats } from './session.js';
@@ -63,6 +65,11 @@ export interface DestinationOptions {
   takeoverGrace?: number;
   /** Partial images and journals untouched this long are removed (ms; 0: never). Default 7 days. */
   partialTtl?: number;
+  /**
+   * Serve the images over NBD here (TCP or a Unix socket): complete ones, and
+   * those a post-copy took over while they arrive. Default: no NBD.
+   */
+  nbd?: NbdAddress;
 }
 
 /** An image the destination took over (post-copy): served while it arrives, and after. */
@@ -90,6 +97,9 @@ export class DestinationService implements Role {
   private readonly active = new Map<string, ActiveSession>();
   /** Images taken over by a post-copy, by name: served over NBD while they arrive and after. */
   private readonly taken = new Map<string, Taken>();
+  /** Complete images served over NBD (with options.nbd), by name. */
+  private readonly served = new Map<string, FileExport>();
+  private nbd: NbdServer | undefined;
   private pruneTimer: NodeJS.Timeout | undefined;
   private free: { at: number; bytes: number } | undefined;
   private readonly sockets = new Set<Socket>();
@@ -130,11 +140,19 @@ export class DestinationService implements Role {
     }
     n.save(indexFile);
     const svc = new DestinationService(options, n, scanner, tls);
+    if (options.nbd) {
+      try {
+        await svc.startNbd(options.nbd);
+      } catch (e) {
+        await svc.close();
+        throw e;
+      }
+    }
     try {
       svc.listener = await listen(options.host ?? '127.0.0.1', options.port ?? 0, (s) => svc.accept(s));
     } catch (e) {
-      await scanner.close();
-      throw listenError(e, options.host ?? '127.0.0.1', options.port ?? 0);
+      await svc.close();
+      throw e;
     }
     svc.startPruning();
     return svc;
@@ -259,8 +277,12 @@ export class DestinationService implements Role {
     if (this.pruneTimer) clearInterval(this.pruneTimer);
     await this.listener?.close();
     for (const s of this.sockets) s.destroy();
+    // Taken-over images first: a read waiting for a block that will not come now fails, and the NBD server can finish.
     for (const t of this.taken.values()) await t.image.close().catch(() => {});
     this.taken.clear();
+    await this.nbd?.close();
+    for (const e of this.served.values()) await e.close().catch(() => {});
+    this.served.clear();
     await this.indexing;
     await this.scanner.close();
   }
@@ -293,6 +315,7 @@ export class DestinationService implements Role {
     }
     this.completed.push(stats);
     this.log(`migration into ${begin.name} complete: ${JSON.stringify(stats)}`);
+    if (!this.taken.has(begin.name)) await this.serveComplete(begin.name).catch((e: Error) => this.log(`cannot serve ${begin.name} over NBD: ${e.message}`));
     // After DONE and outside the busy window: indexing is not part of the
     // migration, and the complete image is no longer "being migrated".
     this.indexing = this.indexing.then(() => this.indexImage(final)).catch((e: Error) => this.log(`indexing ${final} failed: ${e.message}`));
@@ -396,9 +419,36 @@ export class DestinationService implements Role {
 
   /** What the service serves under a name over NBD: an image taken over (arriving or complete), else a complete image of the data directory. */
   exportOf(name: string): NbdExport | undefined {
-    const t = this.taken.get(name);
-    if (t) return t.image;
-    return undefined;
+    return this.taken.get(name)?.image ?? this.served.get(name);
+  }
+
+  /** The NBD URI of an image (with options.nbd). */
+  nbdUri(name: string): string | undefined {
+    return this.nbd?.uri(name);
+  }
+
+  /** Serves every complete image of the data directory over NBD, and each one completed later. */
+  private async startNbd(at: NbdAddress): Promise<void> {
+    for (const f of readdirSync(this.options.dataDir)) {
+      const name = f.endsWith('.img') ? f.slice(0, -4) : '';
+      if (name && NAME_RE.test(name)) await this.serveComplete(name);
+    }
+    this.nbd = await NbdServer.listen({
+      listen: at,
+      exports: (name) => this.exportOf(name),
+      list: () => new Set([...this.served.keys(), ...this.taken.keys()]),
+      log: (l) => this.log(`nbd: ${l}`),
+      onError: (e, w) => this.log(`nbd: ${w.export}: ${w.command} ${w.offset}+${w.length} failed: ${(e as Error)?.message ?? String(e)}`),
+    });
+  }
+
+  /** (Re)opens a complete image for NBD clients; those of a replaced version keep the old one until they disconnect. */
+  private async serveComplete(name: string): Promise<void> {
+    if (!this.options.nbd && !this.nbd) return;
+    const exp = await FileExport.open(join(this.options.dataDir, `${name}.img`), { name, description: `blockferry: ${name}` });
+    const old = this.served.get(name);
+    this.served.set(name, exp);
+    if (old) old.close().catch(() => {});
   }
 
   /** The blocks a taken-over image still lacks (empty once complete). */
@@ -438,17 +488,6 @@ function checkDataDir(dir: string): void {
     const why = code === 'EEXIST' || code === 'ENOTDIR' ? 'it (or a parent) is not a directory' : code === 'EACCES' || code === 'EPERM' || code === 'EROFS' ? 'it cannot be written' : (e as Error).message;
     throw new BlockferryError(ErrorCode.DATA_DIR, `data directory ${dir}: ${why}`, { cause: e });
   }
-}
-
-/** A failure to listen as a stable code: the address is taken, or cannot be bound here. */
-function listenError(e: unknown, host: string, port: number): unknown {
-  const errno = ((e as { cause?: NodeJS.ErrnoException }).cause ?? (e as NodeJS.ErrnoException))?.code;
-  if (errno === 'EADDRINUSE') return new BlockferryError(ErrorCode.ADDRESS_IN_USE, `cannot listen on ${host}:${port}: the address is in use (another service runs there?)`, { cause: e });
-  if (errno === 'EADDRNOTAVAIL' || errno === 'EACCES' || errno === 'EPERM' || errno === 'ENOTFOUND' || errno === 'EAI_AGAIN' || errno === 'EINVAL' || errno === 'EAFNOSUPPORT') {
-    const why = errno === 'EADDRNOTAVAIL' ? 'not an address of this host' : errno === 'EACCES' || errno === 'EPERM' ? 'not permitted' : errno === 'ENOTFOUND' || errno === 'EAI_AGAIN' ? 'unknown host name' : errno;
-    return new BlockferryError(ErrorCode.ADDRESS_UNAVAILABLE, `cannot listen on ${host}:${port}: ${why}`, { cause: e });
-  }
-  return e;
 }
 
 /** First byte of a TLS connection: a handshake record (ClientHello). A blockferry frame starts with its length's low byte. */
