@@ -18,6 +18,8 @@ export class TrackedImage {
   private dirty: Bitmap;
   /** Writes seen per written block since the image was opened (only blocks written have an entry). */
   readonly writeCounts = new Map<number, number>();
+  /** Bytes written through this image since it was opened (the writer's rate, rewrites included). */
+  bytesWritten = 0;
 
   constructor(readonly path: string, readonly blockSize = 4096) {
     checkBlockSize(blockSize);
@@ -35,6 +37,7 @@ export class TrackedImage {
     }
     if (data.length === 0) return;
     for (let at = 0; at < data.length; ) at += writeSync(this.fd, data, at, data.length - at, offset + at);
+    this.bytesWritten += data.length;
     const first = Math.floor(offset / this.blockSize);
     const last = Math.floor((offset + data.length - 1) / this.blockSize);
     this.dirty.setRange(first, last - first + 1);

@@ -1,4 +1,5 @@
 import { closeSync, constants, fsyncSync, lstatSync, openSync, renameSync, rmSync, writeSync } from 'node:fs';
+import { open, rename, rm } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
 import { BlockferryError, ErrorCode, isNoSpace } from '../errors.js';
 
@@ -27,6 +28,33 @@ export function writeFileAtomic(file: string, parts: Uint8Array[], what: string,
   } catch (cause) {
     if (fd !== undefined) closeSync(fd);
     if (created) rmSync(tmp, { force: true });
+    if (cause instanceof BlockferryError) throw cause;
+    throw new BlockferryError(isNoSpace(cause) ? ErrorCode.NO_SPACE : ErrorCode.WRITE_FAILED, `cannot write ${what} ${file}: ${(cause as Error).message}`, { cause });
+  }
+}
+
+/**
+ * writeFileAtomic on libuv's pool: the same steps and guarantees, with the
+ * event loop free meanwhile (an fsync can take tens of milliseconds while
+ * other data is being written; a service answering reads must not stall).
+ */
+export async function writeFileAtomicAsync(file: string, parts: Uint8Array[], what: string, mode = 0o644): Promise<void> {
+  checkRegularOrAbsent(file, what);
+  const tmp = `${file}.tmp-${process.pid}-${randomBytes(6).toString('hex')}`;
+  let created = false;
+  try {
+    const fh = await open(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, mode);
+    created = true;
+    try {
+      for (const p of parts) await fh.write(p);
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    checkRegularOrAbsent(file, what);
+    await rename(tmp, file);
+  } catch (cause) {
+    if (created) await rm(tmp, { force: true });
     if (cause instanceof BlockferryError) throw cause;
     throw new BlockferryError(isNoSpace(cause) ? ErrorCode.NO_SPACE : ErrorCode.WRITE_FAILED, `cannot write ${what} ${file}: ${(cause as Error).message}`, { cause });
   }

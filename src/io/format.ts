@@ -6,7 +6,7 @@
 // deals only with its own fields.
 import { readFileSync } from 'node:fs';
 import { TreeChecksum } from '../engine/checksum.js';
-import { writeFileAtomic } from './atomic.js';
+import { writeFileAtomic, writeFileAtomicAsync } from './atomic.js';
 import { BlockferryError, ErrorCode, FormatError } from '../errors.js';
 
 /** Bytes of the checksum trailer. */
@@ -47,6 +47,11 @@ export class FileFormat {
   /** Writes header and content parts plus the trailer atomically (temporary file, fsync, rename). */
   write(file: string, parts: Uint8Array[], mode?: number): void {
     writeFileAtomic(file, [...parts, this.trailer(parts)], this.what, mode);
+  }
+
+  /** write() without blocking the event loop. */
+  writeAsync(file: string, parts: Uint8Array[], mode?: number): Promise<void> {
+    return writeFileAtomicAsync(file, [...parts, this.trailer(parts)], this.what, mode);
   }
 
   /** Reads a whole file; a missing or unreadable one is FILE_NOT_FOUND or FILE_UNREADABLE. */

@@ -30,6 +30,7 @@ const MISSING_BATCH = 65536;
 /** Default Threshold (paper 002): blocks written this many times or more are hot. */
 export const DEFAULT_HOT_THRESHOLD = 2;
 
+const sentBytes = (ch: MigrationContext['ch']) => Object.values(ch.sent).reduce((a, b) => a + b, 0);
 const blocksIn = (list: Iterable<Interval>) => { let n = 0; for (const iv of list) n += iv.count; return n; };
 
 /** Strategy "postcopy": switch at once, then push everything while demand reads pull. */
@@ -61,28 +62,41 @@ async function run(ctx: MigrationContext, withPrecopy: boolean): Promise<Strateg
   let rounds = 0;
   const verifyNow = new IntervalSet();
   if (withPrecopy && !resumedSwitch) {
+    const t0 = performance.now(), sent0 = sentBytes(ch), written0 = live.tracked?.bytesWritten ?? 0;
     const stream = await firstPass(ctx, parts);
     lap('transfer');
-    // Rounds of cold blocks: hot ones are left for after the switch.
-    const maxRounds = live.maxRounds ?? 8;
-    const deferred = new IntervalSet();
-    for (let pending = await dirty.take(); rounds < maxRounds; pending = await dirty.take()) {
+    // Rounds of cold blocks: hot ones are left for after the switch. When the
+    // writer wrote during the first pass at half the rate the link drained or
+    // more, rounds would chase it: switch at once instead.
+    const seconds = Math.max(1e-3, (performance.now() - t0) / 1000);
+    const drain = (sentBytes(ch) - sent0) / seconds;
+    let pending = await dirty.take();
+    // The writer's rate: bytes written (rewrites count: they are what rounds chase), or distinct blocks dirtied.
+    const dirtyRate = Math.max(blocksIn(pending) * bs, (live.tracked?.bytesWritten ?? 0) - written0) / seconds;
+    let maxRounds = live.maxRounds ?? 8;
+    if (dirtyRate >= drain / 2) {
+      ctx.event('stall', { dirtyRate, drain, action: 'switch' });
+      maxRounds = 0;
+    }
+    // Every block dirtied since it was sent waits for the switch, unless a round sends it again.
+    const deferred = IntervalSet.of(pending);
+    while (rounds < maxRounds) {
       const cold = new IntervalSet();
-      for (const iv of pending) {
-        for (let b = iv.start; b < iv.start + iv.count; b++) {
-          if (writes(b) >= threshold) deferred.add(b, 1);
-          else { cold.add(b, 1); deferred.delete(b, 1); }
-        }
-      }
-      if (cold.size <= (live.dirtyThreshold ?? 256)) { for (const iv of cold) deferred.add(iv.start, iv.count); break; }
+      for (const iv of pending) for (let b = iv.start; b < iv.start + iv.count; b++) if (writes(b) < threshold) cold.add(b, 1);
+      if (cold.size <= (live.dirtyThreshold ?? 256)) break;
+      for (const iv of cold) deferred.delete(iv.start, iv.count);
       rounds++;
       ctx.event('round', { round: rounds, dirty: cold.size, deferred: deferred.size });
       await ch.send(ROUND, { round: rounds });
       await sender.send(cold);
       await sync();
+      pending = await dirty.take();
+      for (const iv of pending) deferred.add(iv.start, iv.count);
     }
     lap('rounds');
-    for (const x of await stream.finish()) stale.add(x.start, x.count);
+    // Extents the first pass's check found different hold blocks written since
+    // they were sent: those are in the dirty set; the final check covers the rest.
+    for (const x of await stream.finish()) verifyNow.add(x.start, x.count);
     for (const iv of sender.takeTouched()) verifyNow.add(iv.start, iv.count);
     for (const iv of deferred) stale.add(iv.start, iv.count);
   } else if (!resumedSwitch) {
@@ -123,7 +137,7 @@ async function run(ctx: MigrationContext, withPrecopy: boolean): Promise<Strateg
   for (const iv of verifyNow) ranges.add(iv.start, iv.count);
   for (const iv of sender.takeTouched()) ranges.add(iv.start, iv.count);
   for (const iv of push.zeroed) ranges.add(iv.start, iv.count);
-  await check.repairing(push.withoutOwned(ranges), sync, (r) => push.withoutOwned(IntervalSet.of(r)));
+  await check.repairing(push.withoutOwned(ranges), sync, (r) => push.withoutOwned(IntervalSet.of(r)), (x) => push.owned.intersects(x.start, x.count));
   const destination = await ch.request(COMMIT, undefined, DONE);
   push.stop();
   lap('verify');
@@ -259,8 +273,16 @@ class Pusher {
       sinceProbe += blocksIn(batch) * bs;
       if (sinceProbe >= PROBE_EVERY) {
         sinceProbe = 0;
-        probes.push(ch.request(PROBE, undefined, PROBE_OK));
-        while (probes.length > PROBES_IN_FLIGHT) await probes.shift();
+        const p = ch.request(PROBE, undefined, PROBE_OK);
+        p.catch(() => {});
+        probes.push(p);
+      }
+      // The window is full: wait for the destination to catch up, unless a reader pulls (pulls do not wait).
+      while (probes.length > PROBES_IN_FLIGHT && !this.pulled.length && !this.failure) {
+        const oldest = probes[0]!;
+        const woken = new Promise<void>((r) => { this.wake = r; });
+        if (await Promise.race([oldest.then(() => true), woken.then(() => false)])) probes.shift();
+        this.wake = undefined;
       }
       this.ctx.progress({ phase: 'transfer', round: 0, done: src.size - this.remaining.size * bs, total: src.size });
     }

@@ -20,6 +20,8 @@ const VERIFY_BATCH = 4096;
 const IN_FLIGHT = 4;
 /** Attempts at repairing extents the check finds different. */
 const VERIFY_ATTEMPTS = 3;
+/** Re-checks of extents that differ only where the destination's clients wrote (post-copy). */
+const MAX_RECHECKS = 64;
 
 type Extent = Interval & { data: boolean };
 
@@ -128,16 +130,29 @@ export class EndToEndCheck {
   /**
    * The check with repairs (the image paused): extents that differ are sent
    * again (data) or zeroed (zero intervals), and checked again, up to
-   * VERIFY_ATTEMPTS times, else ERR_BF_VERIFY_FAILED.
+   * VERIFY_ATTEMPTS times, else ERR_BF_VERIFY_FAILED. Post-copy passes
+   * `narrow` (takes out of a range the blocks the destination's clients
+   * wrote: they are theirs) and `excused` (an extent that differs because
+   * such a block is in it is checked again narrowed, not re-sent).
    */
-  async repairing(ranges: Iterable<Interval>, sync: () => Promise<void>, narrow: (r: Interval[]) => Iterable<Interval> = (r) => r): Promise<void> {
+  async repairing(
+    ranges: Iterable<Interval>,
+    sync: () => Promise<void>,
+    narrow: (r: Interval[]) => Iterable<Interval> = (r) => r,
+    excused: (x: Interval) => boolean = () => false,
+  ): Promise<void> {
     let todo: Interval[] = [...ranges];
-    for (let attempt = 0; todo.length; attempt++) {
-      const bad = await this.once(todo);
-      if (!bad.length) return;
-      if (attempt === VERIFY_ATTEMPTS) {
-        throw new BlockferryError(ErrorCode.VERIFY_FAILED, `${bad.length} extents still differ after ${VERIFY_ATTEMPTS} repairs; the destination image is not complete`);
+    // Re-checks of excused extents do not count as repairs; each one narrows
+    // them by the blocks found written, so they end (bounded all the same).
+    for (let attempt = 0, rechecks = 0; todo.length; attempt++) {
+      const differ = await this.once(todo);
+      if (!differ.length) return;
+      const bad = differ.filter((x) => !excused(x));
+      const recheck = differ.filter((x) => excused(x)).map(({ start, count }) => ({ start, count }));
+      if (attempt === VERIFY_ATTEMPTS || rechecks === MAX_RECHECKS) {
+        throw new BlockferryError(ErrorCode.VERIFY_FAILED, `${differ.length} extents still differ after ${VERIFY_ATTEMPTS} repairs; the destination image is not complete`);
       }
+      if (!bad.length) { rechecks++; attempt--; todo = [...narrow(recheck)]; continue; }
       this.onRepair(bad.length);
       const zero = bad.filter((x) => !x.data);
       const data = IntervalSet.of(bad.filter((x) => x.data));
@@ -147,7 +162,7 @@ export class EndToEndCheck {
       await this.sender.send(data, true);
       this.repaired += this.sender.counters.sent + this.sender.counters.copied - before;
       await sync();
-      todo = [...narrow(bad.map(({ start, count }) => ({ start, count })))];
+      todo = [...narrow([...bad.map(({ start, count }) => ({ start, count })), ...recheck])];
     }
   }
 }

@@ -31,6 +31,15 @@ export class Journal {
 
   /** Saves the journal (or, given, a snapshot of the written set taken earlier). */
   save(file: string, written: Iterable<Interval> = this.written): void {
+    FORMAT.write(file, this.encode(written), 0o600);
+  }
+
+  /** save() on libuv's pool, the event loop free meanwhile (the destination's periodic saves). */
+  saveAsync(file: string, written: Iterable<Interval> = this.written): Promise<void> {
+    return FORMAT.writeAsync(file, this.encode(written), 0o600);
+  }
+
+  private encode(written: Iterable<Interval>): Buffer[] {
     const runs = [...written];
     const header = FORMAT.header();
     header.writeUInt32LE(this.blockSize, 12);
@@ -38,7 +47,7 @@ export class Journal {
     header.writeBigUInt64LE(BigInt(runs.length), 24);
     const body = Buffer.alloc(16 * runs.length);
     runs.forEach((iv, i) => { body.writeBigUInt64LE(BigInt(iv.start), 16 * i); body.writeBigUInt64LE(BigInt(iv.count), 16 * i + 8); });
-    FORMAT.write(file, [header, body], 0o600);
+    return [header, body];
   }
 
   /**

@@ -204,7 +204,7 @@ export class Session {
     this.savedAt = performance.now();
     this.saving = (async () => {
       await this.sink.flush();
-      this.journal.save(this.init.journalFile, snapshot);
+      await this.journal.saveAsync(this.init.journalFile, snapshot);
     })()
       .catch((e: Error) => { this.backgroundFailure ??= e; })
       .finally(() => { this.saving = undefined; });
@@ -474,7 +474,7 @@ export class Session {
       },
     });
     for (const iv of img.owned) { this.written.add(iv.start, iv.count); this.unchecked.delete(iv.start, iv.count); }
-    await this.saveJournal();
+    // No journal save here: the switch is the VM's downtime; the periodic saves go on.
     const held = new IntervalSet();
     held.add(0, this.blocks);
     for (const iv of img.stale) held.delete(iv.start, iv.count);
