@@ -1,7 +1,6 @@
 // The source side of a migration, orchestration only: connect,
 // authenticate, BEGIN, scan, then the chosen strategy does the rest. One
 // call for programs; `blockferry migrate` is a thin shell over it.
-import { basename } from 'node:path';
 import { checkBlockSize } from '../engine/engine.js';
 import { BlockferryError, ErrorCode, InvalidArgumentError } from '../errors.js';
 import { Channel, type FrameRecord, type Traffic } from '../protocol/channel.js';
@@ -13,7 +12,7 @@ export const HEARTBEAT_MS = 10_000;
 import { compressorFor, type CompressMode } from '../protocol/compression.js';
 import { connect, parseTarget } from '../transport/tcp.js';
 import { connect as connectTls, securityFrom, type TlsOptions } from '../transport/tls.js';
-import { openSource, statImage } from '../image/source.js';
+import { openSource, sourceName, specFor } from '../image/source.js';
 import { Scanner } from '../scan/scanner.js';
 import { STRATEGIES, type StrategyName } from './strategies.js';
 import type { LiveOptions, MigrationEvent, MigrationProgress } from './strategy.js';
@@ -93,28 +92,28 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
   if (!strategy || !Object.hasOwn(STRATEGIES, strategyName)) throw new InvalidArgumentError('strategy', Object.keys(STRATEGIES).join(' or '), strategyName);
   const bs = options.blockSize ?? options.tracked?.blockSize ?? 4096;
   checkBlockSize(bs);
-  const name = options.name ?? basename(path).replace(/\.[^.]*$/, '');
+  const name = options.name ?? sourceName(path);
   const target = parseTarget(options.to);
-  statImage(path); // a missing or unusable image is reported before any connection is made
+  if (options.memoryBudget !== undefined && !(Number.isSafeInteger(options.memoryBudget) && options.memoryBudget >= 16 << 20)) {
+    throw new InvalidArgumentError('memoryBudget', 'at least 16 MiB, in bytes', options.memoryBudget);
+  }
+  // Opened first: a missing or unusable image (or NBD export) is reported before any connection is made.
+  const src = openSource(specFor(path));
   const ownScanner = !options.scanner;
   const scanner = options.scanner ?? new Scanner();
   const event = (phase: string, detail?: unknown) => options.onEvent?.({ phase, detail });
   let scannerOpen = true;
   const closeScanner = async () => { if (scannerOpen && ownScanner) { scannerOpen = false; await scanner.close(); } };
-  if (options.memoryBudget !== undefined && !(Number.isSafeInteger(options.memoryBudget) && options.memoryBudget >= 16 << 20)) {
-    throw new InvalidArgumentError('memoryBudget', 'at least 16 MiB, in bytes', options.memoryBudget);
-  }
+  const abandon = async (e: unknown) => { src.close(); await closeScanner(); throw e; };
 
   let security;
   try {
     security = securityFrom(options.auth, options.tls);
   } catch (e) {
-    await closeScanner();
-    throw e;
+    return abandon(e);
   }
-  const socket = await (security.mode === 'insecure' ? connect(target) : connectTls(target, security)).catch(async (e) => { await closeScanner(); throw e; });
+  const socket = await (security.mode === 'insecure' ? connect(target) : connectTls(target, security)).catch(abandon);
   const ch = new Channel(socket, { bwlimit: options.bwlimit ?? 0, ...(options.onFrame ? { onFrame: options.onFrame } : {}) });
-  const src = openSource({ kind: 'file', path });
   let heartbeat: NodeJS.Timeout | undefined;
   try {
     const caps = await clientHandshake(ch, { ...options.auth, certificates: security.mode === 'cert' });
