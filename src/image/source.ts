@@ -228,6 +228,11 @@ export function sourceSize(spec: SourceSpec, native: NativeAddon | null = choose
   }
 }
 
+/** An image as a table or a progress bar shows it: a file's name, a URI whole. */
+export function displayName(location: string): string {
+  return isUri(location) ? location : basename(location);
+}
+
 /** A short name for an image: a file's name without its extension, an export's name (or "nbd" when it has none). */
 export function sourceName(location: string): string {
   const spec = specFor(location);

@@ -14,6 +14,7 @@ import { connect, parseTarget } from '../transport/tcp.js';
 import { connect as connectTls, securityFrom, type TlsOptions } from '../transport/tls.js';
 import { openSource, sourceName, specFor } from '../image/source.js';
 import { Scanner } from '../scan/scanner.js';
+import { QmpDirty } from './rounds.js';
 import { STRATEGIES, type StrategyName } from './strategies.js';
 import type { LiveOptions, MigrationEvent, MigrationProgress } from './strategy.js';
 
@@ -115,6 +116,7 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
   const socket = await (security.mode === 'insecure' ? connect(target) : connectTls(target, security)).catch(abandon);
   const ch = new Channel(socket, { bwlimit: options.bwlimit ?? 0, ...(options.onFrame ? { onFrame: options.onFrame } : {}) });
   let heartbeat: NodeJS.Timeout | undefined;
+  let dirty: QmpDirty | undefined;
   try {
     const caps = await clientHandshake(ch, { ...options.auth, certificates: security.mode === 'cert' });
     const lacking = strategy.requires & ~caps;
@@ -131,6 +133,7 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
     }, HEARTBEAT_MS / 4);
     heartbeat.unref();
     options.tracked?.takeDirty(); // writes from here on are this migration's business
+    if (options.qmp) dirty = await QmpDirty.start(options.qmp, path, bs);
     event('scan');
     const tScan = performance.now();
     const progress = (p: Omit<MigrationProgress, 'sentBytes' | 'rate'>) => {
@@ -138,13 +141,14 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
       const sentBytes = sum(ch.sent);
       options.onProgress({ ...p, sentBytes, rate: sentBytes / Math.max(1e-3, (performance.now() - t0) / 1000) });
     };
-    const live = !!options.tracked || !!options.rescan;
+    const live = !!options.tracked || !!options.rescan || !!options.qmp;
     const [map] = await scanner.scan(path, { blockSize: bs, live, onProgress: (s) => progress({ phase: 'scan', round: 0, done: s.done, total: s.total }) });
     const scanSeconds = (performance.now() - tScan) / 1000;
     // A migration that is not live scans once: its workers need not idle through the transfer.
     if (!live && ownScanner) await closeScanner();
     const out = await strategy.run({
       ch, src, path, map: map!, blockSize: bs, capabilities: caps, scanner: scannerOpen ? scanner : undefined, live: options, event, progress,
+      ...(dirty ? { dirty } : {}),
       memoryBudget: options.memoryBudget ?? DEFAULT_MEMORY_BUDGET,
     });
     event('done');
@@ -172,6 +176,7 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
     };
   } finally {
     if (heartbeat) clearInterval(heartbeat);
+    await dirty?.close().catch(() => {}); // a bitmap QEMU could not remove must not hide the migration's own outcome
     src.close();
     socket.destroy();
     await closeScanner();

@@ -71,7 +71,7 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   lap('transfer');
 
   // Pre-copy rounds while the image is live.
-  const dirty: DirtySource = live.tracked ? trackedDirty(live.tracked) : live.rescan && ctx.scanner ? rescanDirty(ctx.scanner, ctx.path, bs, view) : quiet;
+  const dirty: DirtySource = ctx.dirty ?? (live.tracked ? trackedDirty(live.tracked) : live.rescan && ctx.scanner ? rescanDirty(ctx.scanner, ctx.path, bs, view) : quiet);
   const maxRounds = live.maxRounds ?? 8;
   const threshold = live.dirtyThreshold ?? 256;
   let rounds = 0;
