@@ -418,14 +418,15 @@ export class NbdClient {
     const h = await this.incoming.take(SIMPLE_REPLY_BYTES - 4);
     const errno = h.readUInt32BE(0);
     const w = this.waiterFor(h.readBigUInt64BE(4));
-    this.waiters.delete(w.request.cookie);
-    if (errno) return w.reject(this.commandError(w, errno, ''));
-    if (w.request.type === NBD_CMD_BLOCK_STATUS) throw this.violation('a simple reply to BLOCK_STATUS');
-    if (w.request.type === NBD_CMD_READ) {
+    // A violation leaves the waiter in the map: fail() rejects it with the rest.
+    if (!errno && w.request.type === NBD_CMD_BLOCK_STATUS) throw this.violation('a simple reply to BLOCK_STATUS');
+    if (!errno && w.request.type === NBD_CMD_READ) {
       if (this.structured) throw this.violation('a simple reply with data to READ after structured replies were agreed');
       await this.incoming.into(w.dst!);
     }
-    w.resolve();
+    this.waiters.delete(w.request.cookie);
+    if (errno) w.reject(this.commandError(w, errno, ''));
+    else w.resolve();
   }
 
   private async chunk(): Promise<void> {
@@ -505,11 +506,12 @@ export class NbdClient {
         throw this.violation(`unknown chunk type ${type}`);
     }
     if (!(flags & NBD_REPLY_FLAG_DONE)) return;
+    // A violation leaves the waiter in the map: fail() rejects it with the rest.
+    if (!w.error && isRead && !covers(w.covered!, reqLength)) throw this.violation(`a READ of ${reqOffset}+${reqLength} answered with gaps or overlaps`);
+    if (!w.error && w.request.type === NBD_CMD_BLOCK_STATUS && !w.extents!.length) throw this.violation('BLOCK_STATUS done without extents for the context asked');
     this.waiters.delete(w.request.cookie);
-    if (w.error) return w.reject(w.error);
-    if (isRead && !covers(w.covered!, reqLength)) throw this.violation(`a READ of ${reqOffset}+${reqLength} answered with gaps or overlaps`);
-    if (w.request.type === NBD_CMD_BLOCK_STATUS && !w.extents!.length) throw this.violation('BLOCK_STATUS done without extents for the context asked');
-    w.resolve();
+    if (w.error) w.reject(w.error);
+    else w.resolve();
   }
 
   private safeOffset(o: bigint): number {
