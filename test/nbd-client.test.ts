@@ -125,6 +125,7 @@ describe('qemu-nbd', () => {
       for (const [o, l, b] of pieces) assert.ok(same(b, expect.subarray(o, o + l)), `read ${o}+${l}`);
       const status = await c.blockStatus(0, size);
       assert.deepEqual(status.filter((x) => !(x.flags & 1)).map((x) => [x.offset, x.length]), layout);
+      await c.flush(); // a writable export offers FLUSH
     } finally {
       await c.disconnect();
     }

@@ -105,18 +105,21 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
   const event = (phase: string, detail?: unknown) => options.onEvent?.({ phase, detail });
   let scannerOpen = true;
   const closeScanner = async () => { if (scannerOpen && ownScanner) { scannerOpen = false; await scanner.close(); } };
-  const abandon = async (e: unknown) => { src.close(); await closeScanner(); throw e; };
+  let dirty: QmpDirty | undefined;
+  const abandon = async (e: unknown) => { await dirty?.close().catch(() => {}); src.close(); await closeScanner(); throw e; };
 
   let security;
   try {
     security = securityFrom(options.auth, options.tls);
+    // QEMU's bitmap starts before anything else: every write from here on is in a round
+    // (one the scan already saw is merely sent again), and a bad --qmp fails before BEGIN.
+    if (options.qmp) dirty = await QmpDirty.start(options.qmp, path, bs);
   } catch (e) {
     return abandon(e);
   }
   const socket = await (security.mode === 'insecure' ? connect(target) : connectTls(target, security)).catch(abandon);
   const ch = new Channel(socket, { bwlimit: options.bwlimit ?? 0, ...(options.onFrame ? { onFrame: options.onFrame } : {}) });
   let heartbeat: NodeJS.Timeout | undefined;
-  let dirty: QmpDirty | undefined;
   try {
     const caps = await clientHandshake(ch, { ...options.auth, certificates: security.mode === 'cert' });
     const lacking = strategy.requires & ~caps;
@@ -133,7 +136,6 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
     }, HEARTBEAT_MS / 4);
     heartbeat.unref();
     options.tracked?.takeDirty(); // writes from here on are this migration's business
-    if (options.qmp) dirty = await QmpDirty.start(options.qmp, path, bs);
     event('scan');
     const tScan = performance.now();
     const progress = (p: Omit<MigrationProgress, 'sentBytes' | 'rate'>) => {

@@ -19,6 +19,8 @@ export interface DirtySource {
   take(): Promise<Interval[]>;
   /** Releases what the source holds (a monitor connection, QEMU's bitmaps). */
   close?(): Promise<void>;
+  /** Per block, how many rounds found it dirty, when the source counts (strategies may order by heat). */
+  readonly writeCounts?: ReadonlyMap<number, number>;
 }
 
 /** Nothing writes the image: no rounds. */

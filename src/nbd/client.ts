@@ -380,7 +380,7 @@ export class NbdClient {
     if (this.flags & NBD_FLAG_SEND_FLUSH) await this.request(NBD_CMD_FLUSH, 0, 0);
   }
 
-  /** NBD_CMD_DISC after the requests in flight, then closes. */
+  /** Sends NBD_CMD_DISC and closes; requests still in flight fail (wait for them first). */
   async disconnect(): Promise<void> {
     if (this.failure) return;
     const h = encodeRequest({ flags: 0, type: NBD_CMD_DISC, cookie: this.nextCookie++, offset: 0, length: 0 });
