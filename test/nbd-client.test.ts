@@ -20,7 +20,7 @@ import { migrate } from '../src/migrate/migrate.js';
 import { DestinationService } from '../src/roles/destination/service.js';
 import { ErrorCode } from '../src/errors.js';
 import { Worker } from 'node:worker_threads';
-import { NBD_OPT_GO, NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, NBD_STATE_DIRTY, encodeChunkHeader, type NbdRequest } from '../src/nbd/protocol.js';
+import { NBD_OPT_GO, NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, NBD_REPLY_TYPE_ERROR, NBD_REPLY_TYPE_NONE, NBD_REPLY_TYPE_OFFSET_DATA, NBD_STATE_DIRTY, encodeChunkHeader, type NbdRequest } from '../src/nbd/protocol.js';
 import { dataChunk, fakeServer, greeting, negotiating, negotiatingWithoutExport, optReply, type Script } from './nbd-fake.js';
 import { seededBytes } from './util.js';
 
@@ -201,6 +201,21 @@ describe('qemu-nbd', () => {
     }
   });
 
+  it('blockferry scan: an NBD URI and its file give the same counts; --qmp without --qmp-node is a usage error', () => {
+    const bin = new URL('../../bin/blockferry.js', import.meta.url).pathname;
+    const scan = (image: string) => {
+      const r = spawnSync(process.execPath, [bin, 'scan', '--json', '--no-save', '--progress', 'none', image], { encoding: 'utf8' });
+      assert.equal(r.status, 0, r.stderr);
+      const [row] = JSON.parse(r.stdout) as Array<Record<string, unknown>>;
+      for (const k of ['image', 'seconds', 'mbPerSecond']) delete row![k];
+      return row;
+    };
+    assert.deepEqual(scan(rawUri), scan(raw));
+    const r = spawnSync(process.execPath, [bin, 'migrate', rawUri, '--to', '127.0.0.1:1', '--insecure', '--qmp', unique('qmp.sock')], { encoding: 'utf8' });
+    assert.equal(r.status, 2, r.stderr);
+    assert.match(r.stderr, /--qmp-node/);
+  });
+
   it('a migration from a qcow2 export gives a destination identical to qemu-img convert -O raw', async () => {
     const q = unique('d.qcow2'), flat = unique('d.raw');
     run('qemu-img', ['create', '-q', '-f', 'qcow2', q, '20M']);
@@ -346,6 +361,39 @@ describe('a hostile NBD server', () => {
         }
         // The connection is over: later requests fail at once.
         await assert.rejects(c.read(0, 1), { code });
+      } finally {
+        c.destroy();
+        fake.close();
+      }
+    });
+  }
+
+  const statusChunk = (r: NbdRequest, contextId: number, extents: Array<[number, number]>, claimed?: number) => {
+    const body = Buffer.alloc(4 + 8 * extents.length);
+    body.writeUInt32BE(contextId, 0);
+    extents.forEach(([len, flags], i) => { body.writeUInt32BE(len, 4 + 8 * i); body.writeUInt32BE(flags, 8 + 8 * i); });
+    return Buffer.concat([encodeChunkHeader(r.cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, claimed ?? body.length), body]);
+  };
+  const errorChunk = (r: NbdRequest, message: string, claimedMessage: number) => {
+    const body = Buffer.alloc(6 + message.length);
+    body.writeUInt32BE(5, 0);
+    body.writeUInt16BE(claimedMessage, 4);
+    body.write(message, 6);
+    return Buffer.concat([encodeChunkHeader(r.cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, body.length), body]);
+  };
+  const statuses: Array<[string, (sock: net.Socket, r: NbdRequest) => void]> = [
+    ['an extent of length 0', (sock, r) => sock.write(statusChunk(r, 1, [[0, 0]]))],
+    ['a context never agreed', (sock, r) => sock.write(statusChunk(r, 7, [[r.length, 0]]))],
+    ['a chunk claiming 1 GiB of extents', (sock, r) => sock.write(statusChunk(r, 1, [[r.length, 0]], 1 << 30))],
+    ['an error chunk whose message length lies', (sock, r) => sock.write(errorChunk(r, 'oops', 4000))],
+    ['DONE without extents', (sock, r) => sock.write(encodeChunkHeader(r.cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, 0))],
+  ];
+  for (const [what, onRequest] of statuses) {
+    it(`BLOCK_STATUS answered with ${what}: ERR_BF_NBD`, async () => {
+      const fake = await fakeServer(unique('fake.sock'), negotiating(onRequest));
+      const c = await NbdClient.connect(fake.uri, { timeoutMs: 300 });
+      try {
+        await assert.rejects(c.blockStatus(0, 65536), { code: ErrorCode.NBD });
       } finally {
         c.destroy();
         fake.close();

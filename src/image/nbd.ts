@@ -50,8 +50,12 @@ export class NbdImageSource implements ImageSource {
     });
     this.worker.unref();
     this.port.unref();
-    const r = this.call({ op: 'open' });
-    this.size = r.size!;
+    try {
+      this.size = this.call({ op: 'open' }).size!;
+    } catch (e) {
+      this.stop(); // no thread is left behind by a source that never opened
+      throw e;
+    }
   }
 
   private call(req: BridgeRequest): Extract<BridgeReply, { ok: true }> {
