@@ -279,6 +279,7 @@ export async function blockMapsFor(scanner: Scanner, path: string, options: MapO
     if (loaded.length === sizes.length) return { maps: loaded, source: 'loaded', seconds: (performance.now() - t0) / 1000 };
   }
   const maps = await scanner.scan(path, options);
+  if (!options.noSave && !identity) options.onNotice?.(path, 'no mtime or inode to tell its versions apart (an NBD export): block map not saved');
   if (!options.noSave && identity) {
     for (const m of maps) {
       try {
