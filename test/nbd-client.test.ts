@@ -6,7 +6,7 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { mkdtempSync, openSync, closeSync, readFileSync, rmSync, writeSync, ftruncateSync } from 'node:fs';
+import { mkdtempSync, openSync, closeSync, readdirSync, readFileSync, rmSync, writeSync, ftruncateSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -245,6 +245,25 @@ describe('nbdkit', () => {
     const c = await NbdClient.connect(uri);
     try {
       assert.ok(same(await c.read(0, c.size), expect));
+    } finally {
+      await c.disconnect();
+    }
+  });
+
+  it('over TCP (nbd://127.0.0.1:PORT/EXPORT): the same bytes', async () => {
+    // A port that was free a moment ago (nbdkit cannot report one it chose).
+    const port = await new Promise<number>((resolve) => {
+      const probe = net.createServer().listen(0, '127.0.0.1', () => {
+        const p = (probe.address() as net.AddressInfo).port;
+        probe.close(() => resolve(p));
+      });
+    });
+    const pid = unique('nbdkit-tcp.pid');
+    daemon('nbdkit', ['-i', '127.0.0.1', '-p', String(port), '-P', pid, '-e', 'tcpdisk', 'data', 'data=@8192 1 2 3 4', 'size=64K'], pid);
+    const c = await NbdClient.connect(`nbd://127.0.0.1:${port}/tcpdisk`);
+    try {
+      assert.equal(c.size, 65536);
+      assert.deepEqual([...(await c.read(8190, 6))], [0, 0, 1, 2, 3, 4]);
     } finally {
       await c.disconnect();
     }
@@ -508,6 +527,20 @@ describe('qemu-storage-daemon: dirty bitmaps over QMP', () => {
     } finally {
       writing = false;
       await writer.catch(() => {});
+      await svc.close();
+    }
+  });
+
+  it('--qmp naming a node QEMU does not have: ERR_BF_QMP before the destination is asked', async () => {
+    const image = unique('live3.raw');
+    sparseRaw(image, MiB, [[0, 4096]]);
+    const { uri, qmp } = storageDaemon(image);
+    const dataDir = unique('dst');
+    const svc = await DestinationService.start({ dataDir, auth: { insecure: true } });
+    try {
+      await assert.rejects(migrate(uri, { to: `127.0.0.1:${svc.address.port}`, auth: { insecure: true }, qmp: { socket: qmp, node: 'nope' } }), { code: ErrorCode.QMP });
+      assert.deepEqual(readdirSync(dataDir).filter((f) => f.startsWith('disk')), [], 'no partial image at the destination');
+    } finally {
       await svc.close();
     }
   });
