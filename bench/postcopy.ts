@@ -72,6 +72,7 @@ export async function benchPostcopy(): Promise<{ rows: PostcopyRow[]; goals: Arr
       const src = spawn(hosts.inSrc[0]!, [...hosts.inSrc.slice(1), process.execPath, join(here, 'postcopy-src.js'), JSON.stringify(scfg)], { stdio: ['ignore', 'pipe', 'inherit'] });
       const sl = lines(src);
       const srcOut = (await sl.next()).value as string | undefined;
+      if (srcOut === undefined) dst.kill('SIGKILL');
       check(`${strategy}: the source finished`, srcOut !== undefined);
       const wireBytes = hosts.bytes() - before;
       const dstOut = (await dl.next()).value as string | undefined;

@@ -17,6 +17,7 @@ import { DestinationService } from '../roles/destination/service.js';
 import { DEFAULT_PARTIAL_TTL_MS, listPartials, prunePartials, removePartial } from '../roles/destination/partials.js';
 import { migrate } from '../migrate/migrate.js';
 import type { StrategyName } from '../migrate/strategies.js';
+import { displayName } from '../image/source.js';
 import { spawnSync } from 'node:child_process';
 import { chooseBackend, nativeStatus } from '../engine/backend.js';
 import { wasmModule } from '../engine/wasm.js';
@@ -258,7 +259,7 @@ export function buildProgram(): Command {
     program
       .command('scan')
       .description('scan images: zero, distinct and duplicate blocks; writes a block map per image')
-      .argument('<image...>', 'raw image files or block devices')
+      .argument('<image...>', 'raw image files, block devices, or NBD URIs (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH)')
       .option('--block-size <size>', 'block size, or a list (512,4k or 512-16k)', '4096')
       .option('--sha1', 'also record the SHA-1 digest of every non-zero block')
       .option('--json', 'print the results as JSON'),
@@ -278,7 +279,7 @@ export function buildProgram(): Command {
     if (o.json) return print(JSON.stringify(rows, null, 2));
     const t = new Table({ head: ['image', 'size', 'block', 'blocks', 'zero', 'data runs', 'distinct', 'duplicate', 'time', 'MB/s', 'map'], style: { head: [], border: [] } });
     for (const r of rows) {
-      t.push([basename(r.image), human(r.size), r.blockSize, r.blocks, r.zeroBlocks, r.dataRuns, r.distinctBlocks, r.duplicateBlocks, `${r.seconds.toFixed(2)} s`, r.map === 'loaded' ? '—' : r.mbPerSecond ?? '—', r.map]);
+      t.push([displayName(r.image), human(r.size), r.blockSize, r.blocks, r.zeroBlocks, r.dataRuns, r.distinctBlocks, r.duplicateBlocks, `${r.seconds.toFixed(2)} s`, r.map === 'loaded' ? '—' : r.mbPerSecond ?? '—', r.map]);
     }
     print(t.toString());
   });
@@ -456,7 +457,7 @@ export function buildProgram(): Command {
   secureFlags(program
     .command('migrate')
     .description('migrate an image to a destination service, live: rounds of dirty blocks, then cutover')
-    .argument('<image>', 'the source image')
+    .argument('<image>', 'the source image: a raw file, a block device, or an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH)')
     .requiredOption('--to <addr>', 'HOST:PORT of the destination service')
     .option('--name <name>', 'name at the destination (default: the file name without extension)')
     .addOption(new Option('--strategy <s>', 'what to send and when: full, similarity (pre-copy), postcopy (the destination takes over at once), hybrid (pre-copy of cold blocks, then post-copy)').choices(['full', 'similarity', 'postcopy', 'hybrid']).default('similarity'))
@@ -466,6 +467,8 @@ export function buildProgram(): Command {
     .option('--bwlimit <rate>', 'bandwidth limit: bytes/s (12.5M = 12.5e6, 12MiB) or bits (100mbit)')
     .option('--overwrite', 'replace a complete image of the same name at the destination')
     .option('--rescan', 'another process writes the image: rescan each round for changed blocks')
+    .option('--qmp <socket>', "QEMU writes the image: its QMP socket; rounds come from QEMU's dirty bitmaps (the image must be an NBD URI of that QEMU)")
+    .option('--qmp-node <node>', 'with --qmp: the block node whose writes are followed')
     .option('--max-rounds <n>', 'pre-copy rounds at most', intArg('--max-rounds', 0, 1000), 8)
     .option('--dirty-threshold <n>', 'cut over when a round has this many dirty blocks or fewer', intArg('--dirty-threshold', 0, 2 ** 31), 256)
     .option('--pause-cmd <cmd>', 'run at cutover to pause the writer (e.g. a hypervisor suspend)')
@@ -474,14 +477,16 @@ export function buildProgram(): Command {
     .option('--memory <size>', 'memory for per-block state (e.g. 256M; binary units)', '256M')
     .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a terminal, JSON lines, or nothing').choices(['auto', 'json', 'none']).default('auto'))
     .option('--json', 'print the result as JSON'), true)
-    .action(async (image: string, o: { cert?: string; key?: string; ca?: string; servername?: string; compress: string; memory: string; to: string; name?: string; strategy: StrategyName; hotThreshold: number; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; maxRounds: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean; progress: ProgressMode }) => {
+    .action(async (image: string, o: { cert?: string; key?: string; ca?: string; servername?: string; compress: string; memory: string; to: string; name?: string; strategy: StrategyName; hotThreshold: number; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; qmp?: string; qmpNode?: string; maxRounds: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean; progress: ProgressMode }) => {
+      if (!o.qmp !== !o.qmpNode) throw new UsageError('--qmp and --qmp-node go together');
       const progress = createProgress(o.progress);
       const r = await migrate(image, {
         to: o.to, strategy: o.strategy, ...securityOptions(o), overwrite: !!o.overwrite, rescan: !!o.rescan,
         maxRounds: o.maxRounds, dirtyThreshold: o.dirtyThreshold, hotThreshold: o.hotThreshold,
         compress: usage(() => parseCompress(o.compress)), memoryBudget: parseSize('--memory', o.memory),
-        onProgress: (p) => progress.update({ phase: p.round ? `${p.phase} ${p.round}` : p.phase, path: basename(image), done: p.done, total: p.total }),
+        onProgress: (p) => progress.update({ phase: p.round ? `${p.phase} ${p.round}` : p.phase, path: displayName(image), done: p.done, total: p.total }),
         ...(o.name ? { name: o.name } : {}),
+        ...(o.qmp ? { qmp: { socket: o.qmp, node: o.qmpNode! } } : {}),
         ...(o.bwlimit ? { bwlimit: parseRate(o.bwlimit) } : {}),
         ...(o.pauseCmd ? { pause: () => runCmd('--pause-cmd', o.pauseCmd!) } : {}),
         ...(o.resumeCmd ? { resume: () => runCmd('--resume-cmd', o.resumeCmd!) } : {}),

@@ -1,7 +1,10 @@
+import { basename } from 'node:path';
 import { closeSync, fstatSync, openSync, readFileSync, readSync, statSync, type Stats } from 'node:fs';
 import { ErrorCode, ImageError, InvalidArgumentError, BlockferryError } from '../errors.js';
 import { chooseBackend } from '../engine/backend.js';
 import type { NativeAddon } from 'blockferry/native';
+import { isUri, parseNbdUri } from '../nbd/uri.js';
+import { NbdImageSource } from './nbd.js';
 
 /** A byte range [offset, offset + length) of an image. */
 export interface Extent {
@@ -31,7 +34,7 @@ export interface ImageIdentity {
  * straight into WASM memory and has nothing else to do meanwhile.
  */
 export interface ImageSource {
-  /** Where the image lives (a path, later an nbd:// URL); used in messages and block maps. */
+  /** Where the image lives (a path, or an NBD URI); used in messages and block maps. */
   readonly path: string;
   /** Logical size in bytes. Fixed for as long as the source is open. */
   readonly size: number;
@@ -180,16 +183,62 @@ export class FileImageSource implements ImageSource {
 
 /**
  * How to open an image, as plain data that crosses to a worker thread. One
- * kind per source implementation; qcow2 or NBD add a kind here and a line in
- * OPENERS.
+ * kind per source implementation; a new one (qcow2) adds a kind here and a
+ * line in OPENERS.
  */
-export type SourceSpec = { kind: 'file'; path: string };
+export type SourceSpec = { kind: 'file'; path: string } | { kind: 'nbd'; uri: string };
 
 type Opener<K extends SourceSpec['kind']> = (spec: Extract<SourceSpec, { kind: K }>, native: NativeAddon | null) => ImageSource;
 
 const OPENERS: { [K in SourceSpec['kind']]: Opener<K> } = {
   file: (spec, native) => new FileImageSource(spec.path, native),
+  nbd: (spec) => new NbdImageSource(spec.uri),
 };
+
+/**
+ * Where an image is, as given on a command line or to migrate(): a URI
+ * (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH) or a path. The
+ * one place that tells them apart.
+ */
+export function specFor(location: string): SourceSpec {
+  if (!isUri(location)) return { kind: 'file', path: location };
+  parseNbdUri(location); // any other scheme, or a malformed URI, is an INVALID_ARGUMENT here
+  return { kind: 'nbd', uri: location };
+}
+
+/**
+ * The identity of the image a spec names, as it is now; undefined for a
+ * source that has none (an NBD export: no mtime, no inode). Nothing can tell
+ * a later version of such a source from this one, so no block map is cached
+ * for it, and a scan cannot notice that it changed underneath.
+ */
+export function sourceIdentity(spec: SourceSpec): ImageIdentity | undefined {
+  return spec.kind === 'file' ? currentIdentity(spec.path) : undefined;
+}
+
+/** The size of the image a spec names (an NBD export is asked: one connection). */
+export function sourceSize(spec: SourceSpec, native: NativeAddon | null = chooseBackend().native): number {
+  const identity = sourceIdentity(spec);
+  if (identity) return identity.size;
+  const src = openSource(spec, native);
+  try {
+    return src.size;
+  } finally {
+    src.close();
+  }
+}
+
+/** An image as a table or a progress bar shows it: a file's name, a URI whole. */
+export function displayName(location: string): string {
+  return isUri(location) ? location : basename(location);
+}
+
+/** A short name for an image: a file's name without its extension, an export's name (or "nbd" when it has none). */
+export function sourceName(location: string): string {
+  const spec = specFor(location);
+  if (spec.kind === 'nbd') return parseNbdUri(spec.uri).exportName.split('/').pop() || 'nbd';
+  return basename(spec.path).replace(/\.[^.]*$/, '');
+}
 
 /** Opens the source a spec describes. */
 export function openSource(spec: SourceSpec, native: NativeAddon | null = chooseBackend().native): ImageSource {

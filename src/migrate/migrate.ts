@@ -1,7 +1,6 @@
 // The source side of a migration, orchestration only: connect,
 // authenticate, BEGIN, scan, then the chosen strategy does the rest. One
 // call for programs; `blockferry migrate` is a thin shell over it.
-import { basename } from 'node:path';
 import { checkBlockSize } from '../engine/engine.js';
 import { BlockferryError, ErrorCode, InvalidArgumentError } from '../errors.js';
 import { Channel, type FrameRecord, type Traffic } from '../protocol/channel.js';
@@ -13,8 +12,9 @@ export const HEARTBEAT_MS = 10_000;
 import { compressorFor, type CompressMode } from '../protocol/compression.js';
 import { connect, parseTarget } from '../transport/tcp.js';
 import { connect as connectTls, securityFrom, type TlsOptions } from '../transport/tls.js';
-import { openSource, statImage } from '../image/source.js';
+import { openSource, sourceName, specFor } from '../image/source.js';
 import { Scanner } from '../scan/scanner.js';
+import { QmpDirty } from './rounds.js';
 import { STRATEGIES, type StrategyName } from './strategies.js';
 import type { LiveOptions, MigrationEvent, MigrationProgress, PostcopyCounts } from './strategy.js';
 
@@ -95,28 +95,32 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
   if (!strategy || !Object.hasOwn(STRATEGIES, strategyName)) throw new InvalidArgumentError('strategy', Object.keys(STRATEGIES).join(' or '), strategyName);
   const bs = options.blockSize ?? options.tracked?.blockSize ?? 4096;
   checkBlockSize(bs);
-  const name = options.name ?? basename(path).replace(/\.[^.]*$/, '');
+  const name = options.name ?? sourceName(path);
   const target = parseTarget(options.to);
-  statImage(path); // a missing or unusable image is reported before any connection is made
+  if (options.memoryBudget !== undefined && !(Number.isSafeInteger(options.memoryBudget) && options.memoryBudget >= 16 << 20)) {
+    throw new InvalidArgumentError('memoryBudget', 'at least 16 MiB, in bytes', options.memoryBudget);
+  }
+  // Opened first: a missing or unusable image (or NBD export) is reported before any connection is made.
+  const src = openSource(specFor(path));
   const ownScanner = !options.scanner;
   const scanner = options.scanner ?? new Scanner();
   const event = (phase: string, detail?: unknown) => options.onEvent?.({ phase, detail });
   let scannerOpen = true;
   const closeScanner = async () => { if (scannerOpen && ownScanner) { scannerOpen = false; await scanner.close(); } };
-  if (options.memoryBudget !== undefined && !(Number.isSafeInteger(options.memoryBudget) && options.memoryBudget >= 16 << 20)) {
-    throw new InvalidArgumentError('memoryBudget', 'at least 16 MiB, in bytes', options.memoryBudget);
-  }
+  let dirty: QmpDirty | undefined;
+  const abandon = async (e: unknown) => { await dirty?.close().catch(() => {}); src.close(); await closeScanner(); throw e; };
 
   let security;
   try {
     security = securityFrom(options.auth, options.tls);
+    // QEMU's bitmap starts before anything else: every write from here on is in a round
+    // (one the scan already saw is merely sent again), and a bad --qmp fails before BEGIN.
+    if (options.qmp) dirty = await QmpDirty.start(options.qmp, path, bs);
   } catch (e) {
-    await closeScanner();
-    throw e;
+    return abandon(e);
   }
-  const socket = await (security.mode === 'insecure' ? connect(target) : connectTls(target, security)).catch(async (e) => { await closeScanner(); throw e; });
+  const socket = await (security.mode === 'insecure' ? connect(target) : connectTls(target, security)).catch(abandon);
   const ch = new Channel(socket, { bwlimit: options.bwlimit ?? 0, ...(options.onFrame ? { onFrame: options.onFrame } : {}) });
-  const src = openSource({ kind: 'file', path });
   let heartbeat: NodeJS.Timeout | undefined;
   try {
     const caps = await clientHandshake(ch, { ...options.auth, certificates: security.mode === 'cert' });
@@ -141,13 +145,14 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
       const sentBytes = sum(ch.sent);
       options.onProgress({ ...p, sentBytes, rate: sentBytes / Math.max(1e-3, (performance.now() - t0) / 1000) });
     };
-    const live = !!options.tracked || !!options.rescan;
+    const live = !!options.tracked || !!options.rescan || !!options.qmp;
     const [map] = await scanner.scan(path, { blockSize: bs, live, onProgress: (s) => progress({ phase: 'scan', round: 0, done: s.done, total: s.total }) });
     const scanSeconds = (performance.now() - tScan) / 1000;
     // A migration that is not live scans once: its workers need not idle through the transfer.
     if (!live && ownScanner) await closeScanner();
     const out = await strategy.run({
       ch, src, path, map: map!, blockSize: bs, capabilities: caps, begin: begun, scanner: scannerOpen ? scanner : undefined, live: options, event, progress,
+      ...(dirty ? { dirty } : {}),
       memoryBudget: options.memoryBudget ?? DEFAULT_MEMORY_BUDGET,
     });
     event('done');
@@ -176,6 +181,7 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
     };
   } finally {
     if (heartbeat) clearInterval(heartbeat);
+    await dirty?.close().catch(() => {}); // a bitmap QEMU could not remove must not hide the migration's own outcome
     src.close();
     socket.destroy();
     await closeScanner();

@@ -11,7 +11,7 @@ import { BlockferryError, ErrorCode } from '../errors.js';
 import { Msg } from '../protocol/frame.js';
 import { COMMIT, DONE, FILL_NEIGHBOURS, MISSING, OWNED, PROBE, PROBE_OK, PULL, ROUND, SWITCH, SWITCH_OK, ZERO, decode } from '../protocol/messages.js';
 import { firstPass, precopyParts, type PrecopyParts } from './precopy.js';
-import { countingDirty, quiet, rescanDirty, trackedDirty, type DirtySource } from './rounds.js';
+import { countingDirty, dirtySourceFor } from './rounds.js';
 import { CAP_POSTCOPY, CAP_SIMILARITY } from '../protocol/handshake.js';
 import type { MigrationContext, Strategy, StrategyOutcome } from './strategy.js';
 
@@ -50,8 +50,7 @@ async function run(ctx: MigrationContext, withPrecopy: boolean): Promise<Strateg
   const parts = precopyParts(ctx);
   const { view, sender, check, sync } = parts;
   const counts = new Map<number, number>();
-  const source: DirtySource = live.tracked ? trackedDirty(live.tracked) : live.rescan && ctx.scanner ? rescanDirty(ctx.scanner, ctx.path, bs, view) : quiet;
-  const dirty = countingDirty(source, counts);
+  const dirty = countingDirty(dirtySourceFor({ dirty: ctx.dirty, tracked: live.tracked, rescan: live.rescan, scanner: ctx.scanner, path: ctx.path, blockSize: ctx.blockSize }, view), counts);
   const writes = (b: number) => live.tracked?.writeCounts.get(b) ?? counts.get(b) ?? 0;
   const threshold = live.hotThreshold ?? DEFAULT_HOT_THRESHOLD;
   const resumedSwitch = ctx.begin.switched;

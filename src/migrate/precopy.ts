@@ -7,7 +7,7 @@ import { BLOCK_INFO, COMMIT, DONE, INFO_END, NEED, ROUND, SYNC, SYNC_OK } from '
 import { BlockSender } from './sender.js';
 import { EndToEndCheck, type VerifyStream } from './verify.js';
 import { DestinationView } from './view.js';
-import { quiet, rescanDirty, trackedDirty, type DirtySource } from './rounds.js';
+import { dirtySourceFor } from './rounds.js';
 import type { MigrationContext, StrategyOutcome } from './strategy.js';
 
 /** Blocks per BLOCK_INFO frame (64 Ki: 1 MiB of fingerprints and signatures). */
@@ -94,7 +94,7 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   lap('transfer');
 
   // Pre-copy rounds while the image is live.
-  const dirty: DirtySource = live.tracked ? trackedDirty(live.tracked) : live.rescan && ctx.scanner ? rescanDirty(ctx.scanner, ctx.path, bs, view) : quiet;
+  const dirty = dirtySourceFor({ dirty: ctx.dirty, tracked: live.tracked, rescan: live.rescan, scanner: ctx.scanner, path: ctx.path, blockSize: ctx.blockSize }, view);
   const maxRounds = live.maxRounds ?? 8;
   const threshold = live.dirtyThreshold ?? 256;
   let rounds = 0;

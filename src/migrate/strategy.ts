@@ -8,6 +8,7 @@ import type { BlockMap } from '../blockmap/blockmap.js';
 import type { Scanner } from '../scan/scanner.js';
 import type { TrackedImage } from '../image/tracked.js';
 import type { BeginOk, Done } from '../protocol/messages.js';
+import type { DirtySource } from './rounds.js';
 
 export interface MigrationEvent {
   phase: string;
@@ -32,6 +33,12 @@ export interface LiveOptions {
   tracked?: TrackedImage;
   /** Another process writes the image: rescan each round for blocks that changed. */
   rescan?: boolean;
+  /**
+   * QEMU writes the image and records the writes in dirty bitmaps: its QMP
+   * socket and the block node to follow. The image must be read through an
+   * NBD URI of the same QEMU (its NBD server serves the bitmaps).
+   */
+  qmp?: { socket: string; node: string };
   /** Pre-copy rounds before cutover at most (default 8). */
   maxRounds?: number;
   /** Cut over once a round finds this many dirty blocks or fewer (default 256). */
@@ -58,6 +65,8 @@ export interface MigrationContext {
   /** Undefined once the scanner is closed (a migration that is not live needs no rescans). */
   scanner: Scanner | undefined;
   live: LiveOptions;
+  /** Writes recorded since before the scan (QEMU's dirty bitmaps), when the rounds come from there. */
+  dirty?: DirtySource;
   /** Bytes this side may hold for per-block state beyond its fixed buffers (docs: README, "Memory"). */
   memoryBudget: number;
   event: (phase: string, detail?: unknown) => void;

@@ -8,6 +8,8 @@
 export const NBD_MAGIC = 0x4e42444d41474943n;
 /** "IHAVEOPT": newstyle negotiation, and the magic of every option request. */
 export const NBD_IHAVEOPT = 0x49484156454f5054n;
+/** Oldstyle negotiation's second magic: a server that offers no options (not supported). */
+export const NBD_OLDSTYLE_MAGIC = 0x00420281861253n;
 /** The magic of every option reply. */
 export const NBD_REP_MAGIC = 0x0003e889045565a9n;
 export const NBD_REQUEST_MAGIC = 0x25609513;
@@ -62,6 +64,13 @@ export const NBD_REP_ERR_SHUTDOWN = NBD_REP_FLAG_ERROR | 7;
 export const NBD_REP_ERR_BLOCK_SIZE_REQD = NBD_REP_FLAG_ERROR | 8;
 export const NBD_REP_ERR_TOO_BIG = NBD_REP_FLAG_ERROR | 9;
 
+/** The name of an option error reply, for messages. */
+export function nbdRepErrorName(type: number): string {
+  const names = ['', 'NBD_REP_ERR_UNSUP', 'NBD_REP_ERR_POLICY', 'NBD_REP_ERR_INVALID', 'NBD_REP_ERR_PLATFORM', 'NBD_REP_ERR_TLS_REQD',
+    'NBD_REP_ERR_UNKNOWN', 'NBD_REP_ERR_SHUTDOWN', 'NBD_REP_ERR_BLOCK_SIZE_REQD', 'NBD_REP_ERR_TOO_BIG'];
+  return names[(type & ~NBD_REP_FLAG_ERROR) >>> 0] || `error reply 0x${(type >>> 0).toString(16)}`;
+}
+
 /** NBD_REP_INFO types (NBD_OPT_INFO and NBD_OPT_GO). */
 export const NBD_INFO_EXPORT = 0;
 export const NBD_INFO_NAME = 1;
@@ -103,6 +112,15 @@ export const NBD_ENOSPC = 28;
 export const NBD_EOVERFLOW = 75;
 export const NBD_ENOTSUP = 95;
 export const NBD_ESHUTDOWN = 108;
+
+/** The name of a wire error value, for messages. */
+export function nbdErrnoName(errno: number): string {
+  const names: Record<number, string> = {
+    [NBD_EPERM]: 'EPERM', [NBD_EIO]: 'EIO', [NBD_ENOMEM]: 'ENOMEM', [NBD_EINVAL]: 'EINVAL', [NBD_ENOSPC]: 'ENOSPC',
+    [NBD_EOVERFLOW]: 'EOVERFLOW', [NBD_ENOTSUP]: 'ENOTSUP', [NBD_ESHUTDOWN]: 'ESHUTDOWN',
+  };
+  return names[errno] ?? `error ${errno}`;
+}
 
 /** Metadata contexts. */
 export const BASE_ALLOCATION = 'base:allocation';

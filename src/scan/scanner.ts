@@ -4,7 +4,7 @@ import { Piscina } from 'piscina';
 import { DIGEST_BYTES, checkBlockSize, MAX_BLOCK_SIZE } from '../engine/engine.js';
 import { wasmModule } from '../engine/wasm.js';
 import { chooseBackend, type BackendChoice, type BackendName } from '../engine/backend.js';
-import { currentIdentity, openSource, statImage, type Extent, type ImageIdentity, type SourceSpec } from '../image/source.js';
+import { openSource, sourceIdentity, sourceSize, specFor, type Extent, type ImageIdentity, type SourceSpec } from '../image/source.js';
 import { IntervalSet } from '../blocks/intervals.js';
 import { BlockMap, blockMapPath } from '../blockmap/blockmap.js';
 import { BlockferryError, ErrorCode, ImageError, InvalidArgumentError } from '../errors.js';
@@ -100,10 +100,9 @@ export class Scanner {
       throw new InvalidArgumentError('rangeBytes', `a multiple of ${maxBs} from 4 MiB to ${WINDOW}`, range);
     }
     const sha1 = options.sha1 ?? false;
-    statImage(path);
-    const before = currentIdentity(path);
-    const size = before.size;
-    const source: SourceSpec = { kind: 'file', path };
+    const source = specFor(path);
+    const before = sourceIdentity(source);
+    const size = before?.size ?? sourceSize(source, this.backend.native);
     // Plan the work: with extents, only the data regions (rounded out to the
     // largest block size) are read; holes are zero blocks without a read.
     // Small extents are coalesced into tasks of about `range` bytes, so that
@@ -126,13 +125,15 @@ export class Scanner {
     );
     await settleAll(running);
     if (this.poolError) throw new BlockferryError(ErrorCode.WASM_LOAD, `a scan worker failed: ${this.poolError.message}`, { cause: this.poolError });
-    const after = currentIdentity(path);
-    if (!options.live || after.size !== before.size) {
+    const after = sourceIdentity(source);
+    if (before && after && (!options.live || after.size !== before.size)) {
       if (after.size !== before.size || after.mtimeNs !== before.mtimeNs || after.ino !== before.ino) {
         throw new ImageError(ErrorCode.IMAGE_CHANGED, path, 'was modified while it was scanned; scan it again when it is quiet');
       }
     }
-    return sizes.map((bs, k) => assemble(path, before, bs, pieces.map((p) => p[k]!), sha1));
+    // A source without identity gets one that no image on disk has (mtime 0, inode 0).
+    const identity = before ?? { size, mtimeNs: '0', ino: 0, dev: 0 };
+    return sizes.map((bs, k) => assemble(path, identity, bs, pieces.map((p) => p[k]!), sha1));
   }
 
   async close(): Promise<void> {
@@ -255,8 +256,9 @@ export interface MapResult {
 export async function blockMapsFor(scanner: Scanner, path: string, options: MapOptions = {}): Promise<MapResult> {
   const t0 = performance.now();
   const sizes = [options.blockSize ?? 4096].flat();
-  const identity = currentIdentity(path);
-  if (!options.rescan) {
+  // A source without identity (an NBD export) is always scanned, its maps never saved.
+  const identity = sourceIdentity(specFor(path));
+  if (!options.rescan && identity) {
     const loaded: BlockMap[] = [];
     for (const bs of sizes) {
       const file = blockMapPath(path, bs, options.mapDir);
@@ -277,7 +279,8 @@ export async function blockMapsFor(scanner: Scanner, path: string, options: MapO
     if (loaded.length === sizes.length) return { maps: loaded, source: 'loaded', seconds: (performance.now() - t0) / 1000 };
   }
   const maps = await scanner.scan(path, options);
-  if (!options.noSave) {
+  if (!options.noSave && !identity) options.onNotice?.(path, 'no mtime or inode to tell its versions apart (an NBD export): block map not saved');
+  if (!options.noSave && identity) {
     for (const m of maps) {
       try {
         m.save(blockMapPath(path, m.blockSize, options.mapDir));

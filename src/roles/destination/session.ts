@@ -417,7 +417,7 @@ export class Session {
       }
       if (ok) this.unchecked.delete(x.start, x.count);
       else {
-        this.unchecked.add(x.start, x.count);
+        this.touched(x.start, x.count); // owned blocks in it stay checked: they are the destination's
         bad.push(i);
       }
     }
