@@ -5,6 +5,7 @@
 // and writes into the hot set. At the end the image is checked: the source's
 // image (as paused) with this side's writes on top, byte for byte.
 import { openSync, readSync, closeSync } from 'node:fs';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { join } from 'node:path';
 import { DestinationService } from '../src/roles/destination/service.js';
 import { ArrivingImage } from '../src/roles/destination/arriving.js';
@@ -34,6 +35,8 @@ const svc = await DestinationService.start({
 process.stdout.write(JSON.stringify({ port: svc.address.port }) + '\n');
 
 const demand: number[] = [];
+/** The destination's event loop while the VM runs there: how long it was held at a time. */
+const loopDelay = monitorEventLoopDelay({ resolution: 1 });
 const arrived: number[] = [];
 const mine = new Map<number, Buffer>();
 let loading = true;
@@ -42,6 +45,7 @@ const load = (async () => {
   await Promise.race([tookOver, new Promise((r) => { const t = setInterval(() => { if (done) { clearInterval(t); r(undefined); } }, 50); })]);
   if (done) return;
   const exp = svc.exportOf('vm') as ArrivingImage;
+  loopDelay.enable();
   const hotBlocks = Math.floor(cfg.hot.bytes / BS);
   const blocks = exp.blocks;
   const readEvery = 1000 / cfg.readsPerSecond;
@@ -92,6 +96,8 @@ const stats = (a: number[]) => {
   const s = [...a].sort((p, q) => p - q);
   return { n: s.length, mean: s.reduce((p, q) => p + q, 0) / s.length, p99: s[Math.min(s.length - 1, Math.floor(s.length * 0.99))]! };
 };
-process.stdout.write(JSON.stringify({ same, demand: stats(demand), arrived: stats(arrived), writes: mine.size }) + '\n');
+loopDelay.disable();
+const eventLoop = { p99: loopDelay.percentile(99) / 1e6, max: loopDelay.max / 1e6 };
+process.stdout.write(JSON.stringify({ same, demand: stats(demand), arrived: stats(arrived), writes: mine.size, eventLoop }) + '\n');
 await svc.close();
 process.exit(0);

@@ -30,7 +30,7 @@ const COLD_RATE = 1e6;
 const LINK = 12.5e6;
 
 interface Latency { n: number; mean: number; p99: number }
-interface DstReport { same: boolean; demand: Latency | null; arrived: Latency | null; writes: number }
+interface DstReport { same: boolean; demand: Latency | null; arrived: Latency | null; writes: number; eventLoop: { p99: number; max: number } }
 interface SrcReport { result: MigrationResult; writer: { writes: number; seconds: number } }
 export interface PostcopyRow { strategy: string; wireBytes: number; src: SrcReport; dst: DstReport }
 
@@ -64,7 +64,7 @@ export async function benchPostcopy(): Promise<{ rows: PostcopyRow[]; goals: Arr
       const image = join(dir, `src-${strategy}.img`);
       spawnSync('cp', ['--sparse=always', corpus.newer, image]);
       const dcfg = { dataDir, key: KEY, neighbours: [corpus.older], source: image, hot: HOT, readsPerSecond: 200, writeRate: 1e6, seed: 11 };
-      const dst = spawn(hosts.inDst[0]!, [...hosts.inDst.slice(1), process.execPath, join(here, 'postcopy-dst.js'), JSON.stringify(dcfg)], { stdio: ['ignore', 'pipe', 'inherit'] });
+      const dst = spawn(hosts.inDst[0]!, [...hosts.inDst.slice(1), 'env', 'UV_THREADPOOL_SIZE=16', process.execPath, join(here, 'postcopy-dst.js'), JSON.stringify(dcfg)], { stdio: ['ignore', 'pipe', 'inherit'] });
       const dl = lines(dst);
       const { port } = JSON.parse((await dl.next()).value as string) as { port: number };
       const before = hosts.bytes();
@@ -81,7 +81,7 @@ export async function benchPostcopy(): Promise<{ rows: PostcopyRow[]; goals: Arr
       check(`${strategy}: the destination holds the source as paused plus its own writes`, row.dst.same);
       rows.push(row);
       const r = row.src.result;
-      console.log(`  ${strategy}: ${r.seconds.toFixed(2)} s, downtime ${(r.downtimeSeconds * 1000).toFixed(1)} ms, ${(wireBytes / MB).toFixed(1)} MB on the veth, ${r.blocks.resent} blocks re-sent, ${r.rounds} rounds`);
+      console.log(`  ${strategy}: ${r.seconds.toFixed(2)} s, downtime ${(r.downtimeSeconds * 1000).toFixed(1)} ms, ${(wireBytes / MB).toFixed(1)} MB on the veth, ${r.blocks.resent} blocks re-sent, ${r.rounds} rounds; destination event loop held p99 ${row.dst.eventLoop.p99.toFixed(1)} ms, max ${row.dst.eventLoop.max.toFixed(1)} ms`);
       rmSync(image, { force: true });
       rmSync(dataDir, { recursive: true, force: true });
     }

@@ -62,7 +62,8 @@ async function run(ctx: MigrationContext, withPrecopy: boolean): Promise<Strateg
   const verifyNow = new IntervalSet();
   if (withPrecopy && !resumedSwitch) {
     const t0 = performance.now(), sent0 = sentBytes(ch), written0 = live.tracked?.bytesWritten ?? 0;
-    const stream = await firstPass(ctx, parts);
+    const hotInPass = new IntervalSet();
+    const stream = await firstPass(ctx, parts, { hot: (b) => writes(b) >= threshold, into: hotInPass });
     lap('transfer');
     // Rounds of cold blocks: hot ones are left for after the switch. When the
     // writer wrote during the first pass at half the rate the link drained or
@@ -79,6 +80,7 @@ async function run(ctx: MigrationContext, withPrecopy: boolean): Promise<Strateg
     }
     // Every block dirtied since it was sent waits for the switch, unless a round sends it again.
     const deferred = IntervalSet.of(pending);
+    for (const iv of hotInPass) deferred.add(iv.start, iv.count);
     while (rounds < maxRounds) {
       const cold = new IntervalSet();
       for (const iv of pending) for (let b = iv.start; b < iv.start + iv.count; b++) if (writes(b) < threshold) cold.add(b, 1);

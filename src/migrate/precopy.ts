@@ -37,7 +37,7 @@ export function precopyParts(ctx: MigrationContext): PrecopyParts {
  * back and what they name is sent. Returns the end-to-end check of what was
  * sent, still collecting its answers.
  */
-export async function firstPass(ctx: MigrationContext, { view, sender, check, sync }: PrecopyParts): Promise<VerifyStream> {
+export async function firstPass(ctx: MigrationContext, { view, sender, check, sync }: PrecopyParts, defer?: { hot: (b: number) => boolean; into: IntervalSet }): Promise<VerifyStream> {
   const { ch, map, blockSize: bs } = ctx;
   ctx.event('fingerprints');
   const sendInfo = async () => {
@@ -65,7 +65,14 @@ export async function firstPass(ctx: MigrationContext, { view, sender, check, sy
       if (need.last) return;
       if (!announced) { announced = true; ctx.event('transfer'); }
       view.heldRun(need.start, need.count, need.missing);
-      await sender.send(need.missing);
+      let missing = need.missing;
+      if (defer) {
+        // Hybrid: blocks already written Threshold times wait for the switch (they would be sent again).
+        const send = new IntervalSet();
+        for (const iv of missing) for (let b = iv.start; b < iv.start + iv.count; b++) (defer.hot(b) ? defer.into : send).add(b, 1);
+        missing = [...send];
+      }
+      await sender.send(missing);
       await checkUpTo(need.start + need.count);
       done += need.count * bs;
       ctx.progress({ phase: 'transfer', round: 0, done: Math.min(done, total), total });
