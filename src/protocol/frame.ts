@@ -38,6 +38,7 @@ export const Msg = {
   DONE: 28,
   SYNC: 29,
   SYNC_OK: 30,
+  BLOCKS_DELTA: 31,
 } as const;
 export type MsgType = (typeof Msg)[keyof typeof Msg];
 const KNOWN = new Set<number>(Object.values(Msg));

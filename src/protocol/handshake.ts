@@ -20,7 +20,9 @@ export const CAP_SIMILARITY = 1;
 export const CAP_RESUME = 2;
 /** zstd-compressed frames (docs/PROTOCOL.md, "Compression"). */
 export const CAP_ZSTD = 4;
-export const CAPABILITIES = CAP_SIMILARITY | CAP_RESUME | CAP_ZSTD;
+/** BLOCKS_DELTA: re-sent blocks as the XOR against what the destination holds (docs/PROTOCOL.md, "BLOCKS_DELTA"). */
+export const CAP_DELTA = 8;
+export const CAPABILITIES = CAP_SIMILARITY | CAP_RESUME | CAP_ZSTD | CAP_DELTA;
 /** Largest frame before authentication: the handshake's messages are under 100 bytes. */
 export const HANDSHAKE_FRAME_LIMIT = 256;
 
