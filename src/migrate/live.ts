@@ -41,8 +41,13 @@ export interface StallReport {
   /** Predicted downtime when the stall was reported, seconds, and the budget. */
   predictedSeconds: number;
   budgetSeconds: number;
-  /** What made it a stall: the writer outruns the link, the cutover's fixed cost alone exceeds the budget, or rounds stopped gaining. */
-  cause: 'dirty-rate' | 'fixed-cost' | 'no-progress';
+  /**
+   * What made it a stall: the writer outruns the rounds (dirty-rate), the
+   * cutover's fixed cost alone exceeds the budget (fixed-cost), the rounds
+   * converge to a dirty set that still does not fit (floor), or two rounds
+   * gained less than 10 % each (no-progress).
+   */
+  cause: 'dirty-rate' | 'fixed-cost' | 'floor' | 'no-progress';
   action: StallPolicy;
 }
 
@@ -72,6 +77,9 @@ class Rate {
     return this.seconds > 0 ? this.bytes / this.seconds : 0;
   }
 }
+
+/** Verify rate assumed before one is measured, bytes/s. */
+const DEFAULT_VERIFY_RATE = 200e6;
 
 /**
  * The downtime model: downtime of a cutover now = the last take's cost (the
@@ -136,8 +144,10 @@ export class DowntimeModel {
 
   /** Predicted downtime, seconds, of a cutover with `dirtyBytes` to send and `checkBytes` to verify. */
   predict(dirtyBytes: number, checkBytes = dirtyBytes): number {
-    const drain = this.drain.value, verify = this.verifyRate.value;
-    return this.fixedSeconds + (drain > 0 ? dirtyBytes / drain : 0) + (verify > 0 ? checkBytes / verify : 0);
+    const drain = this.drain.value;
+    // Until a check was timed: SHA-1 on both sides, one after the other, at a modest 200 MB/s.
+    const verify = this.verifyRate.value || DEFAULT_VERIFY_RATE;
+    return this.fixedSeconds + (drain > 0 ? dirtyBytes / drain : 0) + checkBytes / verify;
   }
 }
 
@@ -153,6 +163,14 @@ export class StallDetector {
     if (predicted <= model.budgetSeconds || !model.calibrated) return undefined;
     if (model.fixedSeconds > model.budgetSeconds) return 'fixed-cost';
     if (model.dirty.samples > 0 && model.dirty.value >= model.drain.value) return 'dirty-rate';
+    // Where the rounds converge to: each round also spends the take and two
+    // round trips, during which the writer goes on, so the dirty set
+    // shrinks towards dirty × overhead ÷ (1 − dirty ÷ drain), not to zero.
+    if (model.dirty.samples > 1) {
+      const r = model.dirty.value / model.drain.value;
+      const floor = (model.dirty.value * model.fixedSeconds) / (1 - r);
+      if (model.predict(floor) > model.budgetSeconds) return 'floor';
+    }
     const h = this.history;
     const n = h.length;
     if (n >= 3 && h[n - 1]! > 0.9 * h[n - 2]! && h[n - 2]! > 0.9 * h[n - 3]!) return 'no-progress';

@@ -94,6 +94,15 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
     const tRtt = now();
     await sync();
     model.addRtt((now() - tRtt) / 1000);
+    // What differed in the pass (blocks written while it ran) is checked
+    // again now, while live, rather than in the pause; it is the verify
+    // rate's first sample.
+    if (recheck.runs) {
+      const tCheck = now();
+      const n = recheck.size;
+      recheck = IntervalSet.of(await check.once(recheck));
+      model.addVerify(n * bs, (now() - tCheck) / 1000);
+    }
   }
   lap('transfer');
 
@@ -211,13 +220,17 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
     const pauseSeconds = (now() - tPause) / 1000;
     const last = IntervalSet.of(pending);
     for (const iv of await dirty.take()) last.add(iv.start, iv.count);
+    const tTaken = now();
     rounds++;
     await ch.send(ROUND, { round: rounds });
     await sender.send(arrange([...last]));
+    const tSent = now();
     for (const iv of sender.takeTouched()) recheck.add(iv.start, iv.count);
     await check.repairing(recheck, sync);
+    const tChecked = now();
     const destination = await ch.request(COMMIT, undefined, DONE);
     const tResume = now();
+    const cutoverSeconds = { take: (tTaken - tPause) / 1000 - pauseSeconds, send: (tSent - tTaken) / 1000, check: (tChecked - tSent) / 1000, commit: (tResume - tChecked) / 1000 };
     await live.resume?.();
     const tEnd = now();
     const downtimeSeconds = paused ? (tEnd - tPause) / 1000 : 0;
@@ -243,6 +256,8 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
         fixedSeconds: model.fixedSeconds,
         pauseSeconds,
         resumeSeconds: (tEnd - tResume) / 1000,
+        cutoverSeconds,
+        cutoverBytes: last.size * bs,
         order: sendOrder,
         ...(stall ? { stall } : {}),
         ...(throttle ? { throttle } : {}),

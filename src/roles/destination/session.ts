@@ -379,7 +379,6 @@ export class Session {
   private async deltas(f: Frame): Promise<void> {
     if (this.phase !== 'transfer') throw new ProtocolError(ErrorCode.PROTOCOL, 'BLOCKS_DELTA before INFO_END');
     const m = decode(BLOCKS_DELTA, f.payload);
-    const buf = Buffer.allocUnsafe(this.bs);
     let at = 0;
     for (const e of m.entries) {
       await this.step();
@@ -387,7 +386,7 @@ export class Session {
       const code = m.codes.subarray(at, at + e.length);
       at += e.length;
       const len = blockLength(this.size, this.bs, e.block);
-      const block = buf.subarray(0, len);
+      const block = Buffer.allocUnsafe(len); // one per entry: the sink writes behind, from this buffer
       let ok = this.written.has(e.block);
       if (ok) {
         await this.sink.read(block, e.block * this.bs, len);
@@ -395,7 +394,7 @@ export class Session {
         ok = this.engine.fingerprints(block, this.bs).fingerprints[0] === e.fingerprint;
       }
       this.touched(e.block, 1);
-      if (!ok) { this.written.delete(e.block, 1); this.stats.deltaRejected = (this.stats.deltaRejected ?? 0) + 1; continue; }
+      if (!ok) { if (process.env.BF_DEBUG_DELTA) console.error("delta rejected", e.block, this.written.has(e.block)); this.written.delete(e.block, 1); this.stats.deltaRejected = (this.stats.deltaRejected ?? 0) + 1; continue; }
       await this.sink.write(e.block * this.bs, block);
       this.stats.receivedBlocks++;
       this.sinceSave += len;
