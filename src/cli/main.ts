@@ -456,7 +456,10 @@ export function buildProgram(): Command {
           }),
         } : {}),
         compress: usage(() => parseCompress(o.compress)), memoryBudget: parseSize('--memory', o.memory),
-        onProgress: (p) => progress.update({ phase: p.round ? `${p.phase} ${p.round}` : p.phase, path: basename(image), done: p.done, total: p.total }),
+        onProgress: (p) => progress.update({
+          phase: p.round ? `${p.phase} ${p.round}` : p.phase, path: basename(image), done: p.done, total: p.total,
+          ...(p.predictedDowntime !== undefined ? { live: { predictedDowntime: p.predictedDowntime, maxDowntime: p.maxDowntime, dirtyRate: p.dirtyRate, drainRate: p.drainRate, ...(p.downtime !== undefined ? { downtime: p.downtime } : {}) } } : {}),
+        }),
         ...(o.name ? { name: o.name } : {}),
         ...(o.bwlimit ? { bwlimit: parseRate(o.bwlimit) } : {}),
         ...(o.pauseCmd ? { pause: () => runCmd('--pause-cmd', o.pauseCmd!) } : {}),

@@ -38,7 +38,9 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   // The delta cache takes a quarter of the budget; only a live image re-sends blocks.
   const deltaOn = isLive && live.delta !== false && (ctx.capabilities & CAP_DELTA) !== 0;
   const cache = deltaOn ? new DeltaCache(Math.floor(ctx.memoryBudget / 4), bs) : undefined;
-  const sender = new BlockSender(ch, src, view, bs, cache);
+  const order = new HotOrder(live.tracked?.writeCounts);
+  const tracked = live.tracked;
+  const sender = new BlockSender(ch, src, view, bs, cache, (b) => order.count(b), tracked ? (iv) => tracked.clearDirty(iv.start, iv.count) : undefined);
   const model = new DowntimeModel((live.maxDowntime ?? DEFAULT_MAX_DOWNTIME_MS) / 1000);
   const now = () => performance.now();
   const tPass = now();
@@ -108,7 +110,6 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
 
   // Pre-copy rounds while the image is live, until a cutover now fits the budget.
   const dirty: DirtySource = live.tracked ? trackedDirty(live.tracked) : live.rescan && ctx.scanner ? rescanDirty(ctx.scanner, ctx.path, bs, view) : quiet;
-  const order = new HotOrder(live.tracked?.writeCounts);
   const sendOrder = live.order ?? 'hot-last';
   const arrange = (list: Interval[]) => (sendOrder === 'hot-last' ? order.arrange(list) : list);
   const maxRounds = live.maxRounds ?? Infinity;
@@ -259,6 +260,7 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
         cutoverSeconds,
         cutoverBytes: last.size * bs,
         order: sendOrder,
+        hotBlocksResent: c.hotResent,
         ...(stall ? { stall } : {}),
         ...(throttle ? { throttle } : {}),
       },

@@ -28,6 +28,8 @@ export interface SendCounters {
   deltaWireBytes: number;
   /** Bytes of blocks sent again (whole or as deltas), before frame compression: what re-sends cost. */
   resentBytes: number;
+  /** Of the blocks sent again, those hot when sent (heat ≥ 2: written at least twice). */
+  hotResent: number;
 }
 
 /** A delta entry's own bytes on the wire: block u64, fingerprint u64, length u32. */
@@ -43,7 +45,7 @@ export class BlockSender {
   private readonly everSent = new IntervalSet();
   /** Blocks this sender changed at the destination since the last takeTouched(). */
   private touched = new IntervalSet();
-  readonly counters: SendCounters = { sent: 0, copied: 0, resent: 0, deltaBlocks: 0, deltaRawBytes: 0, deltaWireBytes: 0, resentBytes: 0 };
+  readonly counters: SendCounters = { sent: 0, copied: 0, resent: 0, deltaBlocks: 0, deltaRawBytes: 0, deltaWireBytes: 0, resentBytes: 0, hotResent: 0 };
   /** Delta entries being gathered, and their codes. */
   private deltas: DeltaEntry[] = [];
   private deltaBytes = 0;
@@ -65,6 +67,10 @@ export class BlockSender {
     private readonly bs: number,
     /** Versions last sent, for BLOCKS_DELTA (undefined: no deltas). */
     private readonly cache?: DeltaCache,
+    /** How hot a block is (its write count), for the hotResent counter. */
+    private readonly heat?: (b: number) => number,
+    /** Called right before blocks are read (a tracked image clears their dirty bits: writes after the read count). */
+    private readonly beforeRead?: (iv: Interval) => void,
   ) {
     this.deltaData = cache ? Buffer.allocUnsafe(2 * DATA_BATCH + 2 * bs + 64) : Buffer.alloc(0);
     const per = Math.max(1, Math.floor(DATA_BATCH / bs));
@@ -99,6 +105,7 @@ export class BlockSender {
     for (const iv of split(intervals, per)) {
       const len = intervalBytes(this.src.size, this.bs, iv.start, iv.count);
       const view = this.engine.view(this.window, 0, len);
+      this.beforeRead?.(iv);
       this.src.readInto(view, iv.start * this.bs, len);
       this.engine.zeroFlagsAt(this.window.ptr, len, this.bs, this.flags.ptr);
       this.engine.fingerprintBlocksAt(this.window.ptr, len, this.bs, this.fps.ptr, this.sigs.ptr);
@@ -143,6 +150,7 @@ export class BlockSender {
         if (again) {
           this.counters.resent++;
           this.counters.resentBytes += len;
+          if (this.heat && this.heat(b) >= 2) this.counters.hotResent++;
         }
         this.everSent.add(b, 1);
         this.counters.sent++;

@@ -127,6 +127,8 @@ export interface LiveReport {
   /** Bytes of blocks the last round had to send. */
   cutoverBytes: number;
   order: SendOrder;
+  /** Blocks sent again that were hot when sent (written at least twice: a tracked image's counts, or found dirty by two takes running): what hot-last keeps down. */
+  hotBlocksResent: number;
   stall?: StallReport;
   throttle?: ThrottleReport;
 }
