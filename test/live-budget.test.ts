@@ -238,7 +238,6 @@ describe('live migration with a downtime budget', () => {
     assert.equal(hot.live.cutoverReason, 'max-rounds');
     assert.equal(hot.live.order, 'hot-last');
     assert.equal(hot.rounds, addr.rounds);
-    if (process.env.BF_SHOW) console.log('hot', hot.live.hotBlocksResent, addr.live.hotBlocksResent);
     assert.ok(hot.live.hotBlocksResent < 0.8 * addr.live.hotBlocksResent, `hot blocks re-sent: hot-last ${hot.live.hotBlocksResent}, address ${addr.live.hotBlocksResent} (all re-sent: ${hot.blocks.resent}, ${addr.blocks.resent})`);
   });
 

@@ -394,7 +394,7 @@ export class Session {
         ok = this.engine.fingerprints(block, this.bs).fingerprints[0] === e.fingerprint;
       }
       this.touched(e.block, 1);
-      if (!ok) { if (process.env.BF_DEBUG_DELTA) console.error("delta rejected", e.block, this.written.has(e.block)); this.written.delete(e.block, 1); this.stats.deltaRejected = (this.stats.deltaRejected ?? 0) + 1; continue; }
+      if (!ok) { this.written.delete(e.block, 1); this.stats.deltaRejected = (this.stats.deltaRejected ?? 0) + 1; continue; }
       await this.sink.write(e.block * this.bs, block);
       this.stats.receivedBlocks++;
       this.sinceSave += len;
