@@ -76,6 +76,9 @@ class Rate {
   get value(): number {
     return this.seconds > 0 ? this.bytes / this.seconds : 0;
   }
+  reset(): void {
+    this.bytes = this.seconds = this.samples = 0;
+  }
 }
 
 /** Verify rate assumed before one is measured, bytes/s. */
@@ -120,9 +123,16 @@ export class DowntimeModel {
     this.lastTakeAt = at;
   }
 
+  /** Rounds measured (the first pass aside). */
+  rounds = 0;
+
   /** A round (or the first pass) moved `bytes` of dirty blocks in `seconds`, SYNC included. */
-  addRound(bytes: number, seconds: number): void {
+  addRound(bytes: number, seconds: number, pass = false): void {
     if (bytes <= 0) return;
+    // The pass only stands in until a round is measured: rounds re-send
+    // scattered blocks, deltas and all, as the cutover will; the pass
+    // streams runs beside the fingerprint exchange.
+    if (!pass && this.rounds++ === 0) this.drain.reset();
     // The SYNC's round trip is in the round's time but not in the rate: it is a fixed cost of its own.
     this.drain.add(bytes, Math.max(seconds - this.rtt, 0.2 * seconds));
   }
@@ -160,7 +170,8 @@ export class StallDetector {
   private history: number[] = [];
   check(model: DowntimeModel, predicted: number): StallReport['cause'] | undefined {
     this.history.push(predicted);
-    if (predicted <= model.budgetSeconds || !model.calibrated) return undefined;
+    // No verdict on the first pass's figures alone: one round is measured first.
+    if (predicted <= model.budgetSeconds || !model.calibrated || model.rounds === 0) return undefined;
     if (model.fixedSeconds > model.budgetSeconds) return 'fixed-cost';
     if (model.dirty.samples > 0 && model.dirty.value >= model.drain.value) return 'dirty-rate';
     // Where the rounds converge to: each round also spends the take and two

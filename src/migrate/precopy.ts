@@ -87,7 +87,7 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   await sync();
   // The first pass is a drain sample when it moved enough to measure.
   const passBytes = sender.counters.sent * bs;
-  if (passBytes >= 4 << 20) model.addRound(passBytes, (now() - tPass) / 1000);
+  if (passBytes >= 4 << 20) model.addRound(passBytes, (now() - tPass) / 1000, true);
   // The pass's check answers: what differed is checked again (while live, in the rounds).
   let recheck = IntervalSet.of(await stream.finish());
   sender.takeTouched(); // what the transfer changed is covered by the stream

@@ -379,25 +379,39 @@ export class Session {
   private async deltas(f: Frame): Promise<void> {
     if (this.phase !== 'transfer') throw new ProtocolError(ErrorCode.PROTOCOL, 'BLOCKS_DELTA before INFO_END');
     const m = decode(BLOCKS_DELTA, f.payload);
+    const codes: Buffer[] = [];
     let at = 0;
     for (const e of m.entries) {
-      await this.step();
       this.inImage(e.block, 1, 'BLOCKS_DELTA');
-      const code = m.codes.subarray(at, at + e.length);
+      codes.push(m.codes.subarray(at, at + e.length));
       at += e.length;
-      const len = blockLength(this.size, this.bs, e.block);
-      const block = Buffer.allocUnsafe(len); // one per entry: the sink writes behind, from this buffer
-      let ok = this.written.has(e.block);
-      if (ok) {
-        await this.sink.read(block, e.block * this.bs, len);
-        applyDelta(block, code);
-        ok = this.engine.fingerprints(block, this.bs).fingerprints[0] === e.fingerprint;
+    }
+    // Reads go out COPY_BATCH at a time (as COPY's do); a batch ends before
+    // an entry for a block already in it, so each applies to what the one
+    // before wrote.
+    for (let i = 0; i < m.entries.length; ) {
+      const batch: { e: (typeof m.entries)[number]; code: Buffer; block: Buffer; held: boolean }[] = [];
+      const inBatch = new Set<number>();
+      for (; i < m.entries.length && batch.length < COPY_BATCH && !inBatch.has(m.entries[i]!.block); i++) {
+        const e = m.entries[i]!;
+        inBatch.add(e.block);
+        // One buffer per entry: the sink writes behind, from it.
+        batch.push({ e, code: codes[i]!, block: Buffer.allocUnsafe(blockLength(this.size, this.bs, e.block)), held: this.written.has(e.block) });
       }
-      this.touched(e.block, 1);
-      if (!ok) { this.written.delete(e.block, 1); this.stats.deltaRejected = (this.stats.deltaRejected ?? 0) + 1; continue; }
-      await this.sink.write(e.block * this.bs, block);
-      this.stats.receivedBlocks++;
-      this.sinceSave += len;
+      await Promise.all(batch.map((x) => (x.held ? this.sink.read(x.block, x.e.block * this.bs, x.block.length) : undefined)));
+      for (const { e, code, block, held } of batch) {
+        await this.step();
+        let ok = held;
+        if (ok) {
+          applyDelta(block, code);
+          ok = this.engine.fingerprints(block, this.bs).fingerprints[0] === e.fingerprint;
+        }
+        this.touched(e.block, 1);
+        if (!ok) { this.written.delete(e.block, 1); this.stats.deltaRejected = (this.stats.deltaRejected ?? 0) + 1; continue; }
+        await this.sink.write(e.block * this.bs, block);
+        this.stats.receivedBlocks++;
+        this.sinceSave += block.length;
+      }
     }
     await this.maybeSaveJournal();
   }
