@@ -260,6 +260,32 @@ describe('live migration with a downtime budget', () => {
   });
 });
 
+describe('blockferry migrate, live', () => {
+  it('prints the stall on the terminal, runs --throttle-cmd with the rate wanted (then "max"), and exits with ERR_BF_NO_CONVERGENCE', { skip: !hasFio && 'fio not installed' }, async () => {
+    const p = image('cli', 12 * MiB, 15);
+    const log = join(dir, 'throttle.log');
+    const w = startFio(p, 0, 4 * MiB, '8m');
+    await settle(300);
+    const bin = new URL('../../bin/blockferry.js', import.meta.url).pathname;
+    const r = await new Promise<{ code: number | null; err: string }>((res) => {
+      const c = spawn(process.execPath, [bin, 'migrate', p, '--to', `127.0.0.1:${svc.address.port}`, '--insecure', '--name', 'cli', '--strategy', 'full', '--rescan',
+        '--bwlimit', '3M', '--max-downtime', '50ms', '--on-stall', 'throttle', '--stall-timeout', '2s', '--progress', 'none',
+        '--throttle-cmd', `echo "$BLOCKFERRY_THROTTLE_RATE $BLOCKFERRY_THROTTLE_STEP" >> ${log}`], { stdio: ['ignore', 'ignore', 'pipe'] });
+      let err = '';
+      c.stderr!.on('data', (d) => { err += d; });
+      c.once('exit', (code) => res({ code, err }));
+    });
+    w.kill('SIGKILL');
+    assert.equal(r.code, 1, r.err);
+    assert.match(r.err, /stall after round \d: the writer dirties [\d.]+ MB\/s, rounds drain [\d.]+ MB\/s/);
+    assert.match(r.err, /throttle step 1/);
+    assert.match(r.err, /ERR_BF_NO_CONVERGENCE/);
+    const lines = readFileSync(log, 'utf8').trim().split('\n');
+    assert.match(lines[0]!, /^\d+ 1$/, 'the rate wanted, in bytes/s, and the step');
+    assert.match(lines.at(-1)!, /^max /, 'released at the end');
+  });
+});
+
 describe('BLOCKS_DELTA at the destination', () => {
   const sha1 = (b: Uint8Array) => createHash('sha1').update(b).digest();
 
