@@ -85,10 +85,11 @@ class Rate {
 const DEFAULT_VERIFY_RATE = 200e6;
 
 /**
- * The downtime model: downtime of a cutover now = the last take's cost (the
- * rescan or bitmap read the pause repeats) + dirty bytes ÷ drain rate +
- * bytes to check ÷ verify rate + two round trips (the check's answer and
- * COMMIT's). Each term is measured as the migration goes.
+ * The downtime model: downtime of a cutover now = the longer of the last
+ * take's cost (the rescan or bitmap read the pause repeats, which runs while
+ * the dirty blocks go out) and dirty bytes ÷ drain rate, + bytes to check ÷
+ * verify rate + two round trips (the check's answer and COMMIT's). Each term
+ * is measured as the migration goes.
  */
 export class DowntimeModel {
   readonly drain = new Rate();
@@ -157,7 +158,8 @@ export class DowntimeModel {
     const drain = this.drain.value;
     // Until a check was timed: SHA-1 on both sides, one after the other, at a modest 200 MB/s.
     const verify = this.verifyRate.value || DEFAULT_VERIFY_RATE;
-    return this.fixedSeconds + (drain > 0 ? dirtyBytes / drain : 0) + checkBytes / verify;
+    // The take overlaps sending what was dirty before it (precopy's cutover): the longer of the two counts.
+    return Math.max(this.takeSeconds, drain > 0 ? dirtyBytes / drain : 0) + 2 * this.rtt + checkBytes / verify;
   }
 }
 

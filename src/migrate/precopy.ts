@@ -219,19 +219,29 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
     const paused = live.pause !== undefined;
     await live.pause?.();
     const pauseSeconds = (now() - tPause) / 1000;
-    const last = IntervalSet.of(pending);
-    for (const iv of await dirty.take()) last.add(iv.start, iv.count);
-    const tTaken = now();
     rounds++;
     await ch.send(ROUND, { round: rounds });
-    await sender.send(arrange([...last]));
+    // The take the pause repeats (with --rescan a pass over the whole image,
+    // on the scanner's workers) runs while the dirty set found before the
+    // pause goes out: the one waits on the disk and the CPU, the other on the
+    // link. What the take adds is sent after; blocks it names that just went
+    // out unchanged are held at the destination and skipped.
+    const tTake = now();
+    let tTaken = tTake;
+    const lastTake = dirty.take().then((l) => { tTaken = now(); return l; });
+    lastTake.catch(() => {}); // awaited below
+    await sender.send(arrange(pending));
+    const extra = await lastTake;
+    await sender.send(arrange(extra));
+    const last = IntervalSet.of(pending);
+    for (const iv of extra) last.add(iv.start, iv.count);
     const tSent = now();
     for (const iv of sender.takeTouched()) recheck.add(iv.start, iv.count);
     await check.repairing(recheck, sync);
     const tChecked = now();
     const destination = await ch.request(COMMIT, undefined, DONE);
     const tResume = now();
-    const cutoverSeconds = { take: (tTaken - tPause) / 1000 - pauseSeconds, send: (tSent - tTaken) / 1000, check: (tChecked - tSent) / 1000, commit: (tResume - tChecked) / 1000 };
+    const cutoverSeconds = { take: (tTaken - tTake) / 1000, send: (tSent - tTake) / 1000, check: (tChecked - tSent) / 1000, commit: (tResume - tChecked) / 1000 };
     await live.resume?.();
     const tEnd = now();
     const downtimeSeconds = paused ? (tEnd - tPause) / 1000 : 0;

@@ -122,7 +122,7 @@ export interface LiveReport {
   /** Seconds the pause and resume actions took (inside the measured downtime). */
   pauseSeconds: number;
   resumeSeconds: number;
-  /** Where the measured downtime went: the last take (rescan or bitmap), sending the last round, the check (with repairs), COMMIT. */
+  /** Where the measured downtime went: the last take (rescan or bitmap; it overlaps the send), sending the last round, the check (with repairs), COMMIT. */
   cutoverSeconds: { take: number; send: number; check: number; commit: number };
   /** Bytes of blocks the last round had to send. */
   cutoverBytes: number;
