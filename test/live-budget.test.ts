@@ -20,6 +20,7 @@ import { BEGIN, BEGIN_OK, BLOCK_INFO, BLOCKS, BLOCKS_DELTA, COMMIT, DONE, INFO_E
 import { CAP_DELTA } from '../src/protocol/handshake.js';
 import { Engine } from '../src/engine/engine.js';
 import { TrackedImage } from '../src/image/tracked.js';
+import { DeltaCache, DowntimeModel, StallDetector } from '../src/migrate/live.js';
 import { seededBytes } from './util.js';
 import { rawClient } from './raw-client.js';
 
@@ -319,5 +320,58 @@ describe('BLOCKS_DELTA at the destination', () => {
 
   it('is announced as a capability', () => {
     assert.equal(CAP_DELTA, 8);
+  });
+
+  it('refuses BLOCKS_DELTA before INFO_END and a malformed code (ERR_BF_PROTOCOL)', async () => {
+    for (const early of [true, false]) {
+      const ch = await rawClient(svc.address.port, auth);
+      await ch.send(BEGIN, { name: `bad-delta-${early}`, size: BS, blockSize: BS, flags: 1, fills: 0, strategy: 'test' });
+      await ch.recv(BEGIN_OK);
+      const v = Buffer.from(seededBytes(16, BS));
+      await ch.send(BLOCK_INFO, { start: 0, count: 1, ...engine.fingerprints(v, BS) });
+      await ch.recv(NEED);
+      if (!early) {
+        await ch.send(INFO_END, undefined);
+        await ch.recv(NEED);
+        await ch.send(BLOCKS, { runs: [{ start: 0, count: 1 }], fingerprints: engine.fingerprints(v, BS).fingerprints, data: v });
+      }
+      // A code whose run goes past the block.
+      const code = Buffer.from([0x80, 0x40, 1, 7]);
+      await ch.send(BLOCKS_DELTA, { entries: [{ block: 0, fingerprint: 1n, length: code.length }], codes: code });
+      await assert.rejects(ch.request(SYNC, undefined, SYNC_OK), (e: Error & { remoteCode?: string }) => e.remoteCode === ErrorCode.PROTOCOL);
+      ch.close();
+    }
+  });
+});
+
+describe('the delta cache and the downtime model', () => {
+  it('keeps the cache within its byte budget, least recently sent evicted first', () => {
+    const c = new DeltaCache(4 * BS, BS);
+    for (let b = 0; b < 6; b++) c.put(b, BigInt(b), 0n, Buffer.alloc(BS, b));
+    assert.equal(c.size, 4);
+    assert.equal(c.get(0), undefined);
+    assert.equal(c.get(1), undefined);
+    c.put(2, 22n, 0n, Buffer.alloc(BS, 22)); // 2 is now the most recent
+    c.put(6, 6n, 0n, Buffer.alloc(BS, 6)); // evicts 3
+    assert.equal(c.get(3), undefined);
+    assert.equal(c.get(2)!.fp, 22n);
+    assert.equal(c.get(2)!.bytes[0], 22);
+    assert.equal(c.get(6)!.bytes[BS - 1], 6);
+  });
+
+  it('predicts from measured rates and reports a writer that outruns the rounds', () => {
+    const m = new DowntimeModel(0.3);
+    m.startAt(0);
+    m.addRtt(0.01);
+    m.addTake(8e6, 0.05, 1000); // 8 MB dirty in the first second
+    m.addRound(10e6, 1.01); // 10 MB in a second (after the round trip)
+    assert.ok(Math.abs(m.drain.value - 10e6) < 1);
+    assert.ok(Math.abs(m.dirty.value - 8e6) < 1);
+    // 1 MB dirty: 0.1 s to send (longer than the 0.05 s take), 2 round trips, 1 MB checked at the default 200 MB/s.
+    assert.ok(Math.abs(m.predict(1e6) - (0.1 + 0.02 + 0.005)) < 1e-9);
+    const d = new StallDetector();
+    assert.equal(d.check(m, m.predict(1e6)), undefined, 'fits');
+    m.addTake(12e6, 0.05, 2000); // the writer now dirties more than the rounds drain
+    assert.equal(d.check(m, m.predict(12e6)), 'dirty-rate');
   });
 });
