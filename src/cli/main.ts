@@ -16,6 +16,7 @@ import { describeMigration } from './describe.js';
 import { DestinationService } from '../roles/destination/service.js';
 import { DEFAULT_PARTIAL_TTL_MS, listPartials, prunePartials, removePartial } from '../roles/destination/partials.js';
 import { migrate } from '../migrate/migrate.js';
+import { STRATEGIES } from '../migrate/strategies.js';
 import type { ThrottleInfo } from '../migrate/live.js';
 import { spawnSync } from 'node:child_process';
 import { chooseBackend, nativeStatus } from '../engine/backend.js';
@@ -428,7 +429,7 @@ export function buildProgram(): Command {
     .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a terminal, JSON lines, or nothing').choices(['auto', 'json', 'none']).default('auto'))
     .option('--json', 'print the result as JSON'), true)
     .action(async (image: string, o: { cert?: string; key?: string; ca?: string; servername?: string; compress: string; memory: string; to: string; name?: string; strategy: 'full' | 'similarity'; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; maxRounds?: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean; progress: ProgressMode; maxDowntime: string; onStall: 'wait' | 'force' | 'throttle' | 'postcopy'; stallTimeout: string; throttleCmd?: string; order: 'hot-last' | 'address'; delta: boolean }) => {
-      if (o.onStall === 'postcopy') throw new UsageError('--on-stall postcopy needs the post-copy strategy (--strategy hybrid), which this build does not have yet');
+      if (o.onStall === 'postcopy' && !STRATEGIES[o.strategy]?.postcopy) throw new UsageError(`--on-stall postcopy needs a strategy that can switch to post-copy (--strategy hybrid), not ${o.strategy}`);
       if (o.onStall === 'throttle' && !o.throttleCmd) throw new UsageError('--on-stall throttle needs --throttle-cmd CMD (run with the rate wanted in BLOCKFERRY_THROTTLE_RATE)');
       const progress = createProgress(o.progress);
       const ms = (v: number) => `${(v * 1000).toFixed(0)} ms`;

@@ -115,7 +115,7 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
   }
 
   try {
-    checkLive(options);
+    checkLive(options, strategy.postcopy === true);
   } catch (e) {
     await closeScanner();
     throw e;
@@ -200,7 +200,7 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
 }
 
 /** The live options' ranges, checked before anything connects. */
-function checkLive(o: LiveOptions): void {
+function checkLive(o: LiveOptions, postcopy: boolean): void {
   const nonNegative = (name: string, v: number | undefined, what: string) => {
     if (v !== undefined && !(typeof v === 'number' && Number.isFinite(v) && v >= 0)) throw new InvalidArgumentError(name, what, v);
   };
@@ -210,7 +210,7 @@ function checkLive(o: LiveOptions): void {
   nonNegative('dirtyThreshold', o.dirtyThreshold, 'a number of blocks ≥ 0');
   if (o.onStall !== undefined && !STALL_POLICIES.includes(o.onStall)) throw new InvalidArgumentError('onStall', STALL_POLICIES.join(', '), o.onStall);
   // The hook for post-copy: the policy exists, the strategy that can switch to it does not yet.
-  if (o.onStall === 'postcopy') throw new InvalidArgumentError('onStall', 'wait, force or throttle (postcopy needs the post-copy strategy, --strategy hybrid, not in this build)', o.onStall);
+  if (o.onStall === 'postcopy' && !postcopy) throw new InvalidArgumentError('onStall', 'wait, force or throttle (postcopy needs a strategy that can switch to post-copy, --strategy hybrid)', o.onStall);
   if (o.onStall === 'throttle' && typeof o.throttle !== 'function') throw new InvalidArgumentError('throttle', "a function (onStall: 'throttle' calls it with the rate wanted)", o.throttle);
   if (o.order !== undefined && o.order !== 'hot-last' && o.order !== 'address') throw new InvalidArgumentError('order', 'hot-last or address', o.order);
 }

@@ -169,6 +169,7 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
         stall = { round: rounds, dirtyRate: model.dirty.value, drainRate: model.drain.value, predictedSeconds: predicted, budgetSeconds: model.budgetSeconds, cause, action: policy };
         ctx.event('stall', stall);
         if (policy === 'force') { reason = 'stall-force'; break; }
+        // 'postcopy' never gets here: migrate() accepts it only for strategies that handle it themselves (Strategy.postcopy).
         stallDeadline = now() + stallTimeoutMs;
         if (policy === 'throttle') await throttleNow();
       } else if (stall && policy === 'throttle' && cause && ++roundsSinceThrottle >= 2) {

@@ -150,5 +150,12 @@ export interface Strategy {
   readonly fills: number;
   /** Capabilities (CAP_* bits) the destination must offer. */
   readonly requires: number;
+  /**
+   * Whether it can switch to post-copy when the rounds stall (`onStall:
+   * 'postcopy'`); migrate() refuses that policy for strategies without it.
+   * The hook for the post-copy strategy: it sets this and handles the
+   * stall itself (precopy's never does).
+   */
+  readonly postcopy?: boolean;
   run(ctx: MigrationContext): Promise<StrategyOutcome>;
 }
