@@ -1,4 +1,4 @@
-// npm run bench [-- --only hash,zero,bitmap,native,scan,transfer,scale,codec,index] [-- --json [FILE]]
+// npm run bench [-- --only hash,zero,bitmap,native,scan,transfer,scale,codec,index,live] [-- --json [FILE]]
 // Every group checks its results against the reference before timing, runs
 // the peers in this one process, and prints ratios against the goals.
 import { writeFileSync } from 'node:fs';
@@ -13,6 +13,7 @@ import { benchNative } from './native.js';
 import { benchTransfer } from './transfer.js';
 import { benchCodec } from './codec.js';
 import { benchScale } from './scale.js';
+import { benchLive } from './live.js';
 
 // `--json` alone writes bench-results.json; `--json FILE` or `--json=FILE` names the file.
 const argv = process.argv.slice(2);
@@ -45,6 +46,10 @@ if (want('index')) {
   const r = await benchBlockIndex();
   groups.push(...r.groups);
   extra.blockIndexMemory = r.memory;
+}
+if (want('live')) {
+  const r = await benchLive();
+  if (r) extra.live = r;
 }
 if (values.json) {
   writeFileSync(values.json, JSON.stringify({ machine, date: new Date().toISOString(), groups, ...extra }, null, 2) + '\n');

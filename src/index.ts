@@ -44,7 +44,8 @@ export { Neighbourhood, type NeighbourImage, type BlockLocation } from './blocki
 export { DestinationService, type DestinationOptions, type SessionStats } from './roles/destination/service.js';
 export { migrate, type MigrateOptions, type MigrationResult, type Strategy } from './migrate/migrate.js';
 export { STRATEGIES } from './migrate/strategies.js';
-export type { Strategy as MigrationStrategy, MigrationContext, StrategyOutcome, MigrationEvent, LiveOptions } from './migrate/strategy.js';
+export type { Strategy as MigrationStrategy, MigrationContext, StrategyOutcome, MigrationEvent, LiveOptions, LiveReport, DeltaReport } from './migrate/strategy.js';
+export { DEFAULT_MAX_DOWNTIME_MS, DEFAULT_STALL_TIMEOUT_MS, type StallPolicy, type SendOrder, type CutoverReason, type ThrottleInfo, type StallReport, type ThrottleReport } from './migrate/live.js';
 export { FileImageSink, type ImageSink } from './image/sink.js';
 export { PROTOCOL_VERSION } from './protocol/messages.js';
 export type { CompressMode } from './protocol/compression.js';

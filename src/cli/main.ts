@@ -16,8 +16,9 @@ import { describeMigration } from './describe.js';
 import { DestinationService } from '../roles/destination/service.js';
 import { DEFAULT_PARTIAL_TTL_MS, listPartials, prunePartials, removePartial } from '../roles/destination/partials.js';
 import { migrate } from '../migrate/migrate.js';
-import type { StrategyName } from '../migrate/strategies.js';
+import { STRATEGIES, type StrategyName } from '../migrate/strategies.js';
 import { displayName } from '../image/source.js';
+import type { ThrottleInfo } from '../migrate/live.js';
 import { spawnSync } from 'node:child_process';
 import { chooseBackend, nativeStatus } from '../engine/backend.js';
 import { wasmModule } from '../engine/wasm.js';
@@ -210,8 +211,8 @@ function secureFlags(cmd: Command, client: boolean): Command {
   return cmd;
 }
 
-function runCmd(what: string, cmd: string): void {
-  const r = spawnSync('/bin/sh', ['-c', cmd], { stdio: ['ignore', 'inherit', 'inherit'] });
+function runCmd(what: string, cmd: string, env?: Record<string, string>): void {
+  const r = spawnSync('/bin/sh', ['-c', cmd], { stdio: ['ignore', 'inherit', 'inherit'], ...(env ? { env: { ...process.env, ...env } } : {}) });
   if (r.status !== 0) throw new BlockferryError(ErrorCode.INVALID_ARGUMENT, `${what} ${JSON.stringify(cmd)} exited with ${r.status ?? r.signal}`);
 }
 
@@ -469,22 +470,54 @@ export function buildProgram(): Command {
     .option('--rescan', 'another process writes the image: rescan each round for changed blocks')
     .option('--qmp <socket>', "QEMU writes the image: its QMP socket; rounds come from QEMU's dirty bitmaps (the image must be an NBD URI of that QEMU)")
     .option('--qmp-node <node>', 'with --qmp: the block node whose writes are followed')
-    .option('--max-rounds <n>', 'pre-copy rounds at most', intArg('--max-rounds', 0, 1000), 8)
-    .option('--dirty-threshold <n>', 'cut over when a round has this many dirty blocks or fewer', intArg('--dirty-threshold', 0, 2 ** 31), 256)
+    .option('--max-downtime <duration>', 'downtime budget: cut over as soon as the predicted downtime fits (300ms, 1s)', '300ms')
+    .addOption(new Option('--on-stall <action>', 'when rounds cannot converge: keep trying until --stall-timeout, cut over anyway, throttle the writer (--throttle-cmd), or postcopy (needs --strategy hybrid)').choices(['wait', 'force', 'throttle', 'postcopy']).default('wait'))
+    .option('--stall-timeout <duration>', 'how long wait and throttle keep trying after a stall, then ERR_BF_NO_CONVERGENCE', '60s')
+    .option('--throttle-cmd <cmd>', 'run on a stall with --on-stall throttle: BLOCKFERRY_THROTTLE_RATE (bytes/s wanted, "max" at the end), BLOCKFERRY_DIRTY_RATE, BLOCKFERRY_DRAIN_RATE, BLOCKFERRY_THROTTLE_STEP')
+    .addOption(new Option('--order <order>', 'order of blocks in a round: by write count, cold first (hot-last), or by address').choices(['hot-last', 'address']).default('hot-last'))
+    .option('--no-delta', 'send re-sent blocks whole, not as deltas against the version sent before')
+    .option('--max-rounds <n>', 'a limit: cut over after this many rounds whatever the prediction (default: none)', intArg('--max-rounds', 0, 100000))
+    .option('--dirty-threshold <n>', 'a limit: cut over once a round finds this many dirty blocks or fewer, whatever the prediction', intArg('--dirty-threshold', 0, 2 ** 31), 0)
     .option('--pause-cmd <cmd>', 'run at cutover to pause the writer (e.g. a hypervisor suspend)')
     .option('--resume-cmd <cmd>', 'run once the destination holds the verified image')
     .option('--compress <mode>', 'compression of block data: auto (adapts to the link; off where it does not pay), none, zstd or zstd:LEVEL', 'auto')
     .option('--memory <size>', 'memory for per-block state (e.g. 256M; binary units)', '256M')
     .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a terminal, JSON lines, or nothing').choices(['auto', 'json', 'none']).default('auto'))
     .option('--json', 'print the result as JSON'), true)
-    .action(async (image: string, o: { cert?: string; key?: string; ca?: string; servername?: string; compress: string; memory: string; to: string; name?: string; strategy: StrategyName; hotThreshold: number; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; qmp?: string; qmpNode?: string; maxRounds: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean; progress: ProgressMode }) => {
+    .action(async (image: string, o: { cert?: string; key?: string; ca?: string; servername?: string; compress: string; memory: string; to: string; name?: string; strategy: StrategyName; hotThreshold: number; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; qmp?: string; qmpNode?: string; maxRounds?: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean; progress: ProgressMode; maxDowntime: string; onStall: 'wait' | 'force' | 'throttle' | 'postcopy'; stallTimeout: string; throttleCmd?: string; order: 'hot-last' | 'address'; delta: boolean }) => {
       if (!o.qmp !== !o.qmpNode) throw new UsageError('--qmp and --qmp-node go together');
+      if (o.onStall === 'postcopy' && !STRATEGIES[o.strategy]?.postcopyOnStall) throw new UsageError(`--on-stall postcopy needs a strategy that can switch to post-copy (--strategy hybrid), not ${o.strategy}`);
+      if (o.onStall === 'throttle' && !o.throttleCmd) throw new UsageError('--on-stall throttle needs --throttle-cmd CMD (run with the rate wanted in BLOCKFERRY_THROTTLE_RATE)');
       const progress = createProgress(o.progress);
+      const ms = (v: number) => `${(v * 1000).toFixed(0)} ms`;
+      const mbs = (v: number) => `${(v / 1e6).toFixed(1)} MB/s`;
+      // Stalls and forced cutovers are said on the terminal as they happen, before any pause.
+      const say = (line: string) => { progress.stop(); process.stderr.write(`blockferry: ${line}\n`); };
+      const onEvent = (e: { phase: string; detail?: unknown }) => {
+        const d = e.detail as Record<string, any> | undefined; // eslint-disable-line @typescript-eslint/no-explicit-any
+        if (e.phase === 'stall' && d) say(`stall after round ${d.round}: the writer dirties ${mbs(d.dirtyRate)}, rounds drain ${mbs(d.drainRate)}; predicted downtime ${ms(d.predictedSeconds)} > budget ${ms(d.budgetSeconds)} (${d.cause}); --on-stall ${d.action}`);
+        if (e.phase === 'throttle' && d) say(`throttle step ${d.step}: asking the writer for ${mbs(d.wantedRate)} (it dirties ${mbs(d.dirtyRate)})`);
+        if (e.phase === 'cutover' && d && d.reason === 'stall-force') say(`forcing the cutover: predicted downtime ${ms(d.predictedDowntime)} (budget ${ms(d.maxDowntime)})`);
+      };
+      const throttleCmd = o.throttleCmd;
       const r = await migrate(image, {
         to: o.to, strategy: o.strategy, ...securityOptions(o), overwrite: !!o.overwrite, rescan: !!o.rescan,
-        maxRounds: o.maxRounds, dirtyThreshold: o.dirtyThreshold, hotThreshold: o.hotThreshold,
+        ...(o.maxRounds !== undefined ? { maxRounds: o.maxRounds } : {}), dirtyThreshold: o.dirtyThreshold, hotThreshold: o.hotThreshold,
+        maxDowntime: parseDuration('--max-downtime', o.maxDowntime), onStall: o.onStall, stallTimeout: parseDuration('--stall-timeout', o.stallTimeout),
+        order: o.order, delta: o.delta, onEvent,
+        ...(throttleCmd ? {
+          throttle: (t: ThrottleInfo) => runCmd('--throttle-cmd', throttleCmd, {
+            BLOCKFERRY_THROTTLE_RATE: t.release ? 'max' : String(Math.round(t.wantedRate)),
+            BLOCKFERRY_DIRTY_RATE: String(Math.round(t.dirtyRate)),
+            BLOCKFERRY_DRAIN_RATE: String(Math.round(t.drainRate)),
+            BLOCKFERRY_THROTTLE_STEP: String(t.step),
+          }),
+        } : {}),
         compress: usage(() => parseCompress(o.compress)), memoryBudget: parseSize('--memory', o.memory),
-        onProgress: (p) => progress.update({ phase: p.round ? `${p.phase} ${p.round}` : p.phase, path: displayName(image), done: p.done, total: p.total }),
+        onProgress: (p) => progress.update({
+          phase: p.round ? `${p.phase} ${p.round}` : p.phase, path: displayName(image), done: p.done, total: p.total,
+          ...(p.predictedDowntime !== undefined ? { live: { predictedDowntime: p.predictedDowntime, maxDowntime: p.maxDowntime, dirtyRate: p.dirtyRate, drainRate: p.drainRate, ...(p.downtime !== undefined ? { downtime: p.downtime } : {}) } } : {}),
+        }),
         ...(o.name ? { name: o.name } : {}),
         ...(o.qmp ? { qmp: { socket: o.qmp, node: o.qmpNode! } } : {}),
         ...(o.bwlimit ? { bwlimit: parseRate(o.bwlimit) } : {}),

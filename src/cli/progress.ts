@@ -8,6 +8,8 @@ export interface ProgressUpdate {
   path: string;
   done: number;
   total: number;
+  /** Live migrations: the downtime a cutover now would cost and its budget (seconds), the rates (bytes/s); JSON lines carry them. */
+  live?: { predictedDowntime?: number; maxDowntime?: number; dirtyRate?: number; drainRate?: number; downtime?: number };
 }
 
 export interface Progress {
@@ -46,7 +48,7 @@ function jsonProgress(): Progress {
       const bps = rate(p.done, starts.get(key)!);
       const eta = bps > 0 ? (p.total - p.done) / bps : null;
       process.stderr.write(
-        JSON.stringify({ event: 'progress', phase: p.phase, path: p.path, done: p.done, total: p.total, mbps: +(bps / 1e6).toFixed(1), eta: eta === null ? null : +eta.toFixed(1) }) + '\n',
+        JSON.stringify({ event: 'progress', phase: p.phase, path: p.path, done: p.done, total: p.total, mbps: +(bps / 1e6).toFixed(1), eta: eta === null ? null : +eta.toFixed(1), ...(p.live ?? {}) }) + '\n',
       );
     },
     stop() {},

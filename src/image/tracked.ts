@@ -48,6 +48,16 @@ export class TrackedImage {
     return this.dirty.count();
   }
 
+  /**
+   * Forgets that [start, start + count) is dirty: called right before those
+   * blocks are read to be sent, so only writes made after the read make them
+   * dirty again (QEMU's lazy clearing of the dirty log does the same). A
+   * block written early in a round and sent late is then not sent again.
+   */
+  clearDirty(start: number, count: number): void {
+    this.dirty.clearRange(start, Math.min(count, this.blocks - start));
+  }
+
   /** The dirty blocks as runs, in order, and a clean bitmap for the writes to come. */
   takeDirty(): Interval[] {
     const out = [...this.dirty.allRuns(true)].map((r) => ({ start: r.start, count: r.length }));

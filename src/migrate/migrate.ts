@@ -16,7 +16,8 @@ import { openSource, sourceName, specFor } from '../image/source.js';
 import { Scanner } from '../scan/scanner.js';
 import { QmpDirty } from './rounds.js';
 import { STRATEGIES, type StrategyName } from './strategies.js';
-import type { LiveOptions, MigrationEvent, MigrationProgress, PostcopyCounts } from './strategy.js';
+import type { DeltaReport, LiveOptions, LiveReport, MigrationEvent, MigrationProgress, PostcopyCounts } from './strategy.js';
+import { STALL_POLICIES } from './live.js';
 
 export type Strategy = StrategyName;
 
@@ -56,8 +57,14 @@ export interface MigrationResult {
   imageSize: number;
   blockSize: number;
   seconds: number;
-  /** From pause to the destination's verified commit (0 when nothing was paused). */
+  /** From pause to the destination's verified commit and the resume action (0 when nothing was paused). */
   downtimeSeconds: number;
+  /** The downtime predicted when the cutover started (seconds): side by side with downtimeSeconds. */
+  predictedDowntimeSeconds: number;
+  /** The downtime budget and how it was kept: rates, cutover reason, stall and throttle reports. */
+  live: LiveReport;
+  /** Re-sent blocks sent as deltas, and the bytes that saved. */
+  delta: DeltaReport;
   /** Seconds per phase: scan, transfer (fingerprints and data, overlapped), rounds, verify, cutover. */
   phases: Record<string, number>;
   rounds: number;
@@ -74,6 +81,8 @@ export interface MigrationResult {
     copied: number;
     /** Blocks sent more than once (dirty rounds, repairs). */
     resent: number;
+    /** Bytes those re-sends cost before frame compression (a delta counts its code). */
+    resentBytes: number;
     /** Blocks repaired after the end-to-end check. */
     repaired: number;
   };
@@ -109,6 +118,13 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
   const closeScanner = async () => { if (scannerOpen && ownScanner) { scannerOpen = false; await scanner.close(); } };
   let dirty: QmpDirty | undefined;
   const abandon = async (e: unknown) => { await dirty?.close().catch(() => {}); src.close(); await closeScanner(); throw e; };
+
+  try {
+    checkLive(options, strategy.postcopyOnStall === true);
+  } catch (e) {
+    await closeScanner();
+    throw e;
+  }
 
   let security;
   try {
@@ -163,6 +179,9 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
       blockSize: bs,
       seconds: (performance.now() - t0) / 1000,
       downtimeSeconds: out.downtimeSeconds,
+      predictedDowntimeSeconds: out.live.predictedDowntimeSeconds,
+      live: out.live,
+      delta: out.delta,
       phases: { scan: scanSeconds, ...out.phases },
       rounds: out.rounds,
       wire: { sent: { ...ch.sent }, received: { ...ch.received }, sentRaw: { ...ch.sentRaw }, total: sum(ch.sent) + sum(ch.received) },
@@ -174,6 +193,7 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
         sent: out.sent,
         copied: out.copied,
         resent: out.resent,
+        resentBytes: out.resentBytes,
         repaired: out.repaired,
       },
       verified: true,
@@ -186,4 +206,20 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
     socket.destroy();
     await closeScanner();
   }
+}
+
+/** The live options' ranges, checked before anything connects. */
+function checkLive(o: LiveOptions, postcopy: boolean): void {
+  const nonNegative = (name: string, v: number | undefined, what: string) => {
+    if (v !== undefined && !(typeof v === 'number' && Number.isFinite(v) && v >= 0)) throw new InvalidArgumentError(name, what, v);
+  };
+  nonNegative('maxDowntime', o.maxDowntime, 'milliseconds, a finite number ≥ 0');
+  nonNegative('stallTimeout', o.stallTimeout, 'milliseconds, a finite number ≥ 0');
+  nonNegative('maxRounds', o.maxRounds, 'a number of rounds ≥ 0');
+  nonNegative('dirtyThreshold', o.dirtyThreshold, 'a number of blocks ≥ 0');
+  if (o.onStall !== undefined && !STALL_POLICIES.includes(o.onStall)) throw new InvalidArgumentError('onStall', STALL_POLICIES.join(', '), o.onStall);
+  // The hook for post-copy: the policy exists, the strategy that can switch to it does not yet.
+  if (o.onStall === 'postcopy' && !postcopy) throw new InvalidArgumentError('onStall', 'wait, force or throttle (postcopy needs a strategy that can switch to post-copy, --strategy hybrid)', o.onStall);
+  if (o.onStall === 'throttle' && typeof o.throttle !== 'function') throw new InvalidArgumentError('throttle', "a function (onStall: 'throttle' calls it with the rate wanted)", o.throttle);
+  if (o.order !== undefined && o.order !== 'hot-last' && o.order !== 'address') throw new InvalidArgumentError('order', 'hot-last or address', o.order);
 }

@@ -14,6 +14,7 @@ import { firstPass, precopyParts, type PrecopyParts } from './precopy.js';
 import { countingDirty, dirtySourceFor } from './rounds.js';
 import { CAP_POSTCOPY, CAP_SIMILARITY } from '../protocol/handshake.js';
 import type { MigrationContext, Strategy, StrategyOutcome } from './strategy.js';
+import { DEFAULT_MAX_DOWNTIME_MS } from './live.js';
 
 /** Blocks per push step: small, so that a demand read waits behind little. */
 const PUSH_BLOCKS = 4;
@@ -36,7 +37,7 @@ const blocksIn = (list: Iterable<Interval>) => { let n = 0; for (const iv of lis
 /** Strategy "postcopy": switch at once, then push everything while demand reads pull. */
 export const postcopy: Strategy = { name: 'postcopy', fills: 0, requires: CAP_POSTCOPY, run: (ctx) => run(ctx, false) };
 /** Strategy "hybrid" (paper 002): pre-copy of cold blocks with the neighbourhood's fills, then post-copy of the rest, hottest first. */
-export const hybrid: Strategy = { name: 'hybrid', fills: FILL_NEIGHBOURS, requires: CAP_POSTCOPY | CAP_SIMILARITY, run: (ctx) => run(ctx, true) };
+export const hybrid: Strategy = { name: 'hybrid', fills: FILL_NEIGHBOURS, requires: CAP_POSTCOPY | CAP_SIMILARITY, postcopyOnStall: true, run: (ctx) => run(ctx, true) };
 
 async function run(ctx: MigrationContext, withPrecopy: boolean): Promise<StrategyOutcome> {
   const { ch, map, blockSize: bs, live } = ctx;
@@ -59,6 +60,7 @@ async function run(ctx: MigrationContext, withPrecopy: boolean): Promise<Strateg
   // leftovers (hybrid), or everything (post-copy).
   const stale = new IntervalSet();
   let rounds = 0;
+  let drainRate = 0, dirtyRate = 0;
   const verifyNow = new IntervalSet();
   if (withPrecopy && !resumedSwitch) {
     const t0 = performance.now(), sent0 = sentBytes(ch), written0 = live.tracked?.bytesWritten ?? 0;
@@ -70,9 +72,10 @@ async function run(ctx: MigrationContext, withPrecopy: boolean): Promise<Strateg
     // more, rounds would chase it: switch at once instead.
     const seconds = Math.max(1e-3, (performance.now() - t0) / 1000);
     const drain = (sentBytes(ch) - sent0) / seconds;
+    drainRate = drain;
     let pending = await dirty.take();
     // The writer's rate: bytes written (rewrites count: they are what rounds chase), or distinct blocks dirtied.
-    const dirtyRate = Math.max(blocksIn(pending) * bs, (live.tracked?.bytesWritten ?? 0) - written0) / seconds;
+    dirtyRate = Math.max(blocksIn(pending) * bs, (live.tracked?.bytesWritten ?? 0) - written0) / seconds;
     let maxRounds = live.maxRounds ?? 8;
     if (dirtyRate >= drain / 2) {
       ctx.event('stall', { dirtyRate, drain, action: 'switch' });
@@ -104,12 +107,19 @@ async function run(ctx: MigrationContext, withPrecopy: boolean): Promise<Strateg
     stale.add(0, map.count);
   }
 
-  // The switch: pause here, the destination serves from now on.
-  ctx.event('cutover', { missing: stale.size });
+  // The switch: pause here, the destination serves from now on. Its cost is
+  // about two round trips (MISSING and SWITCH) and the pause itself.
+  const tRtt = performance.now();
+  await sync();
+  const rtt = (performance.now() - tRtt) / 1000;
+  const predicted = 2 * rtt;
+  ctx.event('cutover', { missing: stale.size, predictedDowntime: predicted });
   const tPause = performance.now();
   const paused = live.pause !== undefined;
   await live.pause?.();
+  const tTake = performance.now();
   for (const iv of await dirty.take()) stale.add(iv.start, iv.count);
+  const tSwitch = performance.now();
   if (!resumedSwitch) {
     const list = [...stale];
     for (let i = 0; i < list.length; i += MISSING_BATCH) await ch.send(MISSING, list.slice(i, i + MISSING_BATCH));
@@ -120,8 +130,10 @@ async function run(ctx: MigrationContext, withPrecopy: boolean): Promise<Strateg
   remaining.add(0, map.count);
   for (const iv of held) remaining.delete(iv.start, iv.count);
   const missingAtSwitch = remaining.size;
+  const tResume = performance.now();
   await live.resume?.();
-  const downtime = (performance.now() - tPause) / 1000;
+  const tEnd = performance.now();
+  const downtime = (tEnd - tPause) / 1000;
   lap('cutover');
 
   // Post-copy: demand pulls first, then the background push.
@@ -150,8 +162,24 @@ async function run(ctx: MigrationContext, withPrecopy: boolean): Promise<Strateg
     sent: c.sent,
     copied: c.copied,
     resent: c.resent,
+    resentBytes: c.resent * bs,
     repaired: check.repaired,
     destination,
+    live: {
+      maxDowntimeSeconds: (live.maxDowntime ?? DEFAULT_MAX_DOWNTIME_MS) / 1000,
+      predictedDowntimeSeconds: predicted,
+      cutoverReason: 'switch',
+      drainRate,
+      dirtyRate,
+      fixedSeconds: predicted,
+      pauseSeconds: (tTake - tPause) / 1000,
+      resumeSeconds: (tEnd - tResume) / 1000,
+      cutoverSeconds: { take: (tSwitch - tTake) / 1000, send: (tResume - tSwitch) / 1000, check: 0, commit: 0 },
+      cutoverBytes: 0,
+      order: withPrecopy ? 'hot-last' : 'address',
+      hotBlocksResent: 0,
+    },
+    delta: { enabled: false, blocks: 0, rawBytes: 0, wireBytes: 0, savedBytes: 0 },
     postcopy: { missingAtSwitch, pulls: push.pulls, pulledBlocks: push.pulledBlocks, owned: push.owned.size },
   };
 }

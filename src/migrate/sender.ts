@@ -6,7 +6,9 @@
 import { Engine } from '../engine/engine.js';
 import { IntervalSet, blockLength, intervalBytes, split, type Interval } from '../blocks/intervals.js';
 import type { Channel } from '../protocol/channel.js';
-import { BLOCKS, COPY, ZERO, type Copy } from '../protocol/messages.js';
+import { BLOCKS, BLOCKS_DELTA, COPY, ZERO, type Copy, type DeltaEntry } from '../protocol/messages.js';
+import { encodeDelta } from '../protocol/delta.js';
+import type { DeltaCache } from './live.js';
 import type { ImageSource } from '../image/source.js';
 import type { DestinationView } from './view.js';
 
@@ -20,7 +22,18 @@ export interface SendCounters {
   copied: number;
   /** Blocks sent more than once. */
   resent: number;
+  /** Blocks sent as deltas (BLOCKS_DELTA), their bytes, and the bytes of their codes and entries. */
+  deltaBlocks: number;
+  deltaRawBytes: number;
+  deltaWireBytes: number;
+  /** Bytes of blocks sent again (whole or as deltas), before frame compression: what re-sends cost. */
+  resentBytes: number;
+  /** Of the blocks sent again, those hot when sent (heat ≥ 2: written at least twice). */
+  hotResent: number;
 }
+
+/** A delta entry's own bytes on the wire: block u64, fingerprint u64, length u32. */
+const DELTA_ENTRY_BYTES = 20;
 
 export class BlockSender {
   private readonly engine: Engine;
@@ -32,7 +45,11 @@ export class BlockSender {
   private readonly everSent = new IntervalSet();
   /** Blocks this sender changed at the destination since the last takeTouched(). */
   private touched = new IntervalSet();
-  readonly counters: SendCounters = { sent: 0, copied: 0, resent: 0 };
+  readonly counters: SendCounters = { sent: 0, copied: 0, resent: 0, deltaBlocks: 0, deltaRawBytes: 0, deltaWireBytes: 0, resentBytes: 0, hotResent: 0 };
+  /** Delta entries being gathered, and their codes. */
+  private deltas: DeltaEntry[] = [];
+  private deltaBytes = 0;
+  private readonly deltaData: Buffer;
 
   // A frame being built.
   private runs: Interval[] = [];
@@ -48,7 +65,14 @@ export class BlockSender {
     private readonly src: ImageSource,
     private readonly view: DestinationView,
     private readonly bs: number,
+    /** Versions last sent, for BLOCKS_DELTA (undefined: no deltas). */
+    private readonly cache?: DeltaCache,
+    /** How hot a block is (its write count), for the hotResent counter. */
+    private readonly heat?: (b: number) => number,
+    /** Called right before blocks are read (a tracked image clears their dirty bits: writes after the read count). */
+    private readonly beforeRead?: (iv: Interval) => void,
   ) {
+    this.deltaData = cache ? Buffer.allocUnsafe(2 * DATA_BATCH + 2 * bs + 64) : Buffer.alloc(0);
     const per = Math.max(1, Math.floor(DATA_BATCH / bs));
     this.engine = new Engine({ initialBytes: per * bs + (4 << 20) });
     this.window = this.engine.alloc(per * bs);
@@ -81,6 +105,7 @@ export class BlockSender {
     for (const iv of split(intervals, per)) {
       const len = intervalBytes(this.src.size, this.bs, iv.start, iv.count);
       const view = this.engine.view(this.window, 0, len);
+      this.beforeRead?.(iv);
       this.src.readInto(view, iv.start * this.bs, len);
       this.engine.zeroFlagsAt(this.window.ptr, len, this.bs, this.flags.ptr);
       this.engine.fingerprintBlocksAt(this.window.ptr, len, this.bs, this.fps.ptr, this.sigs.ptr);
@@ -119,23 +144,63 @@ export class BlockSender {
           this.counters.copied++;
           continue;
         }
+        const len = this.len(b);
+        const bytes = view.subarray(k * this.bs, k * this.bs + len);
+        const again = this.everSent.has(b);
+        if (again) {
+          this.counters.resent++;
+          this.counters.resentBytes += len;
+          if (this.heat && this.heat(b) >= 2) this.counters.hotResent++;
+        }
+        this.everSent.add(b, 1);
+        this.counters.sent++;
+        this.touched.add(b, 1);
+        if (!force && this.tryDelta(b, fp, bytes)) {
+          closeData(b);
+          this.view.set(b, fp, sig);
+          this.cache!.put(b, fp, sig, bytes);
+          continue;
+        }
         if (dataStart < 0) dataStart = b;
         this.frameFps.push(fp);
         this.view.set(b, fp, sig);
-        this.touched.add(b, 1);
-        if (this.everSent.has(b)) this.counters.resent++;
-        this.everSent.add(b, 1);
-        this.counters.sent++;
+        this.cache?.put(b, fp, sig, bytes);
       }
       closeData(iv.start + iv.count);
       // A frame is full, or it holds the image's last block (a short block must end its frame).
       const atEnd = (iv.start + iv.count) * this.bs >= this.src.size;
-      if (atEnd || this.frameBytes >= DATA_BATCH || this.copies.length >= 16384 || this.zeros.runs >= 16384) await this.flush();
+      if (atEnd || this.frameBytes >= DATA_BATCH || this.deltaBytes >= DATA_BATCH || this.deltas.length >= 16384 || this.copies.length >= 16384 || this.zeros.runs >= 16384) await this.flush();
     }
     await this.flush();
   }
 
-  /** Sends what is pending: the data first, then the copies (which may name it), then the zero runs. */
+  /**
+   * Block b as a delta against the version last sent, when the destination
+   * holds that version (as far as this side knows) and the code is smaller
+   * than the block; the code goes into the delta frame being gathered.
+   */
+  private tryDelta(b: number, fp: bigint, bytes: Uint8Array): boolean {
+    const cache = this.cache;
+    if (!cache || !cache.paying) return false;
+    const prev = cache.get(b);
+    if (!prev || prev.bytes.length !== bytes.length) return false;
+    const c = this.view.content(b);
+    if (!c || c[0] !== prev.fp || c[1] !== prev.sig) return false;
+    cache.tries++;
+    // Worth it only when clearly smaller than the block and its BLOCKS entry (fingerprint, run).
+    const limit = bytes.length - DELTA_ENTRY_BYTES - 64;
+    const n = encodeDelta(prev.bytes, bytes, this.deltaData.subarray(this.deltaBytes), limit);
+    if (n < 0) return false;
+    cache.hits++;
+    this.deltas.push({ block: b, fingerprint: fp, length: n });
+    this.deltaBytes += n;
+    this.counters.deltaBlocks++;
+    this.counters.deltaRawBytes += bytes.length;
+    this.counters.deltaWireBytes += n + DELTA_ENTRY_BYTES;
+    return true;
+  }
+
+  /** Sends what is pending: the data first, then deltas and copies (which may name it), then the zero runs. */
   async flush(): Promise<void> {
     if (this.runs.length) {
       const data = this.frameData.subarray(0, this.frameBytes);
@@ -144,6 +209,12 @@ export class BlockSender {
       this.frameFps = [];
       this.frameBytes = 0;
       await this.ch.send(BLOCKS, m);
+    }
+    if (this.deltas.length) {
+      const m = { entries: this.deltas, codes: this.deltaData.subarray(0, this.deltaBytes) };
+      this.deltas = [];
+      this.deltaBytes = 0;
+      await this.ch.send(BLOCKS_DELTA, m); // encoding copies the codes out of the reused buffer
     }
     if (this.copies.length) {
       const c = this.copies;

@@ -9,6 +9,7 @@ import type { Scanner } from '../scan/scanner.js';
 import type { TrackedImage } from '../image/tracked.js';
 import type { BeginOk, Done } from '../protocol/messages.js';
 import type { DirtySource } from './rounds.js';
+import type { CutoverReason, SendOrder, StallPolicy, StallReport, ThrottleInfo, ThrottleReport } from './live.js';
 
 export interface MigrationEvent {
   phase: string;
@@ -26,6 +27,13 @@ export interface MigrationProgress {
   /** Bytes this side has sent so far, and the rate since the start (bytes per second). */
   sentBytes: number;
   rate: number;
+  /** Live rounds: the downtime a cutover now would cost (seconds), the budget, and the rates it comes from (bytes/s). */
+  predictedDowntime?: number;
+  maxDowntime?: number;
+  dirtyRate?: number;
+  drainRate?: number;
+  /** At the end of the cutover: the downtime measured (seconds). */
+  downtime?: number;
 }
 
 export interface LiveOptions {
@@ -39,12 +47,35 @@ export interface LiveOptions {
    * NBD URI of the same QEMU (its NBD server serves the bitmaps).
    */
   qmp?: { socket: string; node: string };
-  /** Pre-copy rounds before cutover at most (default 8). */
+  /**
+   * The downtime budget, milliseconds (default 300): the rounds end, and
+   * the cutover starts, as soon as the predicted downtime fits it.
+   */
+  maxDowntime?: number;
+  /** A limit, not the policy: cut over after this many rounds whatever the prediction (default: no limit). */
   maxRounds?: number;
-  /** Cut over once a round finds this many dirty blocks or fewer (default 256). */
+  /** A limit, not the policy: cut over once a take finds this many dirty blocks or fewer (default 0). */
   dirtyThreshold?: number;
   /** Hybrid (paper 002's Threshold): blocks written this many times or more wait for the post-copy phase (default 2). */
   hotThreshold?: number;
+  /**
+   * When the rounds cannot bring the prediction within the budget (reported
+   * as a `stall` event within three rounds): `wait` keeps trying until
+   * `stallTimeout`, then fails with ERR_BF_NO_CONVERGENCE (the destination
+   * keeps what it has: migrate again resumes); `force` cuts over anyway
+   * (the `cutover` event carries the prediction first); `throttle` calls
+   * `throttle` and keeps trying until `stallTimeout`; `postcopy` is reserved
+   * for the post-copy strategy. Default `wait`.
+   */
+  onStall?: StallPolicy;
+  /** Milliseconds after the stall report that `wait` and `throttle` keep trying (default 60 000). */
+  stallTimeout?: number;
+  /** Slow the writer to `info.wantedRate` bytes/s (`onStall: 'throttle'`); called again with `release` at the end. */
+  throttle?: (info: ThrottleInfo) => unknown;
+  /** Order of blocks within a round: `hot-last` (default: by write count, cold first) or `address`. */
+  order?: SendOrder;
+  /** Re-sent blocks as deltas against the version last sent, where the destination offers it and it pays (default true). */
+  delta?: boolean;
   /** Cutover: called to pause the writer (a VM's suspend). */
   pause?: () => unknown;
   /** Called once the destination holds the verified image (a VM's resume there). */
@@ -85,8 +116,46 @@ export interface StrategyOutcome {
   repaired: number;
   /** The destination's own account (DONE). */
   destination: Done;
+  /** Bytes of blocks sent again, before frame compression (whole, or the delta codes). */
+  resentBytes: number;
+  live: LiveReport;
+  delta: DeltaReport;
   /** Post-copy and hybrid: blocks missing at the switch, demand pulls (requests and blocks), blocks the destination's clients wrote first. */
   postcopy?: PostcopyCounts;
+}
+
+/** How a live migration kept (or did not keep) its downtime promise. */
+export interface LiveReport {
+  maxDowntimeSeconds: number;
+  /** The prediction the cutover was started on (seconds); compare with downtimeSeconds. */
+  predictedDowntimeSeconds: number;
+  cutoverReason: CutoverReason;
+  /** Measured at the cutover: rounds' drain rate and the writer's dirty rate (bytes/s), the fixed cost (seconds). */
+  drainRate: number;
+  dirtyRate: number;
+  fixedSeconds: number;
+  /** Seconds the pause and resume actions took (inside the measured downtime). */
+  pauseSeconds: number;
+  resumeSeconds: number;
+  /** Where the measured downtime went: the last take (rescan or bitmap; it overlaps the send), sending the last round, the check (with repairs), COMMIT. */
+  cutoverSeconds: { take: number; send: number; check: number; commit: number };
+  /** Bytes of blocks the last round had to send. */
+  cutoverBytes: number;
+  order: SendOrder;
+  /** Blocks sent again that were hot when sent (written at least twice: a tracked image's counts, or found dirty by two takes running): what hot-last keeps down. */
+  hotBlocksResent: number;
+  stall?: StallReport;
+  throttle?: ThrottleReport;
+}
+
+export interface DeltaReport {
+  /** Whether deltas were on (the destination offers CAP_DELTA, the image is live, not turned off). */
+  enabled: boolean;
+  blocks: number;
+  /** Bytes of the blocks sent as deltas, and of their codes and entries on the wire (before frame compression). */
+  rawBytes: number;
+  wireBytes: number;
+  savedBytes: number;
 }
 
 export interface PostcopyCounts {
@@ -103,5 +172,12 @@ export interface Strategy {
   readonly fills: number;
   /** Capabilities (CAP_* bits) the destination must offer. */
   readonly requires: number;
+  /**
+   * Whether it can switch to post-copy when the rounds stall (`onStall:
+   * 'postcopy'`); migrate() refuses that policy for strategies without it.
+   * The hook for the post-copy strategy: it sets this and handles the
+   * stall itself (precopy's never does).
+   */
+  readonly postcopyOnStall?: boolean;
   run(ctx: MigrationContext): Promise<StrategyOutcome>;
 }

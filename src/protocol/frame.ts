@@ -38,6 +38,7 @@ export const Msg = {
   DONE: 28,
   SYNC: 29,
   SYNC_OK: 30,
+  BLOCKS_DELTA: 31,
   // Post-copy (CAP_POSTCOPY): the destination takes over while blocks still arrive.
   MISSING: 40,
   SWITCH: 41,

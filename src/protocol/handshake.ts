@@ -22,7 +22,9 @@ export const CAP_RESUME = 2;
 export const CAP_ZSTD = 4;
 /** The destination can take over before every block arrived and serve the image meanwhile (post-copy, hybrid). */
 export const CAP_POSTCOPY = 16;
-export const CAPABILITIES = CAP_SIMILARITY | CAP_RESUME | CAP_ZSTD | CAP_POSTCOPY;
+/** BLOCKS_DELTA: re-sent blocks as the XOR against what the destination holds (docs/PROTOCOL.md, "BLOCKS_DELTA"). */
+export const CAP_DELTA = 8;
+export const CAPABILITIES = CAP_SIMILARITY | CAP_RESUME | CAP_ZSTD | CAP_DELTA | CAP_POSTCOPY;
 /** Largest frame before authentication: the handshake's messages are under 100 bytes. */
 export const HANDSHAKE_FRAME_LIMIT = 256;
 

@@ -201,6 +201,30 @@ export const COPY = def<Copy[]>(Msg.COPY, 'COPY', 'data',
   },
   (m) => 4 + 24 * m.length);
 
+/**
+ * Re-sent blocks as deltas against what the destination holds (CAP_DELTA):
+ * per block its number, the fingerprint of the result and the length of its
+ * code (protocol/delta.ts), then the codes in order. The destination reads
+ * the block, applies the code, and writes the result only when it has the
+ * fingerprint (a wrong base is caught there, like a COPY's wrong source).
+ */
+export interface DeltaEntry { block: number; fingerprint: bigint; length: number }
+export interface BlocksDelta { entries: DeltaEntry[]; codes: Buffer }
+export const BLOCKS_DELTA = def<BlocksDelta>(Msg.BLOCKS_DELTA, 'BLOCKS_DELTA', 'data',
+  (m, w) => { w.u32(m.entries.length); for (const e of m.entries) w.u64(e.block).big(e.fingerprint).u32(e.length); w.bytes(m.codes); },
+  (r) => {
+    const n = counted(r, 20, 'BLOCKS_DELTA');
+    const entries: DeltaEntry[] = new Array(n);
+    let total = 0;
+    for (let i = 0; i < n; i++) {
+      entries[i] = { block: r.u64(), fingerprint: r.big(), length: r.u32() };
+      total += entries[i]!.length;
+    }
+    if (total !== r.remaining) throw new ProtocolError(ErrorCode.PROTOCOL, `BLOCKS_DELTA: codes of ${total} bytes declared, ${r.remaining} present`);
+    return { entries, codes: r.bytes(r.remaining) };
+  },
+  (m) => 4 + 20 * m.entries.length + m.codes.length);
+
 /** Intervals that must read as zeros. */
 export const ZERO = def<Interval[]>(Msg.ZERO, 'ZERO', 'data', (m, w) => writeIntervals(w, m), (r) => readIntervals(r, 'ZERO'), (m) => 4 + 12 * m.length);
 
@@ -273,7 +297,7 @@ export const PROBE_OK = emptyOf(Msg.PROBE_OK, 'PROBE_OK');
 
 /** Every message by type. */
 export const MESSAGES: ReadonlyMap<number, MessageDef<unknown>> = new Map(
-  [HELLO, HELLO_ACK, AUTH, READY, ERROR, BEGIN, BEGIN_OK, BLOCK_INFO, INFO_END, NEED, BLOCKS, COPY, ZERO, ROUND, VERIFY, VERIFY_RESULT, COMMIT, DONE, SYNC, SYNC_OK,
+  [HELLO, HELLO_ACK, AUTH, READY, ERROR, BEGIN, BEGIN_OK, BLOCK_INFO, INFO_END, NEED, BLOCKS, COPY, ZERO, ROUND, VERIFY, VERIFY_RESULT, COMMIT, DONE, SYNC, SYNC_OK, BLOCKS_DELTA,
     MISSING, SWITCH, SWITCH_OK, PULL, OWNED, PROBE, PROBE_OK]
     .map((d) => [d.type, d as MessageDef<unknown>]),
 );

@@ -11,13 +11,14 @@ import { IntervalSet, blockCount, blockLength, intervalBytes, type Interval } fr
 import type { Channel } from '../../protocol/channel.js';
 import { Msg, type Frame } from '../../protocol/frame.js';
 import {
-  BEGIN_OK, BLOCK_INFO, BLOCKS, COMMIT, COPY, DONE, INFO_END, MISSING, NEED, OWNED, PROBE, PROBE_OK, PULL, ROUND, SWITCH, SWITCH_OK, SYNC, SYNC_OK, VERIFY, VERIFY_RESULT, ZERO,
+  BEGIN_OK, BLOCK_INFO, BLOCKS, BLOCKS_DELTA, COMMIT, COPY, DONE, INFO_END, MISSING, NEED, OWNED, PROBE, PROBE_OK, PULL, ROUND, SWITCH, SWITCH_OK, SYNC, SYNC_OK, VERIFY, VERIFY_RESULT, ZERO,
   decode, type BlockInfo, type Done, type VerifyExtent,
 } from '../../protocol/messages.js';
 import type { ImageSink } from '../../image/sink.js';
 import type { FillSource } from '../fills.js';
 import { Journal } from './journal.js';
 import type { ArrivingImage } from './arriving.js';
+import { applyDelta } from '../../protocol/delta.js';
 
 /**
  * When the journal is saved during a transfer: a second after the last save
@@ -44,6 +45,8 @@ export interface SessionStats {
   receivedBlocks: number;
   copiedBlocks: number;
   zeroedBlocks: number;
+  /** BLOCKS_DELTA entries whose result did not have its fingerprint (a wrong base): left for the end-to-end check. */
+  deltaRejected?: number;
 }
 
 export interface SessionInit {
@@ -118,6 +121,7 @@ export class Session {
       [Msg.BLOCKS]: (f) => this.blocksFrame(f),
       [Msg.COPY]: (f) => this.copies(f),
       [Msg.ZERO]: (f) => this.zeros(f),
+      [Msg.BLOCKS_DELTA]: (f) => this.deltas(f),
       [Msg.ROUND]: async (f) => { decode(ROUND, f.payload); },
       [Msg.SYNC]: async (f) => { decode(SYNC, f.payload); await this.saveJournal(); await this.ch.reply(f, SYNC_OK, undefined); },
       [Msg.VERIFY]: async (f) => this.ch.reply(f, VERIFY_RESULT, await this.verify(decode(VERIFY, f.payload))),
@@ -381,6 +385,55 @@ export class Session {
     this.sinceSave += list.length * this.bs;
     await this.maybeSaveJournal();
   }
+
+  // --- BLOCKS_DELTA (CAP_DELTA) ---------------------------------------------
+  /**
+   * Re-sent blocks as XOR deltas against what this side holds: read the
+   * block, apply the code, write it only if the result has the fingerprint.
+   * A wrong base (this side does not hold what the source believes) is
+   * handled as a COPY's: the block is left unchecked and not counted as
+   * written, so the end-to-end check finds it and the source sends it whole.
+   */
+  private async deltas(f: Frame): Promise<void> {
+    if (this.phase !== 'transfer') throw new ProtocolError(ErrorCode.PROTOCOL, 'BLOCKS_DELTA before INFO_END');
+    const m = decode(BLOCKS_DELTA, f.payload);
+    const codes: Buffer[] = [];
+    let at = 0;
+    for (const e of m.entries) {
+      this.inImage(e.block, 1, 'BLOCKS_DELTA');
+      codes.push(m.codes.subarray(at, at + e.length));
+      at += e.length;
+    }
+    // Reads go out COPY_BATCH at a time (as COPY's do); a batch ends before
+    // an entry for a block already in it, so each applies to what the one
+    // before wrote.
+    for (let i = 0; i < m.entries.length; ) {
+      const batch: { e: (typeof m.entries)[number]; code: Buffer; block: Buffer; held: boolean }[] = [];
+      const inBatch = new Set<number>();
+      for (; i < m.entries.length && batch.length < COPY_BATCH && !inBatch.has(m.entries[i]!.block); i++) {
+        const e = m.entries[i]!;
+        inBatch.add(e.block);
+        // One buffer per entry: the sink writes behind, from it.
+        batch.push({ e, code: codes[i]!, block: Buffer.allocUnsafe(blockLength(this.size, this.bs, e.block)), held: this.written.has(e.block) });
+      }
+      await Promise.all(batch.map((x) => (x.held ? this.sink.read(x.block, x.e.block * this.bs, x.block.length) : undefined)));
+      for (const { e, code, block, held } of batch) {
+        await this.step();
+        let ok = held;
+        if (ok) {
+          applyDelta(block, code);
+          ok = this.engine.fingerprints(block, this.bs).fingerprints[0] === e.fingerprint;
+        }
+        this.touched(e.block, 1);
+        if (!ok) { this.written.delete(e.block, 1); this.stats.deltaRejected = (this.stats.deltaRejected ?? 0) + 1; continue; }
+        await this.sink.write(e.block * this.bs, block);
+        this.stats.receivedBlocks++;
+        this.sinceSave += block.length;
+      }
+    }
+    await this.maybeSaveJournal();
+  }
+  // --- end BLOCKS_DELTA ------------------------------------------------------
 
   private async zeros(f: Frame): Promise<void> {
     for (const iv of decode(ZERO, f.payload)) {
