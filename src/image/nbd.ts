@@ -9,7 +9,7 @@ import { MessageChannel, Worker, receiveMessageOnPort, type MessagePort } from '
 import { BlockferryError, ErrorCode, InvalidArgumentError, type ErrorCodeValue } from '../errors.js';
 import { NBD_DEFAULT_TIMEOUT_MS } from '../nbd/client.js';
 import { parseNbdUri } from '../nbd/uri.js';
-import type { Extent, ImageSource } from './source.js';
+import type { Extent, ImageSource } from './image.js';
 
 /** Bytes per turn through the shared buffer: 8 MiB, one NBD READ each. */
 export const NBD_BRIDGE_BYTES = 8 << 20;
