@@ -10,7 +10,7 @@
 // is checked byte for byte against the source as paused plus the
 // destination's own writes before a figure is printed.
 import { spawn, spawnSync } from 'node:child_process';
-import { copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -129,7 +129,3 @@ function tcpRtt(hosts: NonNullable<ReturnType<typeof twoHosts>>): number {
   }
 }
 
-if (import.meta.url === `file://${process.argv[1]}`) {
-  const out = await benchPostcopy();
-  if (out && process.argv[2]) writeFileSync(process.argv[2], JSON.stringify(out, null, 2));
-}

@@ -1,4 +1,4 @@
-// npm run bench [-- --only hash,zero,bitmap,native,scan,transfer,scale,codec,index,live] [-- --json [FILE]]
+// npm run bench [-- --only hash,zero,bitmap,native,scan,transfer,scale,codec,index,live,postcopy] [-- --json [FILE]]
 // Every group checks its results against the reference before timing, runs
 // the peers in this one process, and prints ratios against the goals.
 import { writeFileSync } from 'node:fs';
@@ -14,6 +14,7 @@ import { benchTransfer } from './transfer.js';
 import { benchCodec } from './codec.js';
 import { benchScale } from './scale.js';
 import { benchLive } from './live.js';
+import { benchPostcopy } from './postcopy.js';
 
 // `--json` alone writes bench-results.json; `--json FILE` or `--json=FILE` names the file.
 const argv = process.argv.slice(2);
@@ -50,6 +51,10 @@ if (want('index')) {
 if (want('live')) {
   const r = await benchLive();
   if (r) extra.live = r;
+}
+if (want('postcopy')) {
+  const r = await benchPostcopy();
+  if (r) extra.postcopy = r;
 }
 if (values.json) {
   writeFileSync(values.json, JSON.stringify({ machine, date: new Date().toISOString(), groups, ...extra }, null, 2) + '\n');

@@ -110,12 +110,11 @@ async function run(ctx: MigrationContext, withPrecopy: boolean): Promise<Strateg
   // The switch: pause here, the destination serves from now on. Its cost is
   // about two round trips (MISSING and SWITCH) and the pause itself.
   const tRtt = performance.now();
-  await sync();
+  await ch.request(PROBE, undefined, PROBE_OK); // answered at once (a SYNC would wait for a journal save)
   const rtt = (performance.now() - tRtt) / 1000;
   const predicted = 2 * rtt;
   ctx.event('cutover', { missing: stale.size, predictedDowntime: predicted });
   const tPause = performance.now();
-  const paused = live.pause !== undefined;
   await live.pause?.();
   const tTake = performance.now();
   for (const iv of await dirty.take()) stale.add(iv.start, iv.count);
@@ -157,7 +156,8 @@ async function run(ctx: MigrationContext, withPrecopy: boolean): Promise<Strateg
   const c = sender.counters;
   return {
     rounds,
-    downtimeSeconds: paused ? downtime : 0,
+    // The switch is downtime with or without a pause hook: neither side serves the image's writes meanwhile.
+    downtimeSeconds: downtime,
     phases,
     sent: c.sent,
     copied: c.copied,
