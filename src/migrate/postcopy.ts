@@ -10,7 +10,7 @@ import { IntervalSet, split, type Interval } from '../blocks/intervals.js';
 import { BlockferryError, ErrorCode } from '../errors.js';
 import { Msg } from '../protocol/frame.js';
 import { COMMIT, DONE, FILL_NEIGHBOURS, MISSING, OWNED, PROBE, PROBE_OK, PULL, ROUND, SWITCH, SWITCH_OK, ZERO, decode } from '../protocol/messages.js';
-import { firstPass, precopyParts, type PrecopyParts } from './precopy.js';
+import { firstPass, phaseClock, precopyParts, type PrecopyParts } from './precopy.js';
 import { countingDirty, dirtySourceFor } from './rounds.js';
 import { CAP_POSTCOPY, CAP_SIMILARITY } from '../protocol/handshake.js';
 import type { MigrationContext, Strategy, StrategyOutcome } from './strategy.js';
@@ -41,13 +41,7 @@ export const hybrid: Strategy = { name: 'hybrid', fills: FILL_NEIGHBOURS, requir
 
 async function run(ctx: MigrationContext, withPrecopy: boolean): Promise<StrategyOutcome> {
   const { ch, map, blockSize: bs, live } = ctx;
-  const phases: Record<string, number> = {};
-  let t = performance.now();
-  const lap = (name: string) => {
-    const now = performance.now();
-    phases[name] = (phases[name] ?? 0) + (now - t) / 1000;
-    t = now;
-  };
+  const { phases, lap } = phaseClock();
   const parts = precopyParts(ctx);
   const { view, sender, check, sync } = parts;
   const counts = new Map<number, number>();

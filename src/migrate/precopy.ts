@@ -23,6 +23,20 @@ const INFO_BATCH = 65536;
 
 const blocksIn = (list: Interval[]) => list.reduce((a, iv) => a + iv.count, 0);
 
+/** Seconds per phase: lap(name) adds the time since the previous lap to that phase. */
+export function phaseClock(): { phases: Record<string, number>; lap: (name: string) => void } {
+  const phases: Record<string, number> = {};
+  let t = performance.now();
+  return {
+    phases,
+    lap: (name) => {
+      const now = performance.now();
+      phases[name] = (phases[name] ?? 0) + (now - t) / 1000;
+      t = now;
+    },
+  };
+}
+
 /** What every pre-copy phase works with: the picture of the destination, the sender, the end-to-end check. */
 export interface PrecopyParts {
   view: DestinationView;
@@ -97,13 +111,7 @@ export async function firstPass(ctx: MigrationContext, { view, sender, check, sy
 
 export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   const { ch, map, blockSize: bs, live } = ctx;
-  const phases: Record<string, number> = {};
-  let t = performance.now();
-  const lap = (name: string) => {
-    const now = performance.now();
-    phases[name] = (phases[name] ?? 0) + (now - t) / 1000;
-    t = now;
-  };
+  const { phases, lap } = phaseClock();
   const isLive = !!live.tracked || !!ctx.dirty || (!!live.rescan && !!ctx.scanner);
   // The delta cache takes a quarter of the budget; only a live image re-sends blocks.
   const deltaOn = isLive && live.delta !== false && (ctx.capabilities & CAP_DELTA) !== 0;
