@@ -134,10 +134,9 @@ describe('delta codec', () => {
 });
 
 describe('live migration with a downtime budget', () => {
-  it('rejects postcopy (not in this build) and throttle without a hook, before connecting', async () => {
+  it('rejects throttle without a hook and a negative budget, before connecting', async () => {
     const p = image('args', MiB, 3);
     const to = `127.0.0.1:${svc.address.port}`;
-    await assert.rejects(migrate(p, { to, auth, rescan: true, onStall: 'postcopy' }), (e: Error & { code?: string }) => e.code === ErrorCode.INVALID_ARGUMENT && /hybrid/.test(e.message));
     await assert.rejects(migrate(p, { to, auth, rescan: true, onStall: 'throttle' }), { code: ErrorCode.INVALID_ARGUMENT });
     await assert.rejects(migrate(p, { to, auth, rescan: true, maxDowntime: -1 }), { code: ErrorCode.INVALID_ARGUMENT });
   });
@@ -167,6 +166,19 @@ describe('live migration with a downtime budget', () => {
     const cut = events.findIndex((e) => e.phase === 'cutover');
     assert.ok(cut >= 0 && cut < events.findIndex((e) => e.phase === 'pause'), 'the cutover event (with the prediction) comes before the pause');
     assert.ok((events[cut]!.detail as { predictedDowntime: number }).predictedDowntime > 0.1);
+  });
+
+  it('postcopy: a writer faster than --bwlimit; at the stall the destination takes over and the dirty blocks follow, exact', { skip: !hasFio && 'fio not installed' }, async () => {
+    const p = image('switch', 12 * MiB, 6);
+    const w = startFio(p, 0, 4 * MiB, '8m');
+    await settle(300);
+    const events: { phase: string; detail?: unknown }[] = [];
+    const r = await liveMigrate(p, 'switch', w, { bwlimit: 3e6, maxDowntime: 100, onStall: 'postcopy' }, events);
+    assert.equal(r.live.stall?.action, 'postcopy');
+    assert.ok(r.live.stall.round <= 3, `reported after round ${r.live.stall.round}`);
+    assert.equal(r.live.cutoverReason, 'switch', 'it switched instead of cutting over');
+    assert.ok(r.postcopy && r.postcopy.missingAtSwitch > 0, 'the dirty blocks went after the switch');
+    assert.ok(events.findIndex((e) => e.phase === 'stall') < events.findIndex((e) => e.phase === 'pause'));
   });
 
   it('wait: gives up with ERR_BF_NO_CONVERGENCE after --stall-timeout, nothing lost: the next attempt resumes', { skip: !hasFio && 'fio not installed' }, async () => {

@@ -471,7 +471,7 @@ export function buildProgram(): Command {
     .option('--qmp <socket>', "QEMU writes the image: its QMP socket; rounds come from QEMU's dirty bitmaps (the image must be an NBD URI of that QEMU)")
     .option('--qmp-node <node>', 'with --qmp: the block node whose writes are followed')
     .option('--max-downtime <duration>', 'downtime budget: cut over as soon as the predicted downtime fits (300ms, 1s)', '300ms')
-    .addOption(new Option('--on-stall <action>', 'when rounds cannot converge: keep trying until --stall-timeout, cut over anyway, throttle the writer (--throttle-cmd), or postcopy (needs --strategy hybrid)').choices(['wait', 'force', 'throttle', 'postcopy']).default('wait'))
+    .addOption(new Option('--on-stall <action>', 'when rounds cannot converge: keep trying until --stall-timeout, cut over anyway, throttle the writer (--throttle-cmd), or postcopy (switch: the destination takes the image over now and the dirty blocks follow)').choices(['wait', 'force', 'throttle', 'postcopy']).default('wait'))
     .option('--stall-timeout <duration>', 'how long wait and throttle keep trying after a stall, then ERR_BF_NO_CONVERGENCE', '60s')
     .option('--throttle-cmd <cmd>', 'run on a stall with --on-stall throttle: BLOCKFERRY_THROTTLE_RATE (bytes/s wanted, "max" at the end), BLOCKFERRY_DIRTY_RATE, BLOCKFERRY_DRAIN_RATE, BLOCKFERRY_THROTTLE_STEP')
     .addOption(new Option('--order <order>', 'order of blocks in a round: by write count, cold first (hot-last), or by address').choices(['hot-last', 'address']).default('hot-last'))

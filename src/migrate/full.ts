@@ -4,4 +4,4 @@
 import { precopy } from './precopy.js';
 import type { Strategy } from './strategy.js';
 
-export const full: Strategy = { name: 'full', fills: 0, requires: 0, run: precopy };
+export const full: Strategy = { name: 'full', fills: 0, requires: 0, postcopyOnStall: true, run: precopy };

@@ -10,11 +10,11 @@ import { IntervalSet, split, type Interval } from '../blocks/intervals.js';
 import { BlockferryError, ErrorCode } from '../errors.js';
 import { Msg } from '../protocol/frame.js';
 import { COMMIT, DONE, FILL_NEIGHBOURS, MISSING, OWNED, PROBE, PROBE_OK, PULL, ROUND, SWITCH, SWITCH_OK, ZERO, decode } from '../protocol/messages.js';
-import { firstPass, phaseClock, precopyParts, type PrecopyParts } from './precopy.js';
-import { countingDirty, dirtySourceFor } from './rounds.js';
+import { firstPass, phaseClock, precopyParts, type PrecopyParts } from './pass.js';
+import { countingDirty, dirtySourceFor, type DirtySource } from './rounds.js';
 import { CAP_POSTCOPY, CAP_SIMILARITY } from '../protocol/handshake.js';
 import type { MigrationContext, Strategy, StrategyOutcome } from './strategy.js';
-import { DEFAULT_MAX_DOWNTIME_MS } from './live.js';
+import { DEFAULT_MAX_DOWNTIME_MS, type StallReport } from './live.js';
 
 /** Blocks per push step: small, so that a demand read waits behind little. */
 const PUSH_BLOCKS = 4;
@@ -35,7 +35,7 @@ const sentBytes = (ch: MigrationContext['ch']) => Object.values(ch.sent).reduce(
 const blocksIn = (list: Iterable<Interval>) => { let n = 0; for (const iv of list) n += iv.count; return n; };
 
 /** Strategy "postcopy": switch at once, then push everything while demand reads pull. */
-export const postcopy: Strategy = { name: 'postcopy', fills: 0, requires: CAP_POSTCOPY, run: (ctx) => run(ctx, false) };
+export const postcopy: Strategy = { name: 'postcopy', fills: 0, requires: CAP_POSTCOPY, postcopyOnStall: true, run: (ctx) => run(ctx, false) };
 /** Strategy "hybrid" (paper 002): pre-copy of cold blocks with the neighbourhood's fills, then post-copy of the rest, hottest first. */
 export const hybrid: Strategy = { name: 'hybrid', fills: FILL_NEIGHBOURS, requires: CAP_POSTCOPY | CAP_SIMILARITY, postcopyOnStall: true, run: (ctx) => run(ctx, true) };
 
@@ -43,7 +43,7 @@ async function run(ctx: MigrationContext, withPrecopy: boolean): Promise<Strateg
   const { ch, map, blockSize: bs, live } = ctx;
   const { phases, lap } = phaseClock();
   const parts = precopyParts(ctx);
-  const { view, sender, check, sync } = parts;
+  const { view, sender, sync } = parts;
   const counts = new Map<number, number>();
   const dirty = countingDirty(dirtySourceFor({ dirty: ctx.dirty, tracked: live.tracked, rescan: live.rescan, scanner: ctx.scanner, path: ctx.path, blockSize: ctx.blockSize }, view), counts);
   const writes = (b: number) => live.tracked?.writeCounts.get(b) ?? counts.get(b) ?? 0;
@@ -101,6 +101,38 @@ async function run(ctx: MigrationContext, withPrecopy: boolean): Promise<Strateg
     stale.add(0, map.count);
   }
 
+  return switchOver(ctx, parts, { stale, verify: verifyNow, dirty, writes: withPrecopy ? writes : undefined, rounds, drainRate, dirtyRate, phases, lap });
+}
+
+/** Where a migration stands when it switches to post-copy. */
+export interface SwitchState {
+  /** Blocks the destination must not take as the source's (the dirty set taken at the pause is added). */
+  stale: IntervalSet;
+  /** Blocks to check end to end after the push, beside what it sends. */
+  verify: IntervalSet;
+  dirty: DirtySource;
+  /** Write counts: the push goes hottest first; without them, in address order. */
+  writes: ((b: number) => number) | undefined;
+  rounds: number;
+  drainRate: number;
+  dirtyRate: number;
+  phases: Record<string, number>;
+  lap: (name: string) => void;
+  stall?: StallReport;
+}
+
+/**
+ * The switch and the post-copy phase: pause, MISSING and SWITCH, resume (the
+ * destination serves the image from then on), the push with demand pulls
+ * first, the end-to-end check, COMMIT. Post-copy and hybrid end here, and
+ * pre-copy when its rounds stall with --on-stall postcopy.
+ */
+export async function switchOver(ctx: MigrationContext, parts: PrecopyParts, st: SwitchState): Promise<StrategyOutcome> {
+  const { ch, map, blockSize: bs, live } = ctx;
+  const { view, sender, check, sync } = parts;
+  const { stale, dirty, lap, rounds } = st;
+  const resumedSwitch = ctx.begin.switched;
+  sender.deltasAllowed = false;
   // The switch: pause here, the destination serves from now on. Its cost is
   // about two round trips (MISSING and SWITCH) and the pause itself.
   const tRtt = performance.now();
@@ -130,7 +162,7 @@ async function run(ctx: MigrationContext, withPrecopy: boolean): Promise<Strateg
   lap('cutover');
 
   // Post-copy: demand pulls first, then the background push.
-  const push = new Pusher(ctx, parts, remaining, resumedSwitch ? [] : order(remaining, withPrecopy ? writes : undefined));
+  const push = new Pusher(ctx, parts, remaining, resumedSwitch ? [] : order(remaining, st.writes));
   await push.run();
   lap('postcopy');
 
@@ -140,7 +172,7 @@ async function run(ctx: MigrationContext, withPrecopy: boolean): Promise<Strateg
   ctx.event('verify');
   const ranges = new IntervalSet();
   if (resumedSwitch) ranges.add(0, map.count);
-  for (const iv of verifyNow) ranges.add(iv.start, iv.count);
+  for (const iv of st.verify) ranges.add(iv.start, iv.count);
   for (const iv of sender.takeTouched()) ranges.add(iv.start, iv.count);
   for (const iv of push.zeroed) ranges.add(iv.start, iv.count);
   await check.repairing(push.withoutOwned(ranges), sync, (r) => push.withoutOwned(IntervalSet.of(r)), (x) => push.owned.intersects(x.start, x.count));
@@ -152,7 +184,7 @@ async function run(ctx: MigrationContext, withPrecopy: boolean): Promise<Strateg
     rounds,
     // The switch is downtime with or without a pause hook: neither side serves the image's writes meanwhile.
     downtimeSeconds: downtime,
-    phases,
+    phases: st.phases,
     sent: c.sent,
     copied: c.copied,
     resent: c.resent,
@@ -163,15 +195,16 @@ async function run(ctx: MigrationContext, withPrecopy: boolean): Promise<Strateg
       maxDowntimeSeconds: (live.maxDowntime ?? DEFAULT_MAX_DOWNTIME_MS) / 1000,
       predictedDowntimeSeconds: predicted,
       cutoverReason: 'switch',
-      drainRate,
-      dirtyRate,
+      drainRate: st.drainRate,
+      dirtyRate: st.dirtyRate,
       fixedSeconds: predicted,
       pauseSeconds: (tTake - tPause) / 1000,
       resumeSeconds: (tEnd - tResume) / 1000,
       cutoverSeconds: { take: (tSwitch - tTake) / 1000, send: (tResume - tSwitch) / 1000, check: 0, commit: 0 },
       cutoverBytes: 0,
-      order: withPrecopy ? 'hot-last' : 'address',
+      order: st.writes ? 'hot-last' : 'address',
       hotBlocksResent: 0,
+      ...(st.stall ? { stall: st.stall } : {}),
     },
     delta: { enabled: false, blocks: 0, rawBytes: 0, wireBytes: 0, savedBytes: 0 },
     postcopy: { missingAtSwitch, pulls: push.pulls, pulledBlocks: push.pulledBlocks, owned: push.owned.size },

@@ -4,110 +4,20 @@
 // is live, each checked end to end while still live, until the predicted
 // downtime fits the budget (live.ts: the model, stall detection, hot-last
 // order, delta cache); then the cutover and COMMIT.
-import { IntervalSet, split, type Interval } from '../blocks/intervals.js';
+import { IntervalSet, type Interval } from '../blocks/intervals.js';
 import { BlockferryError, ErrorCode } from '../errors.js';
-import { CAP_DELTA } from '../protocol/handshake.js';
-import { BLOCK_INFO, COMMIT, DONE, INFO_END, NEED, ROUND, SYNC, SYNC_OK } from '../protocol/messages.js';
-import { BlockSender } from './sender.js';
+import { CAP_DELTA, CAP_POSTCOPY } from '../protocol/handshake.js';
+import { COMMIT, DONE, ROUND } from '../protocol/messages.js';
+import { firstPass, phaseClock, precopyParts } from './pass.js';
+import { switchOver } from './postcopy.js';
 import {
   DEFAULT_MAX_DOWNTIME_MS, DEFAULT_STALL_TIMEOUT_MS, DeltaCache, DowntimeModel, HotOrder, StallDetector,
   type CutoverReason, type StallReport, type ThrottleReport,
 } from './live.js';
-import { EndToEndCheck, type VerifyStream } from './verify.js';
-import { DestinationView } from './view.js';
 import { dirtySourceFor } from './rounds.js';
 import type { MigrationContext, StrategyOutcome } from './strategy.js';
 
-/** Blocks per BLOCK_INFO frame (64 Ki: 1 MiB of fingerprints and signatures). */
-const INFO_BATCH = 65536;
-
 const blocksIn = (list: Interval[]) => list.reduce((a, iv) => a + iv.count, 0);
-
-/** Seconds per phase: lap(name) adds the time since the previous lap to that phase. */
-export function phaseClock(): { phases: Record<string, number>; lap: (name: string) => void } {
-  const phases: Record<string, number> = {};
-  let t = performance.now();
-  return {
-    phases,
-    lap: (name) => {
-      const now = performance.now();
-      phases[name] = (phases[name] ?? 0) + (now - t) / 1000;
-      t = now;
-    },
-  };
-}
-
-/** What every pre-copy phase works with: the picture of the destination, the sender, the end-to-end check. */
-export interface PrecopyParts {
-  view: DestinationView;
-  sender: BlockSender;
-  check: EndToEndCheck;
-  sync: () => Promise<void>;
-}
-
-/** Options of the sender: the delta cache, the hot-last write counts, and a hook told of every range read for sending. */
-export function precopyParts(ctx: MigrationContext, send: { cache?: DeltaCache; count?: (b: number) => number; onRead?: (iv: Interval) => void } = {}): PrecopyParts {
-  const { ch, src, map, blockSize: bs } = ctx;
-  // The copy index takes at most an eighth of the budget (about 30 bytes an entry).
-  const view = new DestinationView(map, Math.floor(ctx.memoryBudget / 8 / 30));
-  const sender = new BlockSender(ch, src, view, bs, send.cache, send.count, send.onRead);
-  const check = new EndToEndCheck(ch, src, view, bs, sender, (n) => ctx.event('repair', { extents: n }));
-  return { view, sender, check, sync: async () => { await ch.request(SYNC, undefined, SYNC_OK); } };
-}
-
-/**
- * Phases 1-3, overlapped: BLOCK_INFO runs stream out while NEED answers come
- * back and what they name is sent. Returns the end-to-end check of what was
- * sent, still collecting its answers. With `defer`, blocks it calls hot are
- * not sent but put in `defer.into` (hybrid: they wait for the switch).
- */
-export async function firstPass(ctx: MigrationContext, { view, sender, check, sync }: PrecopyParts, defer?: { hot: (b: number) => boolean; into: IntervalSet }): Promise<VerifyStream> {
-  const { ch, map, blockSize: bs } = ctx;
-  ctx.event('fingerprints');
-  const sendInfo = async () => {
-    for (const r of split(map.runs(), INFO_BATCH)) {
-      const i = map.indexOf(r.start);
-      await ch.send(BLOCK_INFO, { start: r.start, count: r.count, fingerprints: map.fingerprints.subarray(i, i + r.count), signatures: map.signatures.subarray(i, i + r.count) });
-    }
-    await ch.send(INFO_END, undefined);
-  };
-  let announced = false;
-  const total = map.dataBlocks * bs;
-  let done = 0;
-  // The end-to-end check goes out as the transfer goes: each run, right after
-  // its blocks (and the zero gap before it), is checked while later runs are
-  // still being sent; the destination applies frames in order.
-  const stream = check.stream();
-  let checkedTo = 0;
-  const checkUpTo = async (end: number) => {
-    if (end > checkedTo) await stream.add([{ start: checkedTo, count: end - checkedTo }]);
-    checkedTo = Math.max(checkedTo, end);
-  };
-  const receiveNeeds = async () => {
-    for (;;) {
-      const need = await ch.recv(NEED);
-      if (need.last) return;
-      if (!announced) { announced = true; ctx.event('transfer'); }
-      view.heldRun(need.start, need.count, need.missing);
-      let missing = need.missing;
-      if (defer) {
-        // Hybrid: blocks already written Threshold times wait for the switch (they would be sent again).
-        const send = new IntervalSet();
-        for (const iv of missing) for (let b = iv.start; b < iv.start + iv.count; b++) (defer.hot(b) ? defer.into : send).add(b, 1);
-        missing = [...send];
-      }
-      await sender.send(missing);
-      await checkUpTo(need.start + need.count);
-      done += need.count * bs;
-      ctx.progress({ phase: 'transfer', round: 0, done: Math.min(done, total), total });
-    }
-  };
-  await Promise.all([sendInfo(), receiveNeeds()]);
-  await checkUpTo(map.count);
-  await sync();
-  sender.takeTouched(); // what the transfer changed is covered by the stream
-  return stream;
-}
 
 export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   const { ch, map, blockSize: bs, live } = ctx;
@@ -209,7 +119,17 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
         stall = { round: rounds, dirtyRate: model.dirty.value, drainRate: model.drain.value, predictedSeconds: predicted, budgetSeconds: model.budgetSeconds, cause, action: policy };
         ctx.event('stall', stall);
         if (policy === 'force') { reason = 'stall-force'; break; }
-        // 'postcopy' never gets here: migrate() accepts it only for strategies that handle it themselves (Strategy.postcopy).
+        if (policy === 'postcopy') {
+          // The destination takes over now; what is dirty goes after the switch, hottest first.
+          if (!(ctx.capabilities & CAP_POSTCOPY)) throw new BlockferryError(ErrorCode.REFUSED, 'the rounds stalled and --on-stall postcopy was asked, but the destination does not offer post-copy');
+          lap('rounds');
+          const verify = IntervalSet.of(recheck);
+          for (const iv of sender.takeTouched()) verify.add(iv.start, iv.count);
+          return await switchOver(ctx, parts, {
+            stale: IntervalSet.of(pending), verify, dirty: { take }, writes: (b) => order.count(b), rounds,
+            drainRate: model.drain.value, dirtyRate: model.dirty.value, phases, lap, stall,
+          });
+        }
         stallDeadline = now() + stallTimeoutMs;
         if (policy === 'throttle') await throttleNow();
       } else if (stall && policy === 'throttle' && cause && ++roundsSinceThrottle >= 2) {

@@ -48,6 +48,8 @@ export class BlockSender {
   readonly counters: SendCounters = { sent: 0, copied: 0, resent: 0, deltaBlocks: 0, deltaRawBytes: 0, deltaWireBytes: 0, resentBytes: 0, hotResent: 0 };
   /** Delta entries being gathered, and their codes. */
   private deltas: DeltaEntry[] = [];
+  /** Off once the destination serves the image (post-copy): a delta's base may be a block its clients rewrote. */
+  deltasAllowed = true;
   private deltaBytes = 0;
   private readonly deltaData: Buffer;
 
@@ -181,7 +183,7 @@ export class BlockSender {
    */
   private tryDelta(b: number, fp: bigint, bytes: Uint8Array): boolean {
     const cache = this.cache;
-    if (!cache || !cache.paying) return false;
+    if (!cache || !cache.paying || !this.deltasAllowed) return false;
     const prev = cache.get(b);
     if (!prev || prev.bytes.length !== bytes.length) return false;
     const c = this.view.content(b);

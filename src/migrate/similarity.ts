@@ -6,4 +6,4 @@ import { FILL_NEIGHBOURS } from '../protocol/messages.js';
 import { precopy } from './precopy.js';
 import type { Strategy } from './strategy.js';
 
-export const similarity: Strategy = { name: 'similarity', fills: FILL_NEIGHBOURS, requires: CAP_SIMILARITY, run: precopy };
+export const similarity: Strategy = { name: 'similarity', fills: FILL_NEIGHBOURS, requires: CAP_SIMILARITY, postcopyOnStall: true, run: precopy };

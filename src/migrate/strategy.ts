@@ -64,8 +64,9 @@ export interface LiveOptions {
    * `stallTimeout`, then fails with ERR_BF_NO_CONVERGENCE (the destination
    * keeps what it has: migrate again resumes); `force` cuts over anyway
    * (the `cutover` event carries the prediction first); `throttle` calls
-   * `throttle` and keeps trying until `stallTimeout`; `postcopy` is reserved
-   * for the post-copy strategy. Default `wait`.
+   * `throttle` and keeps trying until `stallTimeout`; `postcopy` switches:
+   * the destination takes the image over and the dirty blocks follow (the
+   * destination must offer post-copy). Default `wait`.
    */
   onStall?: StallPolicy;
   /** Milliseconds after the stall report that `wait` and `throttle` keep trying (default 60 000). */
@@ -175,8 +176,8 @@ export interface Strategy {
   /**
    * Whether it can switch to post-copy when the rounds stall (`onStall:
    * 'postcopy'`); migrate() refuses that policy for strategies without it.
-   * The hook for the post-copy strategy: it sets this and handles the
-   * stall itself (precopy's never does).
+   * Pre-copy switches through postcopy.ts's switchOver; hybrid always
+   * switches on a stall.
    */
   readonly postcopyOnStall?: boolean;
   run(ctx: MigrationContext): Promise<StrategyOutcome>;

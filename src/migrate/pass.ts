@@ -1,0 +1,100 @@
+// What the pre-copy strategies and post-copy's hybrid share: the parts a
+// migration works with (the picture of the destination, the sender, the
+// end-to-end check), the first pass (paper 001's phases 1-3, overlapped),
+// and a timer of the phases.
+import { IntervalSet, split, type Interval } from '../blocks/intervals.js';
+import { BLOCK_INFO, INFO_END, NEED, SYNC, SYNC_OK } from '../protocol/messages.js';
+import { BlockSender } from './sender.js';
+import type { DeltaCache } from './live.js';
+import { EndToEndCheck, type VerifyStream } from './verify.js';
+import { DestinationView } from './view.js';
+import type { MigrationContext } from './strategy.js';
+
+/** Blocks per BLOCK_INFO frame (64 Ki: 1 MiB of fingerprints and signatures). */
+const INFO_BATCH = 65536;
+
+/** Seconds per phase: lap(name) adds the time since the previous lap to that phase. */
+export function phaseClock(): { phases: Record<string, number>; lap: (name: string) => void } {
+  const phases: Record<string, number> = {};
+  let t = performance.now();
+  return {
+    phases,
+    lap: (name) => {
+      const now = performance.now();
+      phases[name] = (phases[name] ?? 0) + (now - t) / 1000;
+      t = now;
+    },
+  };
+}
+
+/** What every pre-copy phase works with: the picture of the destination, the sender, the end-to-end check. */
+export interface PrecopyParts {
+  view: DestinationView;
+  sender: BlockSender;
+  check: EndToEndCheck;
+  sync: () => Promise<void>;
+}
+
+/** Options of the sender: the delta cache, the hot-last write counts, and a hook told of every range read for sending. */
+export function precopyParts(ctx: MigrationContext, send: { cache?: DeltaCache; count?: (b: number) => number; onRead?: (iv: Interval) => void } = {}): PrecopyParts {
+  const { ch, src, map, blockSize: bs } = ctx;
+  // The copy index takes at most an eighth of the budget (about 30 bytes an entry).
+  const view = new DestinationView(map, Math.floor(ctx.memoryBudget / 8 / 30));
+  const sender = new BlockSender(ch, src, view, bs, send.cache, send.count, send.onRead);
+  const check = new EndToEndCheck(ch, src, view, bs, sender, (n) => ctx.event('repair', { extents: n }));
+  return { view, sender, check, sync: async () => { await ch.request(SYNC, undefined, SYNC_OK); } };
+}
+
+/**
+ * Phases 1-3, overlapped: BLOCK_INFO runs stream out while NEED answers come
+ * back and what they name is sent. Returns the end-to-end check of what was
+ * sent, still collecting its answers. With `defer`, blocks it calls hot are
+ * not sent but put in `defer.into` (hybrid: they wait for the switch).
+ */
+export async function firstPass(ctx: MigrationContext, { view, sender, check, sync }: PrecopyParts, defer?: { hot: (b: number) => boolean; into: IntervalSet }): Promise<VerifyStream> {
+  const { ch, map, blockSize: bs } = ctx;
+  ctx.event('fingerprints');
+  const sendInfo = async () => {
+    for (const r of split(map.runs(), INFO_BATCH)) {
+      const i = map.indexOf(r.start);
+      await ch.send(BLOCK_INFO, { start: r.start, count: r.count, fingerprints: map.fingerprints.subarray(i, i + r.count), signatures: map.signatures.subarray(i, i + r.count) });
+    }
+    await ch.send(INFO_END, undefined);
+  };
+  let announced = false;
+  const total = map.dataBlocks * bs;
+  let done = 0;
+  // The end-to-end check goes out as the transfer goes: each run, right after
+  // its blocks (and the zero gap before it), is checked while later runs are
+  // still being sent; the destination applies frames in order.
+  const stream = check.stream();
+  let checkedTo = 0;
+  const checkUpTo = async (end: number) => {
+    if (end > checkedTo) await stream.add([{ start: checkedTo, count: end - checkedTo }]);
+    checkedTo = Math.max(checkedTo, end);
+  };
+  const receiveNeeds = async () => {
+    for (;;) {
+      const need = await ch.recv(NEED);
+      if (need.last) return;
+      if (!announced) { announced = true; ctx.event('transfer'); }
+      view.heldRun(need.start, need.count, need.missing);
+      let missing = need.missing;
+      if (defer) {
+        // Hybrid: blocks already written Threshold times wait for the switch (they would be sent again).
+        const send = new IntervalSet();
+        for (const iv of missing) for (let b = iv.start; b < iv.start + iv.count; b++) (defer.hot(b) ? defer.into : send).add(b, 1);
+        missing = [...send];
+      }
+      await sender.send(missing);
+      await checkUpTo(need.start + need.count);
+      done += need.count * bs;
+      ctx.progress({ phase: 'transfer', round: 0, done: Math.min(done, total), total });
+    }
+  };
+  await Promise.all([sendInfo(), receiveNeeds()]);
+  await checkUpTo(map.count);
+  await sync();
+  sender.takeTouched(); // what the transfer changed is covered by the stream
+  return stream;
+}
