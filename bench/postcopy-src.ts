@@ -12,6 +12,7 @@ interface Config {
   to: string;
   key: string;
   strategy: StrategyName;
+  onStall?: 'wait' | 'force' | 'throttle' | 'postcopy';
   hot: { offset: number; bytes: number; rate: number };
   coldRate: number;
   seed: number;
@@ -48,6 +49,7 @@ const t0 = performance.now();
 let pausedAt = 0;
 const r = await migrate(cfg.image, {
   to: cfg.to, name: 'vm', strategy: cfg.strategy, auth: { key: Buffer.from(cfg.key) }, tracked: img, overwrite: true,
+  ...(cfg.onStall ? { onStall: cfg.onStall } : {}),
   pause: () => { clearInterval(writer); pausedAt = performance.now(); },
 });
 clearInterval(writer);

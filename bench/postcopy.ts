@@ -57,31 +57,39 @@ export async function benchPostcopy(): Promise<{ rows: PostcopyRow[]; goals: Arr
     const rttMs = tcpRtt(hosts);
     console.log(`\n100 Mbit/s tbf link; RTT ${rttMs.toFixed(3)} ms (TCP connect, median of 20); writer: 64 MiB hot set at 16 MB/s, the rest at 1 MB/s`);
     const only = process.env.BF_BENCH_STRATEGIES?.split(',');
-    for (const strategy of (['similarity', 'postcopy', 'hybrid'] as const).filter((x) => !only || only.includes(x))) {
-      const dataDir = join(dir, `dst-${strategy}`);
+    // Pre-copy cuts over when its rounds stall (--on-stall force: the classic behaviour), or switches (--on-stall postcopy).
+    const runs = [
+      { label: 'similarity', strategy: 'similarity', onStall: 'force' },
+      { label: 'similarity, on stall postcopy', strategy: 'similarity', onStall: 'postcopy' },
+      { label: 'postcopy', strategy: 'postcopy' },
+      { label: 'hybrid', strategy: 'hybrid' },
+    ] as const;
+    for (const { label, strategy, ...rest } of runs.filter((x) => !only || only.includes(x.label))) {
+      const tag = label.replace(/[^a-z]+/g, '-');
+      const dataDir = join(dir, `dst-${tag}`);
       mkdirSync(dataDir);
       copyFileSync(join(seed, INDEX_FILE), join(dataDir, INDEX_FILE));
-      const image = join(dir, `src-${strategy}.img`);
+      const image = join(dir, `src-${tag}.img`);
       spawnSync('cp', ['--sparse=always', corpus.newer, image]);
       const dcfg = { dataDir, key: KEY, neighbours: [corpus.older], source: image, hot: HOT, readsPerSecond: 200, writeRate: 1e6, seed: 11 };
       const dst = spawn(hosts.inDst[0]!, [...hosts.inDst.slice(1), 'env', 'UV_THREADPOOL_SIZE=16', process.execPath, join(here, 'postcopy-dst.js'), JSON.stringify(dcfg)], { stdio: ['ignore', 'pipe', 'inherit'] });
       const dl = lines(dst);
       const { port } = JSON.parse((await dl.next()).value as string) as { port: number };
       const before = hosts.bytes();
-      const scfg = { image, to: `${hosts.host}:${port}`, key: KEY, strategy, hot: HOT, coldRate: COLD_RATE, seed: 5 };
+      const scfg = { image, to: `${hosts.host}:${port}`, key: KEY, strategy, ...rest, hot: HOT, coldRate: COLD_RATE, seed: 5 };
       const src = spawn(hosts.inSrc[0]!, [...hosts.inSrc.slice(1), process.execPath, join(here, 'postcopy-src.js'), JSON.stringify(scfg)], { stdio: ['ignore', 'pipe', 'inherit'] });
       const sl = lines(src);
       const srcOut = (await sl.next()).value as string | undefined;
       if (srcOut === undefined) dst.kill('SIGKILL');
-      check(`${strategy}: the source finished`, srcOut !== undefined);
+      check(`${label}: the source finished`, srcOut !== undefined);
       const wireBytes = hosts.bytes() - before;
       const dstOut = (await dl.next()).value as string | undefined;
-      check(`${strategy}: the destination reported`, dstOut !== undefined);
-      const row: PostcopyRow = { strategy, wireBytes, src: JSON.parse(srcOut!) as SrcReport, dst: JSON.parse(dstOut!) as DstReport };
-      check(`${strategy}: the destination holds the source as paused plus its own writes`, row.dst.same);
+      check(`${label}: the destination reported`, dstOut !== undefined);
+      const row: PostcopyRow = { strategy: label, wireBytes, src: JSON.parse(srcOut!) as SrcReport, dst: JSON.parse(dstOut!) as DstReport };
+      check(`${label}: the destination holds the source as paused plus its own writes`, row.dst.same);
       rows.push(row);
       const r = row.src.result;
-      console.log(`  ${strategy}: ${r.seconds.toFixed(2)} s, downtime ${(r.downtimeSeconds * 1000).toFixed(1)} ms, ${(wireBytes / MB).toFixed(1)} MB on the veth, ${r.blocks.resent} blocks re-sent, ${r.rounds} rounds; destination event loop held p99 ${row.dst.eventLoop.p99.toFixed(1)} ms, max ${row.dst.eventLoop.max.toFixed(1)} ms`);
+      console.log(`  ${label}: ${r.seconds.toFixed(2)} s, downtime ${(r.downtimeSeconds * 1000).toFixed(1)} ms, ${(wireBytes / MB).toFixed(1)} MB on the veth, ${r.blocks.resent} blocks re-sent, ${r.rounds} rounds; destination event loop held p99 ${row.dst.eventLoop.p99.toFixed(1)} ms, max ${row.dst.eventLoop.max.toFixed(1)} ms`);
       rmSync(image, { force: true });
       rmSync(dataDir, { recursive: true, force: true });
     }

@@ -17,14 +17,15 @@ import type { MigrationContext, Strategy, StrategyOutcome } from './strategy.js'
 import { DEFAULT_MAX_DOWNTIME_MS, type StallReport } from './live.js';
 
 /** Blocks per push step: small, so that a demand read waits behind little. */
-const PUSH_BLOCKS = 4;
+const PUSH_BLOCKS = 2;
 /**
  * Bytes pushed between two PROBEs, and PROBEs unanswered at most: at most
  * (PROBES_IN_FLIGHT + 1) × PROBE_EVERY bytes of pushed data queue ahead of
- * a PULL's answer (in socket buffers and on the link). 48 KiB is 4 ms at
- * 100 Mbit/s, and still several times the bandwidth-delay product of a LAN.
+ * a PULL's answer (in socket buffers and on the link). 24 KiB is 2 ms at
+ * 100 Mbit/s, and still well above a LAN's bandwidth-delay product: the
+ * bench pushes at line rate with it.
  */
-const PROBE_EVERY = 16 << 10;
+const PROBE_EVERY = 8 << 10;
 const PROBES_IN_FLIGHT = 2;
 /** Intervals per MISSING frame. */
 const MISSING_BATCH = 65536;
