@@ -90,6 +90,8 @@ export const ErrorCode = {
   QMP: 'ERR_BF_QMP',
   /** Post-copy: the source went away before every block arrived; reads of the missing blocks fail until the migration is resumed. */
   SOURCE_GONE: 'ERR_BF_SOURCE_GONE',
+  /** The caller cancelled the call (its AbortSignal fired); a migration's destination keeps what it has, and the same call again resumes. */
+  ABORTED: 'ERR_BF_ABORTED',
   /** A live migration's rounds could not bring the predicted downtime within its budget before the time limit (--on-stall wait). */
   NO_CONVERGENCE: 'ERR_BF_NO_CONVERGENCE',
 } as const;
@@ -171,6 +173,21 @@ export class ProtocolError extends BlockferryError {
     super(code, message, options);
     this.remoteCode = remoteCode;
   }
+}
+
+/** A call cancelled through its AbortSignal; `reason` is the signal's. */
+export class AbortError extends BlockferryError {
+  readonly reason: unknown;
+  constructor(what: string, reason: unknown) {
+    const why = reason instanceof Error ? reason.message : reason === undefined ? 'aborted' : String(reason);
+    super(ErrorCode.ABORTED, `${what} cancelled: ${why}`, { cause: reason });
+    this.reason = reason;
+  }
+}
+
+/** Throws the AbortError of a signal that has fired. */
+export function checkAborted(signal: AbortSignal | undefined, what: string): void {
+  if (signal?.aborted) throw new AbortError(what, signal.reason);
 }
 
 /** Whether a failure is a full disk or quota (ENOSPC, EDQUOT), itself or anywhere in its cause chain. */

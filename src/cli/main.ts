@@ -500,7 +500,14 @@ export function buildProgram(): Command {
         if (e.phase === 'cutover' && d && d.reason === 'stall-force') say(`forcing the cutover: predicted downtime ${ms(d.predictedDowntime)} (budget ${ms(d.maxDowntime)})`);
       };
       const throttleCmd = o.throttleCmd;
+      // Ctrl-C (or a TERM) cancels cleanly: the destination keeps what it has, the same command resumes.
+      const cancel = new AbortController();
+      const stop = (sig: string) => () => cancel.abort(new Error(`interrupted (${sig}); run the same command again to resume`));
+      const onInt = stop('SIGINT'), onTerm = stop('SIGTERM');
+      process.once('SIGINT', onInt);
+      process.once('SIGTERM', onTerm);
       const r = await migrate(image, {
+        signal: cancel.signal,
         to: o.to, strategy: o.strategy, ...securityOptions(o), overwrite: !!o.overwrite, rescan: !!o.rescan,
         ...(o.maxRounds !== undefined ? { maxRounds: o.maxRounds } : {}), dirtyThreshold: o.dirtyThreshold, hotThreshold: o.hotThreshold,
         maxDowntime: parseDuration('--max-downtime', o.maxDowntime), onStall: o.onStall, stallTimeout: parseDuration('--stall-timeout', o.stallTimeout),
@@ -523,7 +530,7 @@ export function buildProgram(): Command {
         ...(o.bwlimit ? { bwlimit: parseRate(o.bwlimit) } : {}),
         ...(o.pauseCmd ? { pause: () => runCmd('--pause-cmd', o.pauseCmd!) } : {}),
         ...(o.resumeCmd ? { resume: () => runCmd('--resume-cmd', o.resumeCmd!) } : {}),
-      }).finally(() => progress.stop());
+      }).finally(() => { progress.stop(); process.off('SIGINT', onInt); process.off('SIGTERM', onTerm); });
       print(o.json ? JSON.stringify(r, null, 2) : describeMigration(r));
     });
 

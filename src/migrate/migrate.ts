@@ -2,7 +2,7 @@
 // authenticate, BEGIN, scan, then the chosen strategy does the rest. One
 // call for programs; `blockferry migrate` is a thin shell over it.
 import { checkBlockSize } from '../engine/engine.js';
-import { BlockferryError, ErrorCode, InvalidArgumentError } from '../errors.js';
+import { AbortError, BlockferryError, ErrorCode, InvalidArgumentError, checkAborted } from '../errors.js';
 import { Channel, type FrameRecord, type Traffic } from '../protocol/channel.js';
 import { clientHandshake, type AuthOptions } from '../protocol/handshake.js';
 import { BEGIN, BEGIN_OK, BEGIN_OVERWRITE, SYNC, SYNC_OK } from '../protocol/messages.js';
@@ -47,6 +47,13 @@ export interface MigrateOptions extends LiveOptions {
   onEvent?: (e: MigrationEvent) => void;
   /** Where the migration stands, at most every few hundred milliseconds per phase and at each phase's start and end. */
   onProgress?: (p: MigrationProgress) => void;
+  /**
+   * Cancels the migration: the scan stops, the destination is told
+   * (ERR_BF_ABORTED) and keeps its partial image and journal, and migrate()
+   * rejects with an AbortError (ERR_BF_ABORTED). The same call again resumes.
+   * After a post-copy switch the destination goes on serving what arrived.
+   */
+  signal?: AbortSignal;
   /** Every frame this side sends and receives (a frame log, for diagnostics). */
   onFrame?: (f: FrameRecord) => void;
 }
@@ -109,6 +116,8 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
   if (options.memoryBudget !== undefined && !(Number.isSafeInteger(options.memoryBudget) && options.memoryBudget >= 16 << 20)) {
     throw new InvalidArgumentError('memoryBudget', 'at least 16 MiB, in bytes', options.memoryBudget);
   }
+  const signal = options.signal;
+  checkAborted(signal, 'migration');
   // Opened first: a missing or unusable image (or NBD export) is reported before any connection is made.
   const src = openSource(specFor(path));
   const ownScanner = !options.scanner;
@@ -138,6 +147,14 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
   const socket = await (security.mode === 'insecure' ? connect(target) : connectTls(target, security)).catch(abandon);
   const ch = new Channel(socket, { bwlimit: options.bwlimit ?? 0, ...(options.onFrame ? { onFrame: options.onFrame } : {}) });
   let heartbeat: NodeJS.Timeout | undefined;
+  // Cancelling fails the channel (every wait on it ends) and tells the destination why.
+  let aborted: AbortError | undefined;
+  const onAbort = () => {
+    aborted = new AbortError('migration', signal!.reason);
+    ch.abort(aborted);
+  };
+  signal?.addEventListener('abort', onAbort, { once: true });
+  if (signal?.aborted) onAbort();
   try {
     const caps = await clientHandshake(ch, { ...options.auth, certificates: security.mode === 'cert' });
     const lacking = strategy.requires & ~caps;
@@ -162,7 +179,7 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
       options.onProgress({ ...p, sentBytes, rate: sentBytes / Math.max(1e-3, (performance.now() - t0) / 1000) });
     };
     const live = !!options.tracked || !!options.rescan || !!options.qmp;
-    const [map] = await scanner.scan(path, { blockSize: bs, live, onProgress: (s) => progress({ phase: 'scan', round: 0, done: s.done, total: s.total }) });
+    const [map] = await scanner.scan(path, { blockSize: bs, live, ...(signal ? { signal } : {}), onProgress: (s) => progress({ phase: 'scan', round: 0, done: s.done, total: s.total }) });
     const scanSeconds = (performance.now() - tScan) / 1000;
     // A migration that is not live scans once: its workers need not idle through the transfer.
     if (!live && ownScanner) await closeScanner();
@@ -199,7 +216,11 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
       verified: true,
       ...(out.postcopy ? { postcopy: out.postcopy } : {}),
     };
+  } catch (e) {
+    // Whatever failed first because of the cancellation, the caller learns it was cancelled.
+    throw aborted ?? (signal?.aborted ? new AbortError('migration', signal.reason) : e);
   } finally {
+    signal?.removeEventListener('abort', onAbort);
     if (heartbeat) clearInterval(heartbeat);
     await dirty?.close().catch(() => {}); // a bitmap QEMU could not remove must not hide the migration's own outcome
     src.close();

@@ -7,7 +7,7 @@ import { chooseBackend, type BackendChoice, type BackendName } from '../engine/b
 import { openSource, sourceIdentity, sourceSize, specFor, type Extent, type ImageIdentity, type SourceSpec } from '../image/source.js';
 import { IntervalSet } from '../blocks/intervals.js';
 import { BlockMap, blockMapPath } from '../blockmap/blockmap.js';
-import { BlockferryError, ErrorCode, ImageError, InvalidArgumentError } from '../errors.js';
+import { BlockferryError, ErrorCode, ImageError, InvalidArgumentError, checkAborted } from '../errors.js';
 import { readResult, taskBytes, type ScanTask, type TaskPiece } from './layout.js';
 import { WINDOW } from './worker.js';
 
@@ -27,6 +27,8 @@ export interface ScanProgress {
 }
 
 export interface ScanOptions {
+  /** Cancels the scan: the workers stop, and it rejects with ERR_BF_ABORTED. */
+  signal?: AbortSignal;
   /** One block size, or several scanned in the same pass (one read). Default 4096. */
   blockSize?: number | number[];
   /** Also compute the SHA-1 digest of every non-zero block. */
@@ -116,14 +118,22 @@ export class Scanner {
     // Tasks finish in any order: each keeps its pieces in its slot, and the
     // map is assembled in offset order at the end.
     const pieces: TaskPiece[][] = new Array(tasks.length);
+    const signal = options.signal;
+    checkAborted(signal, `scan of ${path}`);
     const running = tasks.map((task, i) =>
-      (this.pool.run(task) as Promise<ArrayBuffer>).then((buf) => {
+      // An aborted signal rejects the tasks not yet done and ends the workers running them (piscina).
+      (this.pool.run(task, signal ? { signal } : {}) as Promise<ArrayBuffer>).then((buf) => {
         pieces[i] = readResult(buf, sizes.length, sha1);
         done += taskBytes(task);
         options.onProgress?.({ path, done, total: size });
       }),
     );
-    await settleAll(running);
+    try {
+      await settleAll(running);
+    } catch (e) {
+      checkAborted(signal, `scan of ${path}`);
+      throw e;
+    }
     if (this.poolError) throw new BlockferryError(ErrorCode.WASM_LOAD, `a scan worker failed: ${this.poolError.message}`, { cause: this.poolError });
     const after = sourceIdentity(source);
     if (before && after && (!options.live || after.size !== before.size)) {
