@@ -225,7 +225,7 @@ function order(remaining: IntervalSet, writes: ((b: number) => number) | undefin
     hot.sort((a, b) => b[1] - a[1] || a[0] - b[0]);
     for (const [b] of hot) out.push({ start: b, count: 1 });
   }
-  out.push(...remaining);
+  for (const iv of remaining) out.push(iv); // (a spread of a fragmented set would overflow the stack)
   return out;
 }
 
@@ -260,7 +260,7 @@ class Pusher {
         if (f.type === Msg.PULL) {
           const list = decode(PULL, f.payload);
           this.pulls++;
-          this.pulled.push(...list);
+          for (const iv of list) this.pulled.push(iv); // up to a frame's worth: no spread
         } else if (f.type === Msg.OWNED) {
           for (const iv of decode(OWNED, f.payload)) {
             this.owned.add(iv.start, iv.count);

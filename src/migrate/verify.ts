@@ -42,7 +42,7 @@ export class VerifyStream {
   }
 
   private async send(list: Extent[]): Promise<void> {
-    const p = this.check.request(list).then((bad) => { this.bad.push(...bad); });
+    const p = this.check.request(list).then((bad) => { for (const x of bad) this.bad.push(x); });
     p.catch(() => {}); // reported by finish() (or by the wait below)
     this.inflight.push(p);
     if (this.inflight.length >= IN_FLIGHT) await this.inflight.shift();
