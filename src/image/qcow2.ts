@@ -130,8 +130,8 @@ function parseHeader(fd: number, path: string, fileSize: number): Header {
   const clusterBits = v.getUint32(20);
   if (clusterBits < 9 || clusterBits > 21) fail(ErrorCode.CORRUPT, path, `cluster_bits ${clusterBits}, outside 9..21`);
   const clusterSize = 2 ** clusterBits;
-  const headerLength = version === 2 ? 72 : v.getUint32(100);
   if (version === 3 && fileSize < 104) fail(ErrorCode.TRUNCATED, path, `${fileSize} bytes, shorter than a qcow2 v3 header (104)`);
+  const headerLength = version === 2 ? 72 : v.getUint32(100);
   if (version === 3 && (headerLength < 104 || headerLength % 8 || headerLength > Math.min(clusterSize, first.length))) {
     fail(ErrorCode.CORRUPT, path, `header_length ${headerLength} (at least 104, a multiple of 8, inside the first cluster)`);
   }
