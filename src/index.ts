@@ -50,7 +50,7 @@ export { FileImageSink, type ImageSink } from './image/sink.js';
 export { PROTOCOL_VERSION } from './protocol/messages.js';
 export type { CompressMode } from './protocol/compression.js';
 export { TrackedImage } from './image/tracked.js';
-export { specFor, sourceIdentity, sourceSize, sourceName } from './image/source.js';
+export { specFor, sourceIdentity, sourceSize, sourceName, type ImageFormat } from './image/source.js';
 export { Qcow2ImageSource, isQcow2File, MAX_CHAIN_DEPTH, type LayerInfo, type LayerRun, type RunKind } from './image/qcow2.js';
 export { NbdImageSource } from './image/nbd.js';
 export { NbdClient, type NbdClientOptions, type NbdExtent } from './nbd/client.js';

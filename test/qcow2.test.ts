@@ -194,6 +194,33 @@ describe('qcow2 read natively, against qemu-img', () => {
     check(top).close();
   });
 
+  it("format 'raw' reads a file with a qcow2 header as raw bytes (no probing: its backing file is never opened)", async () => {
+    const secret = p('host-secret.raw');
+    writeFileSync(secret, Buffer.alloc(65536, 0x5e));
+    // What a guest could write at the start of its raw disk: a qcow2 header naming a host file.
+    const disk = create('guest-disk.img', '64k', ['-b', secret, '-F', 'raw']);
+    const bytes = readFileSync(disk);
+    assert.equal(specFor(disk).kind, 'qcow2', 'probed: read as qcow2');
+    const spec = specFor(disk, { format: 'raw' });
+    assert.equal(spec.kind, 'file');
+    const src = openSource(spec);
+    try {
+      const got = Buffer.alloc(src.size);
+      src.readInto(got, 0, src.size);
+      assert.ok(got.equals(bytes), 'the file itself, not its backing');
+    } finally {
+      src.close();
+    }
+    const scanner = new Scanner({ workers: 1 });
+    try {
+      const [m] = await scanner.scan(disk, { format: 'raw', blockSize: 4096 });
+      assert.equal(m!.identity.size, bytes.length);
+    } finally {
+      await scanner.close();
+    }
+    assert.throws(() => openSource(specFor(secret, { format: 'qcow2' })), { code: ErrorCode.BAD_MAGIC });
+  });
+
   it('scan of a qcow2 chain equals the scan of its raw conversion; a change in any layer makes its block map stale', async () => {
     const base = create('sbase.qcow2', '24M');
     io(base, 'write -P 0x61 0 6M', 'write -P 0x62 12M 2M');

@@ -154,13 +154,27 @@ const OPENERS: { [K in SourceSpec['kind']]: Opener<K> } = {
 };
 
 /**
+ * How a file is read: 'auto' probes for the qcow2 magic. Probing trusts the
+ * file's first bytes: a raw image whose guest wrote a qcow2 header at its
+ * start (naming any host file as its backing) would be read as that qcow2.
+ * Whoever knows a file is raw (a destination's own images, say) passes
+ * 'raw'; a file given as 'qcow2' without the magic fails with BAD_MAGIC.
+ */
+export type ImageFormat = 'auto' | 'raw' | 'qcow2';
+
+/**
  * Where an image is, as given on a command line or to migrate(): a URI
  * (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH) or a path: a
  * regular file that starts with the qcow2 magic is read as qcow2 (with its
  * backing chain), anything else as raw. The one place that tells them apart.
  */
-export function specFor(location: string): SourceSpec {
-  if (!isUri(location)) return isQcow2File(location) ? { kind: 'qcow2', path: location } : { kind: 'file', path: location };
+export function specFor(location: string, options: { format?: ImageFormat } = {}): SourceSpec {
+  const format = options.format ?? 'auto';
+  if (!isUri(location)) {
+    if (format === 'raw') return { kind: 'file', path: location };
+    if (format === 'qcow2' || isQcow2File(location)) return { kind: 'qcow2', path: location };
+    return { kind: 'file', path: location };
+  }
   parseNbdUri(location); // any other scheme, or a malformed URI, is an INVALID_ARGUMENT here
   return { kind: 'nbd', uri: location };
 }
