@@ -13,7 +13,10 @@ import { Qcow2ImageSource } from '../src/image/qcow2.js';
 import { Scanner, blockMapsFor } from '../src/scan/scanner.js';
 import { DestinationService } from '../src/roles/destination/service.js';
 import { migrate } from '../src/migrate/migrate.js';
+import { BlockMap, blockMapPath } from '../src/blockmap/blockmap.js';
 import { rng } from './util.js';
+
+const bin = new URL('../../bin/blockferry.js', import.meta.url).pathname;
 
 let dir: string;
 before(() => { dir = mkdtempSync(join(tmpdir(), 'bf-qcow2-')); });
@@ -251,6 +254,25 @@ describe('qcow2 read natively, against qemu-img', () => {
     } finally {
       await scanner.close();
     }
+  });
+
+  it('blockferry scan of a qcow2 chain (a process) reports and saves what the scan of its raw conversion does', () => {
+    const base = create('cbase.qcow2', '16M');
+    io(base, 'write -P 0x81 0 5M', 'write -P 0x82 9M 1M');
+    const top = create('ctop.qcow2', '16M', ['-b', base, '-F', 'qcow2']);
+    io(top, 'write -P 0x83 512k 1M', 'write -z 9M 256k', 'write -P 0x84 15M 4k');
+    const raw = p('ctop.raw');
+    run('qemu-img', ['convert', '-O', 'raw', top, raw]);
+    const mapDir = p('cli-maps');
+    mkdirSync(mapDir);
+    const out = JSON.parse(run(process.execPath, [bin, 'scan', top, raw, '--sha1', '--map-dir', mapDir, '--json'])) as Array<Record<string, unknown>>;
+    const strip = ({ image: _i, seconds: _s, mbPerSecond: _m, ...rest }: Record<string, unknown>) => rest;
+    assert.equal(out.length, 2);
+    assert.deepEqual(strip(out[0]!), strip(out[1]!));
+    const [q, r] = [top, raw].map((f) => BlockMap.load(blockMapPath(f, 4096, mapDir), f));
+    assert.deepEqual([...q!.dataRuns], [...r!.dataRuns]);
+    assert.deepEqual(q!.fingerprints, r!.fingerprints);
+    assert.deepEqual(q!.digests, r!.digests);
   });
 
   it('migrate a qcow2 chain: the destination is byte-identical to qemu-img convert -O raw', async () => {
