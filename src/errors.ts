@@ -92,6 +92,8 @@ export const ErrorCode = {
   SOURCE_GONE: 'ERR_BF_SOURCE_GONE',
   /** The caller cancelled the call (its AbortSignal fired); a migration's destination keeps what it has, and the same call again resumes. */
   ABORTED: 'ERR_BF_ABORTED',
+  /** An image uses a format feature this build does not read (an encrypted or external-data qcow2, an unknown incompatible feature bit, a backing file of another format). */
+  UNSUPPORTED_FEATURE: 'ERR_BF_UNSUPPORTED_FEATURE',
   /** A live migration's rounds could not bring the predicted downtime within its budget before the time limit (--on-stall wait). */
   NO_CONVERGENCE: 'ERR_BF_NO_CONVERGENCE',
 } as const;

@@ -5,6 +5,7 @@ import { chooseBackend } from '../engine/backend.js';
 import type { NativeAddon } from 'blockferry/native';
 import { isUri, parseNbdUri } from '../nbd/uri.js';
 import { NbdImageSource } from './nbd.js';
+import { Qcow2ImageSource, isQcow2File, qcow2Identity } from './qcow2.js';
 
 export type { Extent, ImageIdentity, ImageSource } from './image.js';
 import type { Extent, ImageIdentity, ImageSource } from './image.js';
@@ -136,25 +137,44 @@ export class FileImageSource implements ImageSource {
 
 /**
  * How to open an image, as plain data that crosses to a worker thread. One
- * kind per source implementation; a new one (qcow2) adds a kind here and a
- * line in OPENERS.
+ * kind per source implementation; a new one adds a kind here and a line in
+ * OPENERS.
  */
-export type SourceSpec = { kind: 'file'; path: string } | { kind: 'nbd'; uri: string };
+export type SourceSpec = { kind: 'file'; path: string } | { kind: 'nbd'; uri: string } | { kind: 'qcow2'; path: string };
+
+/** A qcow2 chain's raw backing file is read like any raw image. */
+const openRaw = (path: string, native: NativeAddon | null) => new FileImageSource(path, native);
 
 type Opener<K extends SourceSpec['kind']> = (spec: Extract<SourceSpec, { kind: K }>, native: NativeAddon | null) => ImageSource;
 
 const OPENERS: { [K in SourceSpec['kind']]: Opener<K> } = {
   file: (spec, native) => new FileImageSource(spec.path, native),
   nbd: (spec) => new NbdImageSource(spec.uri),
+  qcow2: (spec, native) => new Qcow2ImageSource(spec.path, native, openRaw),
 };
 
 /**
- * Where an image is, as given on a command line or to migrate(): a URI
- * (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH) or a path. The
- * one place that tells them apart.
+ * How a file is read: 'auto' probes for the qcow2 magic. Probing trusts the
+ * file's first bytes: a raw image whose guest wrote a qcow2 header at its
+ * start (naming any host file as its backing) would be read as that qcow2.
+ * Whoever knows a file is raw (a destination's own images, say) passes
+ * 'raw'; a file given as 'qcow2' without the magic fails with BAD_MAGIC.
  */
-export function specFor(location: string): SourceSpec {
-  if (!isUri(location)) return { kind: 'file', path: location };
+export type ImageFormat = 'auto' | 'raw' | 'qcow2';
+
+/**
+ * Where an image is, as given on a command line or to migrate(): a URI
+ * (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH) or a path: a
+ * regular file that starts with the qcow2 magic is read as qcow2 (with its
+ * backing chain), anything else as raw. The one place that tells them apart.
+ */
+export function specFor(location: string, options: { format?: ImageFormat } = {}): SourceSpec {
+  const format = options.format ?? 'auto';
+  if (!isUri(location)) {
+    if (format === 'raw') return { kind: 'file', path: location };
+    if (format === 'qcow2' || isQcow2File(location)) return { kind: 'qcow2', path: location };
+    return { kind: 'file', path: location };
+  }
   parseNbdUri(location); // any other scheme, or a malformed URI, is an INVALID_ARGUMENT here
   return { kind: 'nbd', uri: location };
 }
@@ -163,15 +183,19 @@ export function specFor(location: string): SourceSpec {
  * The identity of the image a spec names, as it is now; undefined for a
  * source that has none (an NBD export: no mtime, no inode). Nothing can tell
  * a later version of such a source from this one, so no block map is cached
- * for it, and a scan cannot notice that it changed underneath.
+ * for it, and a scan cannot notice that it changed underneath. A qcow2
+ * chain's identity covers every file of the chain (qcow2Identity), with the
+ * virtual size as its size.
  */
-export function sourceIdentity(spec: SourceSpec): ImageIdentity | undefined {
-  return spec.kind === 'file' ? currentIdentity(spec.path) : undefined;
+export function sourceIdentity(spec: SourceSpec, native: NativeAddon | null = chooseBackend().native): ImageIdentity | undefined {
+  if (spec.kind === 'file') return currentIdentity(spec.path);
+  if (spec.kind === 'qcow2') return qcow2Identity(spec.path, native, openRaw);
+  return undefined;
 }
 
 /** The size of the image a spec names (an NBD export is asked: one connection). */
 export function sourceSize(spec: SourceSpec, native: NativeAddon | null = chooseBackend().native): number {
-  const identity = sourceIdentity(spec);
+  const identity = sourceIdentity(spec, native);
   if (identity) return identity.size;
   const src = openSource(spec, native);
   try {

@@ -4,7 +4,7 @@ import { Piscina } from 'piscina';
 import { DIGEST_BYTES, checkBlockSize, MAX_BLOCK_SIZE } from '../engine/engine.js';
 import { wasmModule } from '../engine/wasm.js';
 import { chooseBackend, type BackendChoice, type BackendName } from '../engine/backend.js';
-import { openSource, sourceIdentity, sourceSize, specFor, type Extent, type ImageIdentity, type SourceSpec } from '../image/source.js';
+import { openSource, sourceIdentity, sourceSize, specFor, type Extent, type ImageFormat, type ImageIdentity, type SourceSpec } from '../image/source.js';
 import { IntervalSet } from '../blocks/intervals.js';
 import { BlockMap, blockMapPath } from '../blockmap/blockmap.js';
 import { BlockferryError, ErrorCode, ImageError, InvalidArgumentError, checkAborted } from '../errors.js';
@@ -50,6 +50,8 @@ export interface ScanOptions {
    * bitmap or rescan rounds).
    */
   live?: boolean;
+  /** How to read a file: 'auto' (default) probes for qcow2, 'raw' never does (image/source.ts, ImageFormat). */
+  format?: ImageFormat;
 }
 
 export interface ScannerOptions {
@@ -102,7 +104,7 @@ export class Scanner {
       throw new InvalidArgumentError('rangeBytes', `a multiple of ${maxBs} from 4 MiB to ${WINDOW}`, range);
     }
     const sha1 = options.sha1 ?? false;
-    const source = specFor(path);
+    const source = specFor(path, options.format ? { format: options.format } : {});
     const before = sourceIdentity(source);
     const size = before?.size ?? sourceSize(source, this.backend.native);
     // Plan the work: with extents, only the data regions (rounded out to the
@@ -267,7 +269,7 @@ export async function blockMapsFor(scanner: Scanner, path: string, options: MapO
   const t0 = performance.now();
   const sizes = [options.blockSize ?? 4096].flat();
   // A source without identity (an NBD export) is always scanned, its maps never saved.
-  const identity = sourceIdentity(specFor(path));
+  const identity = sourceIdentity(specFor(path, options.format ? { format: options.format } : {}));
   if (!options.rescan && identity) {
     const loaded: BlockMap[] = [];
     for (const bs of sizes) {
