@@ -7,6 +7,7 @@ import { chooseBackend, type BackendChoice, type BackendName } from '../engine/b
 import { openSource, sourceIdentity, sourceSize, specFor, type Extent, type ImageFormat, type ImageIdentity, type SourceSpec } from '../image/source.js';
 import { IntervalSet } from '../blocks/intervals.js';
 import { BlockMap, blockMapPath } from '../blockmap/blockmap.js';
+import { setMaxListeners } from 'node:events';
 import { BlockferryError, ErrorCode, ImageError, InvalidArgumentError, checkAborted } from '../errors.js';
 import { readResult, taskBytes, type ScanTask, type TaskPiece } from './layout.js';
 import { WINDOW } from './worker.js';
@@ -122,9 +123,17 @@ export class Scanner {
     const pieces: TaskPiece[][] = new Array(tasks.length);
     const signal = options.signal;
     checkAborted(signal, `scan of ${path}`);
+    // The caller's signal gets one listener; the tasks listen to this scan's own
+    // (one each: as many as the scan has tasks, so the listener warning is raised to that).
+    const cancel = signal ? new AbortController() : undefined;
+    const onAbort = () => cancel!.abort(signal!.reason);
+    if (cancel) {
+      setMaxListeners(tasks.length + 8, cancel.signal);
+      signal!.addEventListener('abort', onAbort, { once: true });
+    }
     const running = tasks.map((task, i) =>
       // An aborted signal rejects the tasks not yet done and ends the workers running them (piscina).
-      (this.pool.run(task, signal ? { signal } : {}) as Promise<ArrayBuffer>).then((buf) => {
+      (this.pool.run(task, cancel ? { signal: cancel.signal } : {}) as Promise<ArrayBuffer>).then((buf) => {
         pieces[i] = readResult(buf, sizes.length, sha1);
         done += taskBytes(task);
         options.onProgress?.({ path, done, total: size });
@@ -135,6 +144,8 @@ export class Scanner {
     } catch (e) {
       checkAborted(signal, `scan of ${path}`);
       throw e;
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
     }
     if (this.poolError) throw new BlockferryError(ErrorCode.WASM_LOAD, `a scan worker failed: ${this.poolError.message}`, { cause: this.poolError });
     const after = sourceIdentity(source);
