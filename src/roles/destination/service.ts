@@ -463,7 +463,8 @@ export class DestinationService implements Role {
 
   /** Adds a completed image to the neighbourhood (once; re-scanned when replaced) and saves the index. */
   async indexImage(path: string): Promise<void> {
-    const [map] = await this.scanner.scan(path, { blockSize: this.neighbourhood.blockSize });
+    // What a source sent is raw bytes: a qcow2 header a guest wrote at its start must not be followed (its backing file could name any host file).
+    const [map] = await this.scanner.scan(path, { blockSize: this.neighbourhood.blockSize, format: 'raw' });
     const existing = this.neighbourhood.images.find((i) => i.path === resolve(path));
     if (!existing) this.neighbourhood.add(map!);
     this.neighbourhood.save(join(this.options.dataDir, INDEX_FILE));
