@@ -17,6 +17,7 @@ import { Scanner } from '../../scan/scanner.js';
 import { FileImageSink, type ImageSink } from '../../image/sink.js';
 import { FILL_SOURCES, type FillSource } from '../fills.js';
 import { Gate } from '../gate.js';
+import type { RepositoryLink } from '../repository/fills.js';
 import type { Role } from '../role.js';
 import { Journal } from './journal.js';
 import { Session, type SessionStats } from './session.js';
@@ -69,6 +70,13 @@ export interface DestinationOptions {
    * those a post-copy took over while they arrive. Default: no NBD.
    */
   nbd?: NbdAddress;
+  /**
+   * A base-image repository (`serve --role repository`) to fill from, HOST:PORT,
+   * asked after the neighbours when a migration's strategy allows it
+   * (FILL_REPOSITORY). Authenticated like this service's own clients (its key
+   * or certificates) unless auth/tls are given here.
+   */
+  repository?: { to: string; auth?: AuthOptions; tls?: TlsOptions; timeout?: number };
 }
 
 /** An image the destination took over (post-copy): served while it arrives, and after. */
@@ -106,11 +114,17 @@ export class DestinationService implements Role {
   readonly completed: SessionStats[] = [];
   private indexing: Promise<void> = Promise.resolve();
   private readonly gate: Gate;
+  private readonly repository: RepositoryLink | undefined;
 
   private constructor(readonly options: DestinationOptions, neighbourhood: Neighbourhood, scanner: Scanner, tls: ServerTls | undefined) {
     this.neighbourhood = neighbourhood;
     this.scanner = scanner;
     this.gate = new Gate(options, tls, (l) => this.log(l), 'migration');
+    const r = options.repository;
+    this.repository = r && {
+      to: r.to, auth: r.auth ?? options.auth, ...(r.tls ?? options.tls ? { tls: (r.tls ?? options.tls)! } : {}), ...(r.timeout !== undefined ? { timeout: r.timeout } : {}),
+      log: (l) => this.log(l), state: { down: false },
+    };
   }
 
   /** Connections closed by the limits before authentication: over a cap, or past the handshake deadline. */
@@ -329,7 +343,7 @@ export class DestinationService implements Role {
     const fills: FillSource[] = [];
     for (const f of FILL_SOURCES) {
       if (!(b.fills & f.bit)) continue;
-      const src = f.open({ neighbourhood: this.neighbourhood });
+      const src = f.open({ neighbourhood: this.neighbourhood, ...(this.repository ? { repository: this.repository } : {}) });
       if (src) fills.push(src);
     }
     const j = journal;
@@ -396,7 +410,7 @@ export class DestinationService implements Role {
 }
 
 /** The data directory exists (or is made) and takes files: else ERR_BF_DATA_DIR. */
-function checkDataDir(dir: string): void {
+export function checkDataDir(dir: string): void {
   try {
     // Level by level (Node's recursive mkdir can spin on /proc and the like).
     const missing: string[] = [];
