@@ -127,6 +127,11 @@ export class DestinationService implements Role {
     };
   }
 
+  /** The open connections (tests drop them to play a failing network). */
+  get sockets(): ReadonlySet<Socket> {
+    return this.gate.sockets;
+  }
+
   /** Connections closed by the limits before authentication: over a cap, or past the handshake deadline. */
   get limited(): { overCap: number; deadline: number } {
     return this.gate.limited;
