@@ -95,6 +95,19 @@ describe('base images from a repository', () => {
     assert.ok(sentData <= 1.05 * changed);
   });
 
+  it('hybrid fills from the repository too', async () => {
+    const svc = await destination('hybrid', { to: `127.0.0.1:${repo.address.port}` });
+    try {
+      const c = clones[3]!;
+      const r = await migrate(c.path, { to: `127.0.0.1:${svc.address.port}`, name: 'vm', strategy: 'hybrid', auth });
+      assert.ok(readFileSync(join(dir, 'hybrid', 'vm.img')).equals(readFileSync(c.path)), 'byte-identical');
+      assert.ok(r.blocks.filledFromNeighbours > 5000, `${r.blocks.filledFromNeighbours} blocks filled`);
+      assert.ok(r.wire.sent.data <= 1.05 * c.changedBlocks * BS, `${r.wire.sent.data} bytes of block data sent for ${c.changedBlocks * BS} changed`);
+    } finally {
+      await svc.close();
+    }
+  });
+
   it('full ignores the repository', async () => {
     const svc = await destination('full', { to: `127.0.0.1:${repo.address.port}` });
     try {
