@@ -16,6 +16,16 @@ import type { FillContext, FillRequest, FillSource } from '../fills.js';
 /** Milliseconds a repository has to connect, or to answer one FETCH, before the session stops asking it. */
 export const DEFAULT_REPOSITORY_TIMEOUT_MS = 5000;
 
+/** FETCHes in flight at once, per session. */
+const WINDOW = 4;
+
+/** One distinct content asked for, and the blocks of the run that hold it. */
+interface Wanted {
+  fp: bigint;
+  sig: bigint;
+  blocks: number[];
+}
+
 /** Where a destination's repository is, and how to authenticate to it (the destination's own key or certificates, by default). */
 export interface RepositoryLink {
   to: string;
@@ -80,7 +90,7 @@ export class RepositoryFills implements FillSource {
     if (this.gaveUp) return filled;
     const bs = ctx.blockSize;
     // Each distinct content is asked for once; every block that holds it is written from the one answer.
-    const wanted = new Map<string, { fp: bigint; sig: bigint; blocks: number[] }>();
+    const wanted = new Map<string, Wanted>();
     for (const iv of req.missing) {
       for (let b = iv.start; b < iv.start + iv.count; b++) {
         const fp = req.fingerprints[b - req.start]!, sig = req.signatures[b - req.start]!;
@@ -92,15 +102,22 @@ export class RepositoryFills implements FillSource {
     }
     const all = [...wanted.values()];
     const per = Math.max(1, Math.min(MAX_FETCH_BLOCKS, Math.floor(MAX_FETCH_BYTES / bs)));
-    for (let i = 0; i < all.length; i += per) {
-      const batch = all.slice(i, i + per);
-      const fps = BigUint64Array.from(batch, (w) => w.fp), sigs = BigUint64Array.from(batch, (w) => w.sig);
+    // A few FETCHes in flight: over a long link the repository's round trips overlap (bounded: WINDOW MiB of answers at most).
+    const inflight: Array<{ batch: Wanted[]; answer: Promise<FetchResult> }> = [];
+    let next = 0;
+    const launch = () => {
+      const batch = all.slice(next, next + per);
+      next += batch.length;
+      const answer = this.ask(batch, bs);
+      answer.catch(() => {}); // the first failure, in order, is the one acted on
+      inflight.push({ batch, answer });
+    };
+    while (next < all.length && inflight.length < WINDOW) launch();
+    while (inflight.length) {
+      const { batch, answer } = inflight.shift()!;
       let res: FetchResult;
       try {
-        const ch = await this.bounded(this.channel(), 'connect and authenticate');
-        this.counts.requests++;
-        res = await this.bounded(ch.request(FETCH, { blockSize: bs, fingerprints: fps, signatures: sigs }, FETCH_RESULT), 'answer a FETCH');
-        if (res.lengths.length !== batch.length) throw new ProtocolError(ErrorCode.PROTOCOL, `FETCH_RESULT: ${res.lengths.length} entries for ${batch.length} blocks asked`);
+        res = await answer;
       } catch (e) {
         this.giveUp(e as Error);
         break;
@@ -110,12 +127,23 @@ export class RepositoryFills implements FillSource {
         this.link.log?.(`repository ${this.link.to} answers again`);
       }
       await this.apply(batch, res, ctx, filled);
+      if (next < all.length) launch();
     }
     return filled;
   }
 
+  /** One FETCH for a batch of distinct contents; rejects on any failure, a timeout included. */
+  private async ask(batch: Wanted[], bs: number): Promise<FetchResult> {
+    const ch = await this.bounded(this.channel(), 'connect and authenticate');
+    this.counts.requests++;
+    const fingerprints = BigUint64Array.from(batch, (w) => w.fp), signatures = BigUint64Array.from(batch, (w) => w.sig);
+    const res = await this.bounded(ch.request(FETCH, { blockSize: bs, fingerprints, signatures }, FETCH_RESULT), 'answer a FETCH');
+    if (res.lengths.length !== batch.length) throw new ProtocolError(ErrorCode.PROTOCOL, `FETCH_RESULT: ${res.lengths.length} entries for ${batch.length} blocks asked`);
+    return res;
+  }
+
   /** Checks each returned block against the source's fingerprint and signature, and writes it where it belongs. */
-  private async apply(batch: Array<{ fp: bigint; sig: bigint; blocks: number[] }>, res: FetchResult, ctx: FillContext, filled: IntervalSet): Promise<void> {
+  private async apply(batch: Wanted[], res: FetchResult, ctx: FillContext, filled: IntervalSet): Promise<void> {
     const bs = ctx.blockSize;
     const writes: Array<{ block: number; data: Buffer }> = [];
     for (let j = 0, off = 0; j < batch.length; j++) {
