@@ -12,6 +12,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DestinationService } from '../src/roles/destination/service.js';
 import { RepositoryService } from '../src/roles/repository/service.js';
+import { RepositoryFills } from '../src/roles/repository/fills.js';
+import type { FillContext } from '../src/roles/fills.js';
 import { migrate } from '../src/migrate/migrate.js';
 import { FETCH, FETCH_RESULT, MAX_FETCH_BLOCKS, type Fetch, type FetchResult } from '../src/protocol/messages.js';
 import { CAP_REPOSITORY, clientHandshake } from '../src/protocol/handshake.js';
@@ -174,6 +176,35 @@ describe('base images from a repository', () => {
       await svc.close();
       for (const s of held) s.destroy();
       mute.close();
+    }
+  });
+});
+
+describe('RepositoryFills', () => {
+  it('opens a new connection when the repository ended an idle one', async () => {
+    const quick = await RepositoryService.start({ dataDir: join(dir, 'quick'), images: [base], auth, idleTimeout: 200 });
+    const fills = new RepositoryFills({ to: `127.0.0.1:${quick.address.port}`, auth });
+    try {
+      const b = readFileSync(base);
+      const engine = new Engine();
+      const written = new Map<number, Buffer>();
+      const sink = { write: async (off: number, data: Buffer) => { written.set(off, Buffer.from(data.buffer, data.byteOffset, data.length)); } };
+      const ctx = { sink: sink as unknown as FillContext['sink'], size: b.length, blockSize: BS, engine };
+      // A run of 64 blocks of the base, 8 of them non-zero at least.
+      const start = 1024;
+      const run = b.subarray(start * BS, (start + 64) * BS);
+      const { fingerprints, signatures } = engine.fingerprints(run, BS);
+      const req = { start, fingerprints, signatures, missing: [{ start, count: 64 }] };
+      const first = await fills.fill(req, ctx);
+      await new Promise((r) => setTimeout(r, 1500));
+      const second = await fills.fill(req, ctx);
+      assert.ok(first.size > 0, 'filled');
+      assert.equal(second.size, first.size, 'filled again after the repository closed the idle connection');
+      assert.equal(quick.stats.requests, 2);
+      for (const [off, data] of written) assert.ok(data.equals(b.subarray(off, off + data.length)), `block at ${off}`);
+    } finally {
+      fills.close();
+      await quick.close();
     }
   });
 });

@@ -67,6 +67,11 @@ export class RepositoryFills implements FillSource {
   }
 
   private channel(): Promise<Channel> {
+    // The repository ends connections idle for its idle deadline (a live migration's rounds ask nothing): open a new one.
+    if (this.ch?.failed) {
+      this.ch = undefined;
+      this.opening = undefined;
+    }
     this.opening ??= (async () => {
       const l = this.link;
       const security = securityFrom(l.auth, l.tls);
