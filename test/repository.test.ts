@@ -110,6 +110,10 @@ describe('base images from a repository', () => {
     }
   });
 
+  it('refuses a repository address that is not HOST:PORT at start (ERR_BF_INVALID_ARGUMENT)', async () => {
+    await assert.rejects(destination('bad-addr', { to: 'nowhere' }), { code: 'ERR_BF_INVALID_ARGUMENT' });
+  });
+
   it('full ignores the repository', async () => {
     const svc = await destination('full', { to: `127.0.0.1:${repo.address.port}` });
     try {

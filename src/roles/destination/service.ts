@@ -11,7 +11,7 @@ import { Channel } from '../../protocol/channel.js';
 import { CAPABILITIES, CAP_ZSTD, serverHandshake, type AuthOptions } from '../../protocol/handshake.js';
 import { serverTls, securityFrom, type ServerTls, type TlsOptions } from '../../transport/tls.js';
 import { BEGIN, BEGIN_OVERWRITE, type Begin } from '../../protocol/messages.js';
-import { listen, type Listener } from '../../transport/tcp.js';
+import { listen, parseTarget, type Listener } from '../../transport/tcp.js';
 import { Neighbourhood } from '../../blockindex/neighbourhood.js';
 import { Scanner } from '../../scan/scanner.js';
 import { FileImageSink, type ImageSink } from '../../image/sink.js';
@@ -145,6 +145,8 @@ export class DestinationService implements Role {
       const v = options[k];
       if (v !== undefined && !(Number.isSafeInteger(v) && v >= 1)) throw new InvalidArgumentError(k, 'a positive integer', v);
     }
+    // A repository address that cannot work is the caller's mistake, said now (not logged at the first migration).
+    if (options.repository) parseTarget(options.repository.to);
     const bs = options.blockSize ?? 4096;
     const indexFile = join(options.dataDir, INDEX_FILE);
     let n = existsSync(indexFile) ? Neighbourhood.load(indexFile) : new Neighbourhood(bs);
