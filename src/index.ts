@@ -42,6 +42,7 @@ export { TreeChecksum, treeChecksum, CHECKSUM_PIECE } from './engine/checksum.js
 export { similarityMatrix, type SimilarityMatrix, type SimilarityImage } from './similarity/similarity.js';
 export { Neighbourhood, type NeighbourImage, type BlockLocation } from './blockindex/neighbourhood.js';
 export { DestinationService, type DestinationOptions, type SessionStats } from './roles/destination/service.js';
+export { RepositoryService, type RepositoryOptions } from './roles/repository/service.js';
 export { migrate, type MigrateOptions, type MigrationResult, type Strategy } from './migrate/migrate.js';
 export { STRATEGIES } from './migrate/strategies.js';
 export type { Strategy as MigrationStrategy, MigrationContext, StrategyOutcome, MigrationEvent, LiveOptions, LiveReport, DeltaReport } from './migrate/strategy.js';

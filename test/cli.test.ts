@@ -98,6 +98,10 @@ describe('blockferry CLI', () => {
       [['migrate', a, '--to', '127.0.0.1:1'], 2, /ERR_BF_USAGE: a key of at least 16 bytes/],
       [['migrate', a, '--to', '127.0.0.1:1', '--insecure', '--bwlimit', 'lots'], 2, /ERR_BF_USAGE/],
       [['serve', '--listen', 'nowhere', '--data-dir', dir, '--insecure'], 2, /ERR_BF_USAGE/],
+      [['serve', '--role', 'repository', '--listen', '127.0.0.1:0', '--data-dir', dir, '--insecure'], 2, /ERR_BF_USAGE: --role repository needs at least one --image/],
+      [['serve', '--role', 'repository', '--listen', '127.0.0.1:0', '--data-dir', dir, '--insecure', '--image', a, '--neighbour', a], 2, /ERR_BF_USAGE/],
+      [['serve', '--listen', '127.0.0.1:0', '--data-dir', dir, '--insecure', '--image', a], 2, /ERR_BF_USAGE: --image is an option of the repository role/],
+      [['serve', '--listen', '127.0.0.1:0', '--data-dir', dir, '--insecure', '--repository', 'nowhere'], 2, /ERR_BF_USAGE: --repository nowhere/],
     ];
     for (const [args, code, re] of cases) {
       const r = run(...args);

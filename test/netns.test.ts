@@ -68,8 +68,13 @@ after(() => {
 interface Server { proc: ChildProcess; port: number; stop(): Promise<void> }
 
 /** Starts `blockferry serve` in the destination host; resolves with its port. */
-async function serve(dataDir: string, neighbours: string[]): Promise<Server> {
-  const args = inHost(DST, ['serve', '--listen', `${dstAddr}:0`, '--data-dir', dataDir, '--key-file', keyFile, ...neighbours.flatMap((n) => ['--neighbour', n])]);
+async function serve(dataDir: string, neighbours: string[], extra: string[] = []): Promise<Server> {
+  return serveIn(DST, ['--listen', `${dstAddr}:0`, '--data-dir', dataDir, ...neighbours.flatMap((n) => ['--neighbour', n]), ...extra]);
+}
+
+/** Starts `blockferry serve ARGS` (with the key) in a host; resolves with its port. */
+async function serveIn(ns: string, serveArgs: string[]): Promise<Server> {
+  const args = inHost(ns, ['serve', ...serveArgs, '--key-file', keyFile]);
   const proc = spawn(args[0]!, args.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
   let stderr = '';
   proc.stderr!.on('data', (d) => { stderr += d; });
@@ -224,6 +229,31 @@ describe(`migration between ${netns ? 'network namespaces over a 100 Mbit/s veth
       assert.ok(res.blocks.sent < (24 * MiB) / BS, `the second source sent only what was missing (${res.blocks.sent} blocks)`);
     } finally {
       await new Promise<void>((r) => { if (proc.exitCode !== null) return r(); proc.once('exit', () => r()); proc.kill('SIGTERM'); });
+    }
+  });
+
+  it('a base image from a repository across the link: only the blocks changed since the base cross from the source', async () => {
+    // The repository runs in the source's host: its answers cross the shaped link, like the source's blocks.
+    const srcAddr = netns ? `${subnet}.1` : '127.0.0.1';
+    const base = join(dir, 'repo-base.img');
+    const clone = join(dir, 'repo-clone.img');
+    const b = Buffer.from(seededBytes(31, 32 * MiB));
+    writeFileSync(base, b);
+    b.set(seededBytes(32, 2 * MiB), 8 * MiB); // 512 blocks changed since the base
+    writeFileSync(clone, b);
+    const repo = await serveIn(SRC, ['--role', 'repository', '--listen', `${srcAddr}:0`, '--data-dir', join(dir, 'repo'), '--image', base]);
+    const server = await serve(join(dir, 'dst-repo'), [], ['--repository', `${srcAddr}:${repo.port}`]);
+    try {
+      const r = await run(migrateArgs(clone, server.port, ['--name', 'clone']));
+      assert.equal(r.code, 0, r.err);
+      const res = JSON.parse(r.out);
+      assert.ok(readFileSync(join(dir, 'dst-repo', 'clone.img')).equals(b), 'byte-identical');
+      assert.equal(res.blocks.sent, 512);
+      assert.equal(res.blocks.filledFromNeighbours, (32 * MiB) / BS - 512);
+      assert.ok(res.wire.sent.data <= 1.05 * 512 * BS, `data ${res.wire.sent.data}`);
+    } finally {
+      await server.stop();
+      await repo.stop();
     }
   });
 

@@ -14,6 +14,8 @@ import { runDemo } from './demo.js';
 import { parseCompress } from '../protocol/codec.js';
 import { describeMigration } from './describe.js';
 import { DestinationService } from '../roles/destination/service.js';
+import { RepositoryService } from '../roles/repository/service.js';
+import { parseTarget } from '../transport/tcp.js';
 import { DEFAULT_PARTIAL_TTL_MS, listPartials, prunePartials, removePartial } from '../roles/destination/partials.js';
 import { migrate } from '../migrate/migrate.js';
 import { STRATEGIES, type StrategyName } from '../migrate/strategies.js';
@@ -346,10 +348,13 @@ export function buildProgram(): Command {
 
   secureFlags(program
     .command('serve')
-    .description('run the destination service: receive migrations into a data directory')
+    .description('run a service: the destination (receives migrations into a data directory), or a base-image repository destinations fill from')
+    .addOption(new Option('--role <role>', 'which service').choices(['destination', 'repository']).default('destination'))
     .requiredOption('--listen <addr>', 'HOST:PORT to listen on (port 0: any free port)')
     .requiredOption('--data-dir <dir>', 'where migrated images (NAME.img) and the neighbourhood index live')
     .option('--neighbour <image>', 'an image whose blocks migrations may reuse (repeatable)', (v: string, acc: string[]) => acc.concat(v), [] as string[])
+    .option('--image <image>', 'repository: an image (a base) whose blocks destinations may fetch (repeatable)', (v: string, acc: string[]) => acc.concat(v), [] as string[])
+    .option('--repository <addr>', 'destination: HOST:PORT of a base-image repository to fill from (after the neighbours), with this service\'s key or certificates')
     .option('--block-size <size>', 'block size of the neighbourhood index', '4096')
     .option('--key-file <file>', 'pre-shared key (default: BLOCKFERRY_KEY)')
     .option('--insecure', 'plain TCP without authentication (loopback demos only)')
@@ -361,20 +366,44 @@ export function buildProgram(): Command {
     .option('--partial-ttl <duration>', 'remove partial images untouched for this long (0: never)', '7d')
     .addOption(new Option('--nbd <addr>', 'also serve the images over NBD on TCP HOST:PORT (complete ones, and post-copy ones while they arrive)').conflicts('nbdSocket'))
     .option('--nbd-socket <path>', 'the same on a Unix socket'), false)
-    .action(async (o: { nbd?: string; nbdSocket?: string; listen: string; dataDir: string; neighbour: string[]; blockSize: string; keyFile?: string; insecure?: boolean; compress: 'auto' | 'none'; maxImageSize?: string; reserve: string; idleTimeout: string; partialTtl: string; cert?: string; key?: string; ca?: string; handshakeTimeout: number }) => {
+    .action(async (o: { role: 'destination' | 'repository'; image: string[]; repository?: string; nbd?: string; nbdSocket?: string; listen: string; dataDir: string; neighbour: string[]; blockSize: string; keyFile?: string; insecure?: boolean; compress: 'auto' | 'none'; maxImageSize?: string; reserve: string; idleTimeout: string; partialTtl: string; cert?: string; key?: string; ca?: string; handshakeTimeout: number }) => {
       const m = /^\[?([^\]]*?)\]?:(\d{1,5})$/.exec(o.listen);
       if (!m || Number(m[2]) > 65535) throw new UsageError(`--listen ${o.listen}: expected HOST:PORT`);
       const [bs, ...rest] = parseBlockSizes(o.blockSize);
       if (rest.length) throw new UsageError('one block size');
+      const log = (l: string) => process.stderr.write(`blockferry serve: ${l}\n`);
+      if (o.role === 'repository') {
+        if (!o.image.length) throw new UsageError('--role repository needs at least one --image (the base images it serves)');
+        if (o.neighbour.length || o.repository || o.nbd || o.nbdSocket) throw new UsageError('--neighbour, --repository and --nbd are options of the destination role');
+        const repo = await RepositoryService.start({
+          dataDir: o.dataDir, host: m[1] || '0.0.0.0', port: Number(m[2]), ...securityOptions(o), handshakeTimeout: o.handshakeTimeout, blockSize: bs!, images: o.image,
+          idleTimeout: parseDuration('--idle-timeout', o.idleTimeout), log,
+        });
+        const ra = repo.address;
+        const info = repo.neighbourhood.info();
+        print(JSON.stringify({ event: 'listening', role: 'repository', host: ra.host, port: ra.port, dataDir: o.dataDir, images: info.images.length, blocks: info.entries }));
+        await new Promise<void>((res) => {
+          process.once('SIGINT', res);
+          process.once('SIGTERM', res);
+        });
+        log(`repository: ${repo.stats.served} of ${repo.stats.asked} blocks asked for served, in ${repo.stats.requests} requests`);
+        await repo.close();
+        return;
+      }
+      if (o.image.length) throw new UsageError('--image is an option of the repository role (a destination\'s own images to reuse are --neighbour)');
+      if (o.repository !== undefined) {
+        try { parseTarget(o.repository); } catch { throw new UsageError(`--repository ${o.repository}: expected HOST:PORT`); }
+      }
       const svc = await DestinationService.start({
         dataDir: o.dataDir, host: m[1] || '0.0.0.0', port: Number(m[2]), ...securityOptions(o), handshakeTimeout: o.handshakeTimeout, blockSize: bs!, neighbours: o.neighbour, compression: o.compress !== 'none',
         ...(o.maxImageSize !== undefined ? { maxImageSize: parseSize('--max-image-size', o.maxImageSize) } : {}),
         reserveBytes: parseSize('--reserve', o.reserve), idleTimeout: parseDuration('--idle-timeout', o.idleTimeout), partialTtl: parseDuration('--partial-ttl', o.partialTtl),
-        log: (l) => process.stderr.write(`blockferry serve: ${l}\n`),
+        log,
+        ...(o.repository !== undefined ? { repository: { to: o.repository } } : {}),
         ...(o.nbdSocket !== undefined ? { nbd: { path: o.nbdSocket } } : o.nbd !== undefined ? { nbd: parseNbdListen('--nbd', o.nbd) } : {}),
       });
       const a = svc.address;
-      print(JSON.stringify({ event: 'listening', host: a.host, port: a.port, dataDir: o.dataDir, neighbours: svc.neighbourhood.images.length, ...(svc.nbdUri('') ? { nbd: svc.nbdUri('NAME') } : {}) }));
+      print(JSON.stringify({ event: 'listening', host: a.host, port: a.port, dataDir: o.dataDir, neighbours: svc.neighbourhood.images.length, ...(o.repository ? { repository: o.repository } : {}), ...(svc.nbdUri('') ? { nbd: svc.nbdUri('NAME') } : {}) }));
       await new Promise<void>((res) => {
         process.once('SIGINT', res);
         process.once('SIGTERM', res);

@@ -80,6 +80,7 @@ export interface MigrationResult {
   blocks: {
     total: number;
     zero: number;
+    /** Blocks the destination filled itself: from its neighbour images and, where it has one, its base-image repository. */
     filledFromNeighbours: number;
     resumed: number;
     /** Block contents sent over the wire. */

@@ -9,7 +9,7 @@
 import { IntervalSet, split, type Interval } from '../blocks/intervals.js';
 import { BlockferryError, ErrorCode } from '../errors.js';
 import { Msg } from '../protocol/frame.js';
-import { COMMIT, DONE, FILL_NEIGHBOURS, MISSING, OWNED, PROBE, PROBE_OK, PULL, ROUND, SWITCH, SWITCH_OK, ZERO, decode } from '../protocol/messages.js';
+import { COMMIT, DONE, FILL_NEIGHBOURS, FILL_REPOSITORY, MISSING, OWNED, PROBE, PROBE_OK, PULL, ROUND, SWITCH, SWITCH_OK, ZERO, decode } from '../protocol/messages.js';
 import { firstPass, phaseClock, precopyParts, type PrecopyParts } from './pass.js';
 import { countingDirty, dirtySourceFor, type DirtySource } from './rounds.js';
 import { CAP_POSTCOPY, CAP_SIMILARITY } from '../protocol/handshake.js';
@@ -38,7 +38,7 @@ const blocksIn = (list: Iterable<Interval>) => { let n = 0; for (const iv of lis
 /** Strategy "postcopy": switch at once, then push everything while demand reads pull. */
 export const postcopy: Strategy = { name: 'postcopy', fills: 0, requires: CAP_POSTCOPY, postcopyOnStall: true, run: (ctx) => run(ctx, false) };
 /** Strategy "hybrid" (paper 002): pre-copy of cold blocks with the neighbourhood's fills, then post-copy of the rest, hottest first. */
-export const hybrid: Strategy = { name: 'hybrid', fills: FILL_NEIGHBOURS, requires: CAP_POSTCOPY | CAP_SIMILARITY, postcopyOnStall: true, run: (ctx) => run(ctx, true) };
+export const hybrid: Strategy = { name: 'hybrid', fills: FILL_NEIGHBOURS | FILL_REPOSITORY, requires: CAP_POSTCOPY | CAP_SIMILARITY, postcopyOnStall: true, run: (ctx) => run(ctx, true) };
 
 async function run(ctx: MigrationContext, withPrecopy: boolean): Promise<StrategyOutcome> {
   const { ch, map, blockSize: bs, live } = ctx;

@@ -47,6 +47,9 @@ export const Msg = {
   OWNED: 44,
   PROBE: 45,
   PROBE_OK: 46,
+  // A base-image repository (FILL_REPOSITORY): a destination asks for blocks by content.
+  FETCH: 50,
+  FETCH_RESULT: 51,
 } as const;
 export type MsgType = (typeof Msg)[keyof typeof Msg];
 const KNOWN = new Set<number>(Object.values(Msg));

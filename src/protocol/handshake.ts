@@ -24,6 +24,12 @@ export const CAP_ZSTD = 4;
 export const CAP_POSTCOPY = 16;
 /** BLOCKS_DELTA: re-sent blocks as the XOR against what the destination holds (docs/PROTOCOL.md, "BLOCKS_DELTA"). */
 export const CAP_DELTA = 8;
+/**
+ * A base-image repository: answers FETCH (docs/PROTOCOL.md, "Repository").
+ * Announced by `serve --role repository` only, never by a destination, so a
+ * destination pointed at something else learns it at the handshake.
+ */
+export const CAP_REPOSITORY = 32;
 export const CAPABILITIES = CAP_SIMILARITY | CAP_RESUME | CAP_ZSTD | CAP_DELTA | CAP_POSTCOPY;
 /** Largest frame before authentication: the handshake's messages are under 100 bytes. */
 export const HANDSHAKE_FRAME_LIMIT = 256;

@@ -116,6 +116,8 @@ export const BEGIN_OVERWRITE = 1;
 const BEGIN_KNOWN = BEGIN_OVERWRITE;
 /** Fill sources a source may ask the destination to consult (BEGIN's fills mask); roles/fills.ts implements them. */
 export const FILL_NEIGHBOURS = 1;
+/** The destination's base-image repository (`serve --repository`), asked with FETCH. */
+export const FILL_REPOSITORY = 2;
 
 export interface Begin {
   name: string;
@@ -295,10 +297,54 @@ export const OWNED = def<Interval[]>(Msg.OWNED, 'OWNED', 'control', (m, w) => wr
 export const PROBE = emptyOf(Msg.PROBE, 'PROBE');
 export const PROBE_OK = emptyOf(Msg.PROBE_OK, 'PROBE_OK');
 
+// --- A base-image repository ------------------------------------------------
+
+/** Most blocks, and most bytes of block data, one FETCH may ask for: bounded work and memory per request at the repository. */
+export const MAX_FETCH_BLOCKS = 256;
+export const MAX_FETCH_BYTES = 1 << 20;
+
+/**
+ * Destination to repository: blocks wanted by content, at a block size (the
+ * repository's index must be at that size), as columns of fingerprints and
+ * signatures. The reply is FETCH_RESULT with the request's id.
+ */
+export interface Fetch { blockSize: number; fingerprints: BigUint64Array; signatures: BigUint64Array }
+export const FETCH = def<Fetch>(Msg.FETCH, 'FETCH', 'fingerprints',
+  (m, w) => { w.u32(m.blockSize).u32(m.fingerprints.length); writeColumn(w, m.fingerprints); writeColumn(w, m.signatures); },
+  (r) => {
+    const blockSize = r.u32();
+    const n = counted(r, 16, 'FETCH');
+    if (n === 0) throw new ProtocolError(ErrorCode.PROTOCOL, 'FETCH: no blocks asked for');
+    if (n > MAX_FETCH_BLOCKS) throw new ProtocolError(ErrorCode.PROTOCOL, `FETCH: ${n} blocks (at most ${MAX_FETCH_BLOCKS} a request)`);
+    return { blockSize, fingerprints: readColumn(r, n), signatures: readColumn(r, n) };
+  },
+  (m) => 8 + 16 * m.fingerprints.length);
+
+/**
+ * Repository to destination: per block asked for, in order, the length of
+ * its content (0: not held), then the contents in order. Nothing in it is
+ * trusted: the destination checks every block against the fingerprint and
+ * signature the source sent before writing it.
+ */
+export interface FetchResult { lengths: number[]; data: Buffer }
+export const FETCH_RESULT = def<FetchResult>(Msg.FETCH_RESULT, 'FETCH_RESULT', 'data',
+  (m, w) => { w.u32(m.lengths.length); for (const l of m.lengths) w.u32(l); w.bytes(m.data); },
+  (r) => {
+    const n = counted(r, 4, 'FETCH_RESULT');
+    if (n > MAX_FETCH_BLOCKS) throw new ProtocolError(ErrorCode.PROTOCOL, `FETCH_RESULT: ${n} entries (at most ${MAX_FETCH_BLOCKS})`);
+    const lengths: number[] = new Array(n);
+    let total = 0;
+    for (let i = 0; i < n; i++) total += lengths[i] = r.u32();
+    if (total > MAX_FETCH_BYTES) throw new ProtocolError(ErrorCode.PROTOCOL, `FETCH_RESULT: ${total} bytes of blocks (at most ${MAX_FETCH_BYTES})`);
+    if (total !== r.remaining) throw new ProtocolError(ErrorCode.PROTOCOL, `FETCH_RESULT: ${total} bytes declared, ${r.remaining} present`);
+    return { lengths, data: r.bytes(total) };
+  },
+  (m) => 4 + 4 * m.lengths.length + m.data.length);
+
 /** Every message by type. */
 export const MESSAGES: ReadonlyMap<number, MessageDef<unknown>> = new Map(
   [HELLO, HELLO_ACK, AUTH, READY, ERROR, BEGIN, BEGIN_OK, BLOCK_INFO, INFO_END, NEED, BLOCKS, COPY, ZERO, ROUND, VERIFY, VERIFY_RESULT, COMMIT, DONE, SYNC, SYNC_OK, BLOCKS_DELTA,
-    MISSING, SWITCH, SWITCH_OK, PULL, OWNED, PROBE, PROBE_OK]
+    MISSING, SWITCH, SWITCH_OK, PULL, OWNED, PROBE, PROBE_OK, FETCH, FETCH_RESULT]
     .map((d) => [d.type, d as MessageDef<unknown>]),
 );
 

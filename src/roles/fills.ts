@@ -1,14 +1,15 @@
 // Where a destination finds blocks before asking the source for them. Each
 // fill source is one entry of FILL_SOURCES, named on the wire by a bit of
-// BEGIN's fills mask: neighbour images now; backup servers, base-image
-// repositories and intermediaries are further entries.
+// BEGIN's fills mask: neighbour images and a base-image repository now;
+// backup servers and intermediaries are further entries.
 import type { Engine } from '../engine/engine.js';
 import { open, type FileHandle } from 'node:fs/promises';
 import type { ImageSink } from '../image/sink.js';
 import { IntervalSet, blockLength, type Interval } from '../blocks/intervals.js';
 import { NO_REF, refBlock, refImage } from '../table/table.js';
-import { FILL_NEIGHBOURS } from '../protocol/messages.js';
+import { FILL_NEIGHBOURS, FILL_REPOSITORY } from '../protocol/messages.js';
 import type { Neighbourhood } from '../blockindex/neighbourhood.js';
+import { RepositoryFills, type RepositoryLink } from './repository/fills.js';
 
 /** The blocks of one BLOCK_INFO run that are still missing, with the fingerprints the source sent for the whole run. */
 export interface FillRequest {
@@ -40,10 +41,14 @@ export interface FillSource {
 /** What a destination offers to fill from, by wire bit. */
 export interface FillProviders {
   neighbourhood?: Neighbourhood;
+  /** The base-image repository the destination was started with (`serve --repository`). */
+  repository?: RepositoryLink;
 }
 
+/** In the order they are consulted: local neighbour images first (a disk read), then the repository (a round trip). */
 export const FILL_SOURCES: ReadonlyArray<{ bit: number; name: string; open(p: FillProviders): FillSource | undefined }> = [
   { bit: FILL_NEIGHBOURS, name: 'neighbours', open: (p) => (p.neighbourhood ? new NeighbourFills(p.neighbourhood) : undefined) },
+  { bit: FILL_REPOSITORY, name: 'repository', open: (p) => (p.repository ? new RepositoryFills(p.repository) : undefined) },
 ];
 
 /** Bytes read from a neighbour per run: 1 MiB, like the source's batches. */

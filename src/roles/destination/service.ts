@@ -3,21 +3,21 @@
 import type { Socket } from 'node:net';
 import { closeSync, constants as fsc, existsSync, lstatSync, mkdirSync, openSync, rmSync, statfsSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
-import { BlockferryError, ErrorCode, InvalidArgumentError, ProtocolError, isNoSpace } from '../../errors.js';
+import { BlockferryError, ErrorCode, InvalidArgumentError, ProtocolError } from '../../errors.js';
 import type { Interval } from '../../blocks/intervals.js';
 import { escapeForLog, LOG_LINE_MAX } from '../../util/sanitize.js';
 import { DEFAULT_PARTIAL_TTL_MS, NAME_RE, prunePartials } from './partials.js';
 import { Channel } from '../../protocol/channel.js';
-import { CAPABILITIES, CAP_ZSTD, HANDSHAKE_FRAME_LIMIT, serverHandshake, type AuthOptions } from '../../protocol/handshake.js';
-import { serverTls, securityFrom, wrapServer, type ServerTls, type TlsOptions } from '../../transport/tls.js';
-import { encodeHeader, Msg } from '../../protocol/frame.js';
-import { encode, ERROR } from '../../protocol/messages.js';
+import { CAPABILITIES, CAP_ZSTD, serverHandshake, type AuthOptions } from '../../protocol/handshake.js';
+import { serverTls, securityFrom, type ServerTls, type TlsOptions } from '../../transport/tls.js';
 import { BEGIN, BEGIN_OVERWRITE, type Begin } from '../../protocol/messages.js';
-import { listen, type Listener } from '../../transport/tcp.js';
+import { listen, parseTarget, type Listener } from '../../transport/tcp.js';
 import { Neighbourhood } from '../../blockindex/neighbourhood.js';
 import { Scanner } from '../../scan/scanner.js';
 import { FileImageSink, type ImageSink } from '../../image/sink.js';
 import { FILL_SOURCES, type FillSource } from '../fills.js';
+import { Gate } from '../gate.js';
+import type { RepositoryLink } from '../repository/fills.js';
 import type { Role } from '../role.js';
 import { Journal } from './journal.js';
 import { Session, type SessionStats } from './session.js';
@@ -70,6 +70,13 @@ export interface DestinationOptions {
    * those a post-copy took over while they arrive. Default: no NBD.
    */
   nbd?: NbdAddress;
+  /**
+   * A base-image repository (`serve --role repository`) to fill from, HOST:PORT,
+   * asked after the neighbours when a migration's strategy allows it
+   * (FILL_REPOSITORY). Authenticated like this service's own clients (its key
+   * or certificates) unless auth/tls are given here.
+   */
+  repository?: { to: string; auth?: AuthOptions; tls?: TlsOptions; timeout?: number };
 }
 
 /** An image the destination took over (post-copy): served while it arrives, and after. */
@@ -102,22 +109,32 @@ export class DestinationService implements Role {
   private nbd: NbdServer | undefined;
   private pruneTimer: NodeJS.Timeout | undefined;
   private free: { at: number; bytes: number } | undefined;
-  private readonly sockets = new Set<Socket>();
   readonly neighbourhood: Neighbourhood;
   private readonly scanner: Scanner;
   readonly completed: SessionStats[] = [];
   private indexing: Promise<void> = Promise.resolve();
-  private readonly tls: ServerTls | undefined;
-  /** Connections that have not authenticated yet: per remote address, and in total. */
-  private readonly unauthenticated = new Map<string, number>();
-  private unauthenticatedTotal = 0;
-  /** Connections closed by the limits before authentication: over a cap, or past the handshake deadline. */
-  readonly limited = { overCap: 0, deadline: 0 };
+  private readonly gate: Gate;
+  private readonly repository: RepositoryLink | undefined;
 
   private constructor(readonly options: DestinationOptions, neighbourhood: Neighbourhood, scanner: Scanner, tls: ServerTls | undefined) {
     this.neighbourhood = neighbourhood;
     this.scanner = scanner;
-    this.tls = tls;
+    this.gate = new Gate(options, tls, (l) => this.log(l), 'migration');
+    const r = options.repository;
+    this.repository = r && {
+      to: r.to, auth: r.auth ?? options.auth, ...(r.tls ?? options.tls ? { tls: (r.tls ?? options.tls)! } : {}), ...(r.timeout !== undefined ? { timeout: r.timeout } : {}),
+      log: (l) => this.log(l), state: { down: false },
+    };
+  }
+
+  /** The open connections (tests drop them to play a failing network). */
+  get sockets(): ReadonlySet<Socket> {
+    return this.gate.sockets;
+  }
+
+  /** Connections closed by the limits before authentication: over a cap, or past the handshake deadline. */
+  get limited(): { overCap: number; deadline: number } {
+    return this.gate.limited;
   }
 
   static async start(options: DestinationOptions): Promise<DestinationService> {
@@ -128,6 +145,8 @@ export class DestinationService implements Role {
       const v = options[k];
       if (v !== undefined && !(Number.isSafeInteger(v) && v >= 1)) throw new InvalidArgumentError(k, 'a positive integer', v);
     }
+    // A repository address that cannot work is the caller's mistake, said now (not logged at the first migration).
+    if (options.repository) parseTarget(options.repository.to);
     const bs = options.blockSize ?? 4096;
     const indexFile = join(options.dataDir, INDEX_FILE);
     let n = existsSync(indexFile) ? Neighbourhood.load(indexFile) : new Neighbourhood(bs);
@@ -195,88 +214,15 @@ export class DestinationService implements Role {
     this.options.log?.(escapeForLog(line, LOG_LINE_MAX));
   }
 
-  /**
-   * A new TCP connection. Until it authenticates it holds one of a few slots
-   * (per remote address and in total; none free: closed at once) and has
-   * handshakeTimeout to finish TLS and the handshake; frames are limited to
-   * HANDSHAKE_FRAME_LIMIT meanwhile. After, the Channel bounds what it queues.
-   */
+  /** A new TCP connection: through the gate (limits, TLS, deadline) to serve(). */
   private accept(raw: Socket): void {
-    this.sockets.add(raw);
-    raw.on('close', () => this.sockets.delete(raw));
-    const o = this.options;
-    const addr = raw.remoteAddress ?? '?';
-    const fromAddr = this.unauthenticated.get(addr) ?? 0;
-    if (this.unauthenticatedTotal >= (o.maxUnauthenticated ?? 64) || fromAddr >= (o.maxUnauthenticatedPerAddress ?? 8)) {
-      this.limited.overCap++;
-      raw.on('error', () => {});
-      raw.destroy();
-      return;
-    }
-    this.unauthenticatedTotal++;
-    this.unauthenticated.set(addr, fromAddr + 1);
-    let pending = true;
-    let expired = false;
-    const release = () => {
-      if (!pending) return;
-      pending = false;
-      clearTimeout(deadline);
-      this.unauthenticatedTotal--;
-      const left = (this.unauthenticated.get(addr) ?? 1) - 1;
-      if (left > 0) this.unauthenticated.set(addr, left);
-      else this.unauthenticated.delete(addr);
-    };
-    const deadline = setTimeout(() => {
-      expired = true;
-      this.limited.deadline++;
-      this.log(`connection from ${addr} closed: ${ErrorCode.LIMIT}: not authenticated within ${o.handshakeTimeout ?? 5000} ms`);
-      socket.destroy();
-      raw.destroy();
-    }, o.handshakeTimeout ?? 5000);
-    raw.once('close', release);
-    raw.on('error', () => {}); // reported through the channel (or the TLS socket) above it
-    const tls = this.tls;
-    // The socket the channel speaks over: raw, or the TLS socket that takes over raw's handle (only it reports 'close' then).
-    let socket: Socket = raw;
-    void (async () => {
-      let secure: Promise<{ refused?: string }> | undefined;
-      if (tls) {
-        // A plain-TCP blockferry client (--insecure) gets a readable refusal instead of a TLS error.
-        const first = await firstByte(raw);
-        if (first === undefined) return;
-        if (first !== TLS_HANDSHAKE_RECORD) {
-          refusePlain(raw, 'this server requires TLS; insecure (plain TCP) clients are refused');
-          return;
-        }
-        ({ socket, secure } = wrapServer(raw, tls));
-        const wrapped = socket;
-        this.sockets.add(wrapped);
-        wrapped.once('close', () => { this.sockets.delete(wrapped); release(); });
-        wrapped.on('error', () => {});
-      }
-      const ch = new Channel(socket, { frameLimit: HANDSHAKE_FRAME_LIMIT });
-      try {
-        if (secure) {
-          const { refused } = await secure;
-          if (refused) throw new ProtocolError(ErrorCode.TLS_CERT, `client certificate refused: ${refused}`);
-        }
-        await this.serve(ch, release);
-      } catch (err) {
-        const e = err as Error;
-        const code = isNoSpace(e) ? ErrorCode.NO_SPACE : e instanceof BlockferryError ? e.code : ErrorCode.INTERNAL;
-        if (!expired) this.log(`migration from ${addr} failed: ${code}: ${e.message}`);
-        // Unless the handshake has told the peer already (a write after end would cut TLS short).
-        if (!socket.writableEnded) await ch.sendError(code, e.message);
-        // Closed for good, even if the peer never reads the error.
-        setTimeout(() => socket.destroy(), 2000).unref();
-      }
-    })();
+    this.gate.accept(raw, (ch, authenticated) => this.serve(ch, authenticated));
   }
 
   async close(): Promise<void> {
     if (this.pruneTimer) clearInterval(this.pruneTimer);
     await this.listener?.close();
-    for (const s of this.sockets) s.destroy();
+    this.gate.destroyAll();
     // Taken-over images first: a read waiting for a block that will not come now fails, and the NBD server can finish.
     for (const t of this.taken.values()) await t.image.close().catch(() => {});
     this.taken.clear();
@@ -404,7 +350,7 @@ export class DestinationService implements Role {
     const fills: FillSource[] = [];
     for (const f of FILL_SOURCES) {
       if (!(b.fills & f.bit)) continue;
-      const src = f.open({ neighbourhood: this.neighbourhood });
+      const src = f.open({ neighbourhood: this.neighbourhood, ...(this.repository ? { repository: this.repository } : {}) });
       if (src) fills.push(src);
     }
     const j = journal;
@@ -472,7 +418,7 @@ export class DestinationService implements Role {
 }
 
 /** The data directory exists (or is made) and takes files: else ERR_BF_DATA_DIR. */
-function checkDataDir(dir: string): void {
+export function checkDataDir(dir: string): void {
   try {
     // Level by level (Node's recursive mkdir can spin on /proc and the like).
     const missing: string[] = [];
@@ -490,33 +436,3 @@ function checkDataDir(dir: string): void {
     throw new BlockferryError(ErrorCode.DATA_DIR, `data directory ${dir}: ${why}`, { cause: e });
   }
 }
-
-/** First byte of a TLS connection: a handshake record (ClientHello). A blockferry frame starts with its length's low byte. */
-const TLS_HANDSHAKE_RECORD = 0x16;
-
-/** Waits for the first byte without consuming it (undefined: the connection ended first). */
-function firstByte(raw: Socket): Promise<number | undefined> {
-  return new Promise((res) => {
-    const onReadable = () => {
-      const b = raw.read() as Buffer | null;
-      if (!b) return;
-      cleanup();
-      raw.unshift(b);
-      res(b[0]);
-    };
-    const onEnd = () => { cleanup(); res(undefined); };
-    const cleanup = () => { raw.off('readable', onReadable); raw.off('end', onEnd); raw.off('close', onEnd); };
-    raw.on('readable', onReadable);
-    raw.once('end', onEnd);
-    raw.once('close', onEnd);
-  });
-}
-
-/** An ERROR frame in plain text, then close: for a client that speaks the protocol without TLS. */
-function refusePlain(raw: Socket, message: string): void {
-  const payload = encode(ERROR, { code: ErrorCode.AUTH_FAILED, message });
-  // Nothing more is read from it: closed as soon as the refusal is written.
-  raw.end(Buffer.concat([encodeHeader(Msg.ERROR, payload.length), payload]), () => raw.destroy());
-  setTimeout(() => raw.destroy(), 2000).unref();
-}
-
