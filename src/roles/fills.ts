@@ -2,41 +2,15 @@
 // fill source is one entry of FILL_SOURCES, named on the wire by a bit of
 // BEGIN's fills mask: neighbour images and a base-image repository now;
 // backup servers and intermediaries are further entries.
-import type { Engine } from '../engine/engine.js';
 import { open, type FileHandle } from 'node:fs/promises';
-import type { ImageSink } from '../image/sink.js';
-import { IntervalSet, blockLength, type Interval } from '../blocks/intervals.js';
+import { IntervalSet, blockLength } from '../blocks/intervals.js';
 import { NO_REF, refBlock, refImage } from '../table/table.js';
 import { FILL_NEIGHBOURS, FILL_REPOSITORY } from '../protocol/messages.js';
 import type { Neighbourhood } from '../blockindex/neighbourhood.js';
 import { RepositoryFills, type RepositoryLink } from './repository/fills.js';
 
-/** The blocks of one BLOCK_INFO run that are still missing, with the fingerprints the source sent for the whole run. */
-export interface FillRequest {
-  start: number;
-  fingerprints: BigUint64Array;
-  signatures: BigUint64Array;
-  /** Sub-intervals of the run still to fill. */
-  missing: Interval[];
-}
-
-export interface FillContext {
-  sink: ImageSink;
-  size: number;
-  blockSize: number;
-  engine: Engine;
-}
-
-export interface FillSource {
-  readonly name: string;
-  /**
-   * Fills what it can of the missing blocks: each block written is first
-   * checked against the source's fingerprint and signature (a stale index or
-   * a collision never puts a wrong block in place). Returns the blocks filled.
-   */
-  fill(req: FillRequest, ctx: FillContext): Promise<IntervalSet>;
-  close(): void;
-}
+export type { FillContext, FillRequest, FillSource } from './fill-source.js';
+import type { FillContext, FillRequest, FillSource } from './fill-source.js';
 
 /** What a destination offers to fill from, by wire bit. */
 export interface FillProviders {

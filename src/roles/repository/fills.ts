@@ -11,7 +11,7 @@ import { CAP_REPOSITORY, clientHandshake, type AuthOptions } from '../../protoco
 import { FETCH, FETCH_RESULT, MAX_FETCH_BLOCKS, MAX_FETCH_BYTES, type FetchResult } from '../../protocol/messages.js';
 import { connect, parseTarget } from '../../transport/tcp.js';
 import { connect as connectTls, securityFrom, type TlsOptions } from '../../transport/tls.js';
-import type { FillContext, FillRequest, FillSource } from '../fills.js';
+import type { FillContext, FillRequest, FillSource } from '../fill-source.js';
 
 /** Milliseconds a repository has to connect, or to answer one FETCH, before the session stops asking it. */
 export const DEFAULT_REPOSITORY_TIMEOUT_MS = 5000;
