@@ -86,7 +86,7 @@ describe('base images from a repository', () => {
         const ratio = r.wire.sent.data / (c.changedBlocks * BS);
         assert.ok(ratio <= 1.05, `clone ${i}: ${r.wire.sent.data} bytes of block data sent for ${c.changedBlocks * BS} bytes changed (${ratio.toFixed(4)}×)`);
         assert.ok(r.blocks.sent <= c.changedBlocks, `clone ${i}: ${r.blocks.sent} blocks sent, ${c.changedBlocks} changed`);
-        assert.ok(r.blocks.filledFromNeighbours > 5000, `clone ${i}: ${r.blocks.filledFromNeighbours} blocks filled from the repository`);
+        assert.ok(r.blocks.filledFromRepository > 5000, `clone ${i}: ${r.blocks.filledFromRepository} blocks filled from the repository`);
         sentData += r.wire.sent.data;
         changed += c.changedBlocks * BS;
       } finally {
@@ -103,7 +103,7 @@ describe('base images from a repository', () => {
       const c = clones[3]!;
       const r = await migrate(c.path, { to: `127.0.0.1:${svc.address.port}`, name: 'vm', strategy: 'hybrid', auth });
       assert.ok(readFileSync(join(dir, 'hybrid', 'vm.img')).equals(readFileSync(c.path)), 'byte-identical');
-      assert.ok(r.blocks.filledFromNeighbours > 5000, `${r.blocks.filledFromNeighbours} blocks filled`);
+      assert.ok(r.blocks.filledFromRepository > 5000, `${r.blocks.filledFromRepository} blocks filled`);
       assert.ok(r.wire.sent.data <= 1.05 * c.changedBlocks * BS, `${r.wire.sent.data} bytes of block data sent for ${c.changedBlocks * BS} changed`);
     } finally {
       await svc.close();
@@ -119,7 +119,7 @@ describe('base images from a repository', () => {
     try {
       const before = repo.stats.requests;
       const r = await migrate(clones[0]!.path, { to: `127.0.0.1:${svc.address.port}`, name: 'vm', strategy: 'full', auth });
-      assert.equal(r.blocks.filledFromNeighbours, 0);
+      assert.equal(r.blocks.filledFromRepository, 0);
       assert.equal(repo.stats.requests, before, 'never asked');
     } finally {
       await svc.close();
@@ -139,7 +139,7 @@ describe('base images from a repository', () => {
     try {
       const r = await migrate(clones[1]!.path, { to: `127.0.0.1:${svc.address.port}`, name: 'vm', strategy: 'similarity', auth });
       assert.ok(liar.stats.served > 5000, 'the liar answered');
-      assert.equal(r.blocks.filledFromNeighbours, 0, 'no lie written');
+      assert.equal(r.blocks.filledFromRepository, 0, 'no lie written');
       assert.ok(readFileSync(join(dir, 'lied-to', 'vm.img')).equals(readFileSync(clones[1]!.path)), 'byte-identical');
       assert.equal(r.blocks.repaired, 0, 'nothing to repair: no wrong block was ever written');
     } finally {
@@ -156,7 +156,7 @@ describe('base images from a repository', () => {
     const svc = await DestinationService.start({ dataDir: join(dir, 'down'), auth, repository: { to: `127.0.0.1:${port}` }, log: (l) => lines.push(l) });
     try {
       const r = await migrate(clones[2]!.path, { to: `127.0.0.1:${svc.address.port}`, name: 'vm', strategy: 'similarity', auth });
-      assert.equal(r.blocks.filledFromNeighbours, 0);
+      assert.equal(r.blocks.filledFromRepository, 0);
       assert.ok(readFileSync(join(dir, 'down', 'vm.img')).equals(readFileSync(clones[2]!.path)));
       assert.equal(lines.filter((l) => l.includes('unusable')).length, 1, `logged once: ${lines.join(' | ')}`);
     } finally {
@@ -173,7 +173,7 @@ describe('base images from a repository', () => {
     try {
       const t = performance.now();
       const r = await migrate(clones[3]!.path, { to: `127.0.0.1:${svc.address.port}`, name: 'vm', strategy: 'similarity', auth });
-      assert.equal(r.blocks.filledFromNeighbours, 0);
+      assert.equal(r.blocks.filledFromRepository, 0);
       assert.ok(readFileSync(join(dir, 'mute', 'vm.img')).equals(readFileSync(clones[3]!.path)));
       assert.ok(performance.now() - t < 20_000);
     } finally {

@@ -33,7 +33,7 @@ export function describeMigration(r: MigrationResult): string {
     ...(r.wire.sentRaw.data > r.wire.sent.data ? [{ compression: `block data ${human(r.wire.sentRaw.data)} before compression, ${human(r.wire.sent.data)} on the wire (${(r.wire.sentRaw.data / Math.max(1, r.wire.sent.data)).toFixed(2)}x)` }] : []),
     { 'received': human(Object.values(r.wire.received).reduce((a, b) => a + b, 0)) },
     { 'blocks sent': `${r.blocks.sent} (${r.blocks.resent} of them again after being dirtied${r.blocks.resent ? `: ${human(r.blocks.resentBytes)}` : ''}, ${r.blocks.repaired} repaired)` },
-    { 'filled at the destination': `${r.blocks.filledFromNeighbours} from neighbour images or the repository, ${r.blocks.copied} copied from blocks already sent, ${r.blocks.resumed} kept from an earlier attempt, ${r.blocks.zero} zero` },
+    { 'filled at the destination': `${r.blocks.filledFromNeighbours} from neighbour images, ${r.blocks.filledFromRepository ? `${r.blocks.filledFromRepository} from the repository, ` : ''}${r.blocks.copied} copied from blocks already sent, ${r.blocks.resumed} kept from an earlier attempt, ${r.blocks.zero} zero` },
     { verified: r.verified ? 'yes: every extent\'s SHA-1 matches the source' : 'NO' },
   );
   return t.toString();

@@ -82,6 +82,8 @@ export interface MigrationResult {
     zero: number;
     /** Blocks the destination filled itself: from its neighbour images and, where it has one, its base-image repository. */
     filledFromNeighbours: number;
+    /** Blocks the destination filled from its base-image repository. */
+    filledFromRepository: number;
     resumed: number;
     /** Block contents sent over the wire. */
     sent: number;
@@ -207,6 +209,7 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
         total: map!.count,
         zero: map!.count - map!.dataBlocks,
         filledFromNeighbours: out.destination.neighbour,
+        filledFromRepository: out.destination.repository,
         resumed: out.destination.resumed,
         sent: out.sent,
         copied: out.copied,

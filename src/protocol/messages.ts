@@ -273,10 +273,10 @@ export const VERIFY_RESULT = def<number[]>(Msg.VERIFY_RESULT, 'VERIFY_RESULT', '
 
 export const COMMIT = emptyOf(Msg.COMMIT, 'COMMIT');
 
-export interface Done { neighbour: number; resumed: number; received: number; copied: number; zeroed: number }
+export interface Done { neighbour: number; resumed: number; received: number; copied: number; zeroed: number; repository: number }
 export const DONE = def<Done>(Msg.DONE, 'DONE', 'control',
-  (m, w) => w.u64(m.neighbour).u64(m.resumed).u64(m.received).u64(m.copied).u64(m.zeroed),
-  (r) => ({ neighbour: r.u64(), resumed: r.u64(), received: r.u64(), copied: r.u64(), zeroed: r.u64() }));
+  (m, w) => w.u64(m.neighbour).u64(m.resumed).u64(m.received).u64(m.copied).u64(m.zeroed).u64(m.repository),
+  (r) => ({ neighbour: r.u64(), resumed: r.u64(), received: r.u64(), copied: r.u64(), zeroed: r.u64(), repository: r.u64() }));
 
 export const SYNC = emptyOf(Msg.SYNC, 'SYNC');
 export const SYNC_OK = emptyOf(Msg.SYNC_OK, 'SYNC_OK');

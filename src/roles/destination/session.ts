@@ -41,6 +41,8 @@ const ENTRIES_PER_TURN = 512;
 export interface SessionStats {
   name: string;
   neighbourBlocks: number;
+  /** Blocks filled from the base-image repository. */
+  repositoryBlocks: number;
   resumedBlocks: number;
   receivedBlocks: number;
   copiedBlocks: number;
@@ -114,7 +116,7 @@ export class Session {
     this.sink = init.sink;
     this.journal = init.journal;
     this.written = init.journal.written;
-    this.stats = { name: init.name, neighbourBlocks: 0, resumedBlocks: 0, receivedBlocks: 0, copiedBlocks: 0, zeroedBlocks: 0 };
+    this.stats = { name: init.name, neighbourBlocks: 0, repositoryBlocks: 0, resumedBlocks: 0, receivedBlocks: 0, copiedBlocks: 0, zeroedBlocks: 0 };
     this.handlers = {
       [Msg.BLOCK_INFO]: (f) => this.blockInfo(decode(BLOCK_INFO, f.payload)),
       [Msg.INFO_END]: (f) => this.infoDone(decode(INFO_END, f.payload)),
@@ -163,7 +165,7 @@ export class Session {
 
   private done(): Done {
     const s = this.stats;
-    return { neighbour: s.neighbourBlocks, resumed: s.resumedBlocks, received: s.receivedBlocks, copied: s.copiedBlocks, zeroed: s.zeroedBlocks };
+    return { neighbour: s.neighbourBlocks, resumed: s.resumedBlocks, received: s.receivedBlocks, copied: s.copiedBlocks, zeroed: s.zeroedBlocks, repository: s.repositoryBlocks };
   }
 
   private inImage(start: number, count: number, what: string): void {
@@ -257,7 +259,8 @@ export class Session {
         missing.delete(iv.start, iv.count);
         this.written.add(iv.start, iv.count);
         this.touched(iv.start, iv.count);
-        this.stats.neighbourBlocks += iv.count;
+        if (fs.name === 'repository') this.stats.repositoryBlocks += iv.count;
+        else this.stats.neighbourBlocks += iv.count;
         this.sinceSave += iv.count * this.bs;
       }
     }
