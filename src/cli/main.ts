@@ -19,7 +19,7 @@ import { parseTarget } from '../transport/tcp.js';
 import { DEFAULT_PARTIAL_TTL_MS, listPartials, prunePartials, removePartial } from '../roles/destination/partials.js';
 import { migrate } from '../migrate/migrate.js';
 import { STRATEGIES, type StrategyName } from '../migrate/strategies.js';
-import { displayName } from '../image/source.js';
+import { displayName, type ImageFormat } from '../image/source.js';
 import type { ThrottleInfo } from '../migrate/live.js';
 import { spawnSync } from 'node:child_process';
 import { chooseBackend, nativeStatus } from '../engine/backend.js';
@@ -81,6 +81,7 @@ function parseNbdListen(flag: string, v: string): { host: string; port: number }
 }
 
 interface CommonOptions {
+  format: ImageFormat;
   workers?: number;
   progress: ProgressMode;
   mapDir?: string;
@@ -94,7 +95,13 @@ function common(cmd: Command): Command {
     .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a terminal, JSON lines, or nothing').choices(['auto', 'json', 'none']).default('auto'))
     .option('--map-dir <dir>', 'keep block maps in this directory instead of beside each image')
     .option('--rescan', 'ignore saved block maps and scan again')
-    .option('--no-save', 'do not write block maps');
+    .option('--no-save', 'do not write block maps')
+    .addOption(formatOption());
+}
+
+/** --format: how a file is read (auto probes the qcow2 magic; raw never does: a guest's own qcow2 header is then just data). */
+function formatOption(): Option {
+  return new Option('--format <format>', 'image format: auto (qcow2 when the file starts with its magic, else raw), raw, qcow2').choices(['auto', 'raw', 'qcow2']).default('auto');
 }
 
 /** Block maps for every image (loaded when current, else scanned), with progress. */
@@ -112,6 +119,7 @@ async function mapsFor(images: string[], sizes: number[], o: CommonOptions & { s
         noSave: !o.save,
         onProgress: (p) => progress.update({ phase: 'scan', ...p }),
         onNotice: (p, msg) => notices.push(`${p}: ${msg}`),
+        format: o.format,
       };
       if (o.mapDir) {
         opts.mapDir = o.mapDir;
@@ -507,13 +515,14 @@ export function buildProgram(): Command {
     .option('--no-delta', 'send re-sent blocks whole, not as deltas against the version sent before')
     .option('--max-rounds <n>', 'a limit: cut over after this many rounds whatever the prediction (default: none)', intArg('--max-rounds', 0, 100000))
     .option('--dirty-threshold <n>', 'a limit: cut over once a round finds this many dirty blocks or fewer, whatever the prediction', intArg('--dirty-threshold', 0, 2 ** 31), 0)
+    .addOption(formatOption())
     .option('--pause-cmd <cmd>', 'run at cutover to pause the writer (e.g. a hypervisor suspend)')
     .option('--resume-cmd <cmd>', 'run once the destination holds the verified image')
     .option('--compress <mode>', 'compression of block data: auto (adapts to the link; off where it does not pay), none, zstd or zstd:LEVEL', 'auto')
     .option('--memory <size>', 'memory for per-block state (e.g. 256M; binary units)', '256M')
     .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a terminal, JSON lines, or nothing').choices(['auto', 'json', 'none']).default('auto'))
     .option('--json', 'print the result as JSON'), true)
-    .action(async (image: string, o: { cert?: string; key?: string; ca?: string; servername?: string; compress: string; memory: string; to: string; name?: string; strategy: StrategyName; hotThreshold: number; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; qmp?: string; qmpNode?: string; maxRounds?: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean; progress: ProgressMode; maxDowntime: string; onStall: 'wait' | 'force' | 'throttle' | 'postcopy'; stallTimeout: string; throttleCmd?: string; order: 'hot-last' | 'address'; delta: boolean }) => {
+    .action(async (image: string, o: { cert?: string; key?: string; ca?: string; servername?: string; compress: string; memory: string; to: string; name?: string; strategy: StrategyName; hotThreshold: number; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; qmp?: string; qmpNode?: string; maxRounds?: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean; progress: ProgressMode; maxDowntime: string; onStall: 'wait' | 'force' | 'throttle' | 'postcopy'; stallTimeout: string; throttleCmd?: string; order: 'hot-last' | 'address'; delta: boolean; format: ImageFormat }) => {
       if (!o.qmp !== !o.qmpNode) throw new UsageError('--qmp and --qmp-node go together');
       if (o.onStall === 'postcopy' && !STRATEGIES[o.strategy]?.postcopyOnStall) throw new UsageError(`--on-stall postcopy needs a strategy that can switch to post-copy (--strategy hybrid), not ${o.strategy}`);
       if (o.onStall === 'throttle' && !o.throttleCmd) throw new UsageError('--on-stall throttle needs --throttle-cmd CMD (run with the rate wanted in BLOCKFERRY_THROTTLE_RATE)');
@@ -536,7 +545,7 @@ export function buildProgram(): Command {
       process.once('SIGINT', onInt);
       process.once('SIGTERM', onTerm);
       const r = await migrate(image, {
-        signal: cancel.signal,
+        signal: cancel.signal, format: o.format,
         to: o.to, strategy: o.strategy, ...securityOptions(o), overwrite: !!o.overwrite, rescan: !!o.rescan,
         ...(o.maxRounds !== undefined ? { maxRounds: o.maxRounds } : {}), dirtyThreshold: o.dirtyThreshold, hotThreshold: o.hotThreshold,
         maxDowntime: parseDuration('--max-downtime', o.maxDowntime), onStall: o.onStall, stallTimeout: parseDuration('--stall-timeout', o.stallTimeout),

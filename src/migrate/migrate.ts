@@ -12,7 +12,7 @@ export const HEARTBEAT_MS = 10_000;
 import { compressorFor, type CompressMode } from '../protocol/compression.js';
 import { connect, parseTarget } from '../transport/tcp.js';
 import { connect as connectTls, securityFrom, type TlsOptions } from '../transport/tls.js';
-import { openSource, sourceName, specFor } from '../image/source.js';
+import { openSource, sourceName, specFor, type ImageFormat } from '../image/source.js';
 import { Scanner } from '../scan/scanner.js';
 import { QmpDirty } from './rounds.js';
 import { STRATEGIES, type StrategyName } from './strategies.js';
@@ -54,6 +54,8 @@ export interface MigrateOptions extends LiveOptions {
    * After a post-copy switch the destination goes on serving what arrived.
    */
   signal?: AbortSignal;
+  /** How the image is read: auto (default) probes the qcow2 magic; give raw for a disk whose guest is not trusted. */
+  format?: ImageFormat;
   /** Every frame this side sends and receives (a frame log, for diagnostics). */
   onFrame?: (f: FrameRecord) => void;
 }
@@ -122,7 +124,7 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
   const signal = options.signal;
   checkAborted(signal, 'migration');
   // Opened first: a missing or unusable image (or NBD export) is reported before any connection is made.
-  const src = openSource(specFor(path));
+  const src = openSource(specFor(path, options.format ? { format: options.format } : {}));
   const ownScanner = !options.scanner;
   const scanner = options.scanner ?? new Scanner();
   const event = (phase: string, detail?: unknown) => options.onEvent?.({ phase, detail });
@@ -182,12 +184,12 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
       options.onProgress({ ...p, sentBytes, rate: sentBytes / Math.max(1e-3, (performance.now() - t0) / 1000) });
     };
     const live = !!options.tracked || !!options.rescan || !!options.qmp;
-    const [map] = await scanner.scan(path, { blockSize: bs, live, ...(signal ? { signal } : {}), onProgress: (s) => progress({ phase: 'scan', round: 0, done: s.done, total: s.total }) });
+    const [map] = await scanner.scan(path, { blockSize: bs, live, ...(signal ? { signal } : {}), ...(options.format ? { format: options.format } : {}), onProgress: (s) => progress({ phase: 'scan', round: 0, done: s.done, total: s.total }) });
     const scanSeconds = (performance.now() - tScan) / 1000;
     // A migration that is not live scans once: its workers need not idle through the transfer.
     if (!live && ownScanner) await closeScanner();
     const out = await strategy.run({
-      ch, src, path, map: map!, blockSize: bs, capabilities: caps, begin: begun, scanner: scannerOpen ? scanner : undefined, live: options, event, progress,
+      ch, src, path, map: map!, blockSize: bs, capabilities: caps, begin: begun, ...(options.format ? { format: options.format } : {}), scanner: scannerOpen ? scanner : undefined, live: options, event, progress,
       ...(dirty ? { dirty } : {}),
       memoryBudget: options.memoryBudget ?? DEFAULT_MEMORY_BUDGET,
     });

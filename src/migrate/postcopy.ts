@@ -46,7 +46,7 @@ async function run(ctx: MigrationContext, withPrecopy: boolean): Promise<Strateg
   const parts = precopyParts(ctx);
   const { view, sender, sync } = parts;
   const counts = new Map<number, number>();
-  const dirty = countingDirty(dirtySourceFor({ dirty: ctx.dirty, tracked: live.tracked, rescan: live.rescan, scanner: ctx.scanner, path: ctx.path, blockSize: ctx.blockSize }, view), counts);
+  const dirty = countingDirty(dirtySourceFor({ dirty: ctx.dirty, tracked: live.tracked, rescan: live.rescan, scanner: ctx.scanner, path: ctx.path, blockSize: ctx.blockSize, format: ctx.format }, view), counts);
   const writes = (b: number) => live.tracked?.writeCounts.get(b) ?? counts.get(b) ?? 0;
   const threshold = live.hotThreshold ?? DEFAULT_HOT_THRESHOLD;
   const resumedSwitch = ctx.begin.switched;

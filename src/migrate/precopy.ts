@@ -59,7 +59,7 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   lap('transfer');
 
   // Pre-copy rounds while the image is live, until a cutover now fits the budget.
-  const dirty = dirtySourceFor({ dirty: ctx.dirty, tracked: live.tracked, rescan: live.rescan, scanner: ctx.scanner, path: ctx.path, blockSize: ctx.blockSize }, view);
+  const dirty = dirtySourceFor({ dirty: ctx.dirty, tracked: live.tracked, rescan: live.rescan, scanner: ctx.scanner, path: ctx.path, blockSize: ctx.blockSize, format: ctx.format }, view);
   const sendOrder = live.order ?? 'hot-last';
   const arrange = (list: Interval[]) => (sendOrder === 'hot-last' ? order.arrange(list) : list);
   const maxRounds = live.maxRounds ?? Infinity;

@@ -11,6 +11,7 @@ import { QmpClient } from '../nbd/qmp.js';
 import { isUri, parseNbdUri, type NbdTarget } from '../nbd/uri.js';
 import type { TrackedImage } from '../image/tracked.js';
 import type { Scanner } from '../scan/scanner.js';
+import type { ImageFormat } from '../image/source.js';
 import type { BlockMap } from '../blockmap/blockmap.js';
 import type { DestinationView } from './view.js';
 
@@ -34,10 +35,10 @@ export function trackedDirty(t: TrackedImage): DirtySource {
  * Where a live migration's rounds come from: QEMU's dirty bitmaps (QMP) when
  * given, else the tracked image's bitmap, else rescans, else nothing writes.
  */
-export function dirtySourceFor(o: { dirty?: DirtySource | undefined; tracked?: TrackedImage | undefined; rescan?: boolean | undefined; scanner: Scanner | undefined; path: string; blockSize: number }, view: DestinationView): DirtySource {
+export function dirtySourceFor(o: { dirty?: DirtySource | undefined; tracked?: TrackedImage | undefined; rescan?: boolean | undefined; scanner: Scanner | undefined; path: string; blockSize: number; format?: ImageFormat | undefined }, view: DestinationView): DirtySource {
   if (o.dirty) return o.dirty;
   if (o.tracked) return trackedDirty(o.tracked);
-  if (o.rescan && o.scanner) return rescanDirty(o.scanner, o.path, o.blockSize, view);
+  if (o.rescan && o.scanner) return rescanDirty(o.scanner, o.path, o.blockSize, view, o.format);
   return quiet;
 }
 
@@ -53,10 +54,10 @@ export function countingDirty(d: DirtySource, counts: Map<number, number>): Dirt
 }
 
 /** Another process writes the image: scan it again and compare with the destination. */
-export function rescanDirty(scanner: Scanner, path: string, blockSize: number, view: DestinationView): DirtySource {
+export function rescanDirty(scanner: Scanner, path: string, blockSize: number, view: DestinationView, format?: ImageFormat): DirtySource {
   return {
     take: async () => {
-      const [now] = await scanner.scan(path, { blockSize, live: true });
+      const [now] = await scanner.scan(path, { blockSize, live: true, ...(format ? { format } : {}) });
       return changedBlocks(now!, view);
     },
   };

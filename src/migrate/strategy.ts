@@ -3,7 +3,7 @@
 // authenticate, BEGIN, scan) and hands it a context. A new strategy is one
 // file exporting a Strategy and one entry in STRATEGIES (strategies.ts).
 import type { Channel } from '../protocol/channel.js';
-import type { ImageSource } from '../image/source.js';
+import type { ImageFormat, ImageSource } from '../image/source.js';
 import type { BlockMap } from '../blockmap/blockmap.js';
 import type { Scanner } from '../scan/scanner.js';
 import type { TrackedImage } from '../image/tracked.js';
@@ -92,6 +92,8 @@ export interface MigrationContext {
   blockSize: number;
   /** Capabilities both sides share. */
   capabilities: number;
+  /** How the image is read (rescans read it the same way). */
+  format?: ImageFormat;
   /** The destination's answer to BEGIN (a resumed attempt; an image it already took over). */
   begin: BeginOk;
   /** Undefined once the scanner is closed (a migration that is not live needs no rescans). */
