@@ -5,7 +5,7 @@ import { checkBlockSize } from '../engine/engine.js';
 import { AbortError, BlockferryError, ErrorCode, InvalidArgumentError, checkAborted } from '../errors.js';
 import { Channel, type FrameRecord, type Traffic } from '../protocol/channel.js';
 import { clientHandshake, type AuthOptions } from '../protocol/handshake.js';
-import { BEGIN, BEGIN_OK, BEGIN_OVERWRITE, SYNC, SYNC_OK } from '../protocol/messages.js';
+import { BEGIN, BEGIN_OK, BEGIN_OVERWRITE, SYNC, SYNC_OK, trafficTotal } from '../protocol/messages.js';
 
 /** A source that has sent nothing for this long sends SYNC (the destination's idle deadline defaults to 60 s). */
 export const HEARTBEAT_MS = 10_000;
@@ -106,7 +106,6 @@ export interface MigrationResult {
 /** Default memory budget for per-block state: 256 MiB. */
 export const DEFAULT_MEMORY_BUDGET = 256 << 20;
 
-const sum = (t: Traffic) => Object.values(t).reduce((a, b) => a + b, 0);
 
 /** Migrates the image at path to a destination service; resolves once the destination holds it, verified. */
 export async function migrate(path: string, options: MigrateOptions): Promise<MigrationResult> {
@@ -180,7 +179,7 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
     const tScan = performance.now();
     const progress = (p: Omit<MigrationProgress, 'sentBytes' | 'rate'>) => {
       if (!options.onProgress) return;
-      const sentBytes = sum(ch.sent);
+      const sentBytes = trafficTotal(ch.sent);
       options.onProgress({ ...p, sentBytes, rate: sentBytes / Math.max(1e-3, (performance.now() - t0) / 1000) });
     };
     const live = !!options.tracked || !!options.rescan || !!options.qmp;
@@ -206,7 +205,7 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
       delta: out.delta,
       phases: { scan: scanSeconds, ...out.phases },
       rounds: out.rounds,
-      wire: { sent: { ...ch.sent }, received: { ...ch.received }, sentRaw: { ...ch.sentRaw }, total: sum(ch.sent) + sum(ch.received) },
+      wire: { sent: { ...ch.sent }, received: { ...ch.received }, sentRaw: { ...ch.sentRaw }, total: trafficTotal(ch.sent) + trafficTotal(ch.received) },
       blocks: {
         total: map!.count,
         zero: map!.count - map!.dataBlocks,

@@ -9,7 +9,7 @@
 import { IntervalSet, split, type Interval } from '../blocks/intervals.js';
 import { BlockferryError, ErrorCode } from '../errors.js';
 import { Msg } from '../protocol/frame.js';
-import { COMMIT, DONE, FILL_NEIGHBOURS, FILL_REPOSITORY, MISSING, OWNED, PROBE, PROBE_OK, PULL, ROUND, SWITCH, SWITCH_OK, ZERO, decode } from '../protocol/messages.js';
+import { COMMIT, DONE, FILL_NEIGHBOURS, FILL_REPOSITORY, MISSING, OWNED, PROBE, PROBE_OK, PULL, ROUND, SWITCH, SWITCH_OK, ZERO, decode, trafficTotal } from '../protocol/messages.js';
 import { firstPass, phaseClock, precopyParts, type PrecopyParts } from './pass.js';
 import { countingDirty, dirtySourceFor, type DirtySource } from './rounds.js';
 import { CAP_POSTCOPY, CAP_SIMILARITY } from '../protocol/handshake.js';
@@ -32,7 +32,6 @@ const MISSING_BATCH = 65536;
 /** Default Threshold (paper 002): blocks written this many times or more are hot. */
 export const DEFAULT_HOT_THRESHOLD = 2;
 
-const sentBytes = (ch: MigrationContext['ch']) => Object.values(ch.sent).reduce((a, b) => a + b, 0);
 const blocksIn = (list: Iterable<Interval>) => { let n = 0; for (const iv of list) n += iv.count; return n; };
 
 /** Strategy "postcopy": switch at once, then push everything while demand reads pull. */
@@ -58,7 +57,7 @@ async function run(ctx: MigrationContext, withPrecopy: boolean): Promise<Strateg
   let drainRate = 0, dirtyRate = 0;
   const verifyNow = new IntervalSet();
   if (withPrecopy && !resumedSwitch) {
-    const t0 = performance.now(), sent0 = sentBytes(ch), written0 = live.tracked?.bytesWritten ?? 0;
+    const t0 = performance.now(), sent0 = trafficTotal(ch.sent), written0 = live.tracked?.bytesWritten ?? 0;
     const hotInPass = new IntervalSet();
     const stream = await firstPass(ctx, parts, { hot: (b) => writes(b) >= threshold, into: hotInPass });
     lap('transfer');
@@ -66,7 +65,7 @@ async function run(ctx: MigrationContext, withPrecopy: boolean): Promise<Strateg
     // writer wrote during the first pass at half the rate the link drained or
     // more, rounds would chase it: switch at once instead.
     const seconds = Math.max(1e-3, (performance.now() - t0) / 1000);
-    const drain = (sentBytes(ch) - sent0) / seconds;
+    const drain = (trafficTotal(ch.sent) - sent0) / seconds;
     drainRate = drain;
     let pending = await dirty.take();
     // The writer's rate: bytes written (rewrites count: they are what rounds chase), or distinct blocks dirtied.

@@ -18,6 +18,11 @@ import { DIGEST_BYTES } from '../engine/engine.js';
 export type TrafficKind = 'control' | 'fingerprints' | 'data' | 'verify';
 export type Traffic = Record<TrafficKind, number>;
 
+/** Bytes of every kind together. */
+export function trafficTotal(t: Traffic): number {
+  return t.control + t.fingerprints + t.data + t.verify;
+}
+
 export interface MessageDef<T> {
   readonly type: MsgType;
   readonly name: string;
