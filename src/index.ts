@@ -45,7 +45,7 @@ export { DestinationService, type DestinationOptions, type SessionStats } from '
 export { RepositoryService, type RepositoryOptions } from './roles/repository/service.js';
 export { migrate, type MigrateOptions, type MigrationResult, type Strategy } from './migrate/migrate.js';
 export { STRATEGIES } from './migrate/strategies.js';
-export type { Strategy as MigrationStrategy, MigrationContext, StrategyOutcome, MigrationEvent, LiveOptions, LiveReport, DeltaReport } from './migrate/strategy.js';
+export type { Strategy as MigrationStrategy, MigrationContext, StrategyOutcome, MigrationEvent, MigrationProgress, LiveOptions, LiveReport, DeltaReport } from './migrate/strategy.js';
 export { DEFAULT_MAX_DOWNTIME_MS, DEFAULT_STALL_TIMEOUT_MS, type StallPolicy, type SendOrder, type CutoverReason, type ThrottleInfo, type StallReport, type ThrottleReport } from './migrate/live.js';
 export { FileImageSink, type ImageSink } from './image/sink.js';
 export { PROTOCOL_VERSION } from './protocol/messages.js';
@@ -66,3 +66,8 @@ export type { Traffic, TrafficKind } from './protocol/channel.js';
 export { NbdServer, nbdUri, type NbdServerOptions, type NbdExports, type NbdAddress } from './nbd/server.js';
 export { FileExport, type FileExportOptions } from './nbd/file-export.js';
 export { NbdExportError, type NbdExport, type StatusExtent } from './nbd/protocol.js';
+export { progressOf, type Progress, type ProgressRun, type Operation, type Phase } from './progress.js';
+export { textLogger, memoryLogger, nullLogger, LOG_LEVELS, type Logger, type LogFn, type LogFields, type LogLevel, type LogEntry } from './log.js';
+export { mapsOfImages, type ImagesOptions } from './scan/maps.js';
+export { similarity } from './similarity/images.js';
+export { buildIndex, type IndexOptions } from './blockindex/build.js';

@@ -69,7 +69,8 @@ describe('blockferry CLI', () => {
     const r = run('scan', '--rescan', '--progress=json', '--json', a);
     const lines = r.err.trim().split('\n').map((l) => JSON.parse(l));
     assert.ok(lines.length >= 2);
-    assert.deepEqual(Object.keys(lines.at(-1)).sort(), ['done', 'eta', 'event', 'mbps', 'path', 'phase', 'total']);
+    assert.deepEqual(Object.keys(lines.at(-1)).sort(), ['done', 'elapsed', 'eta', 'event', 'mbps', 'operation', 'path', 'phase', 'rate', 'round', 'total']);
+    assert.equal(lines.at(-1).operation, 'scan');
     assert.equal(lines.at(-1).done, lines.at(-1).total);
   });
 

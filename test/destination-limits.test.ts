@@ -226,14 +226,13 @@ describe('liveness', () => {
   });
 
   it('times out a source process that was stopped (SIGSTOP) mid-migration', async () => {
-    const svc = await DestinationService.start({ dataDir: join(dir, 'stopped'), auth: { key }, idleTimeout: 400 });
+    const log: string[] = [];
+    const svc = await DestinationService.start({ dataDir: join(dir, 'stopped'), auth: { key }, idleTimeout: 400, log: (l) => log.push(l) });
     try {
       const src = join(dir, 'stopped.img');
       writeFileSync(src, seededBytes(7, 4096 * BS));
       const bin = new URL('../../bin/blockferry.js', import.meta.url).pathname;
       const child = spawn(process.execPath, [bin, 'migrate', src, '--to', `127.0.0.1:${svc.address.port}`, '--name', 'stopped', '--bwlimit', '1M', '--progress=none', '--strategy', 'full'], { env: { ...process.env, BLOCKFERRY_KEY: key.toString() }, stdio: 'ignore' });
-      const log: string[] = [];
-      (svc.options as { log?: (l: string) => void }).log = (l) => log.push(l);
       const active = (svc as unknown as { active: Map<string, unknown> }).active;
       for (let i = 0; i < 500 && !active.has('stopped'); i++) await new Promise((r) => setTimeout(r, 10));
       assert.ok(active.has('stopped'), 'the migration started');

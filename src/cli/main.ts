@@ -28,6 +28,8 @@ import { NbdServer, type NbdAddress } from '../nbd/server.js';
 import { FileExport } from '../nbd/file-export.js';
 import { NBD_MAX_STRING } from '../nbd/protocol.js';
 import os from 'node:os';
+import { cliLogger, type LogFormat } from './logging.js';
+import { LOG_LEVELS, type LogLevel } from '../log.js';
 
 const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
 
@@ -117,7 +119,7 @@ async function mapsFor(images: string[], sizes: number[], o: CommonOptions & { s
         sha1: o.sha1 ?? false,
         rescan: o.rescan ?? false,
         noSave: !o.save,
-        onProgress: (p) => progress.update({ phase: 'scan', ...p }),
+        onProgress: (p) => progress.update(p),
         onNotice: (p, msg) => notices.push(`${p}: ${msg}`),
         format: o.format,
       };
@@ -205,9 +207,9 @@ function tlsFrom(o: { cert?: string; key?: string; ca?: string; servername?: str
 }
 
 /** Authentication for serve and migrate: certificates (a key file then optional), else the pre-shared key, else --insecure with a warning. */
-function securityOptions(o: { keyFile?: string; insecure?: boolean; cert?: string; key?: string; ca?: string; servername?: string }) {
+function securityOptions(o: { keyFile?: string; insecure?: boolean; cert?: string; key?: string; ca?: string; servername?: string }, warn = (l: string): void => { process.stderr.write(`blockferry: warning: ${l}\n`); }) {
   const tls = tlsFrom(o);
-  if (o.insecure) process.stderr.write('blockferry: warning: --insecure: the stream is unprotected (plain TCP: no encryption, no integrity check, no authentication)\n');
+  if (o.insecure) warn('--insecure: the stream is unprotected (plain TCP: no encryption, no integrity check, no authentication)');
   if (tls) return { tls, auth: o.keyFile || process.env.BLOCKFERRY_KEY ? authFrom(o) : {} };
   return { auth: authFrom(o) };
 }
@@ -373,19 +375,22 @@ export function buildProgram(): Command {
     .option('--idle-timeout <duration>', 'end a connection that sends nothing for this long (0: never)', '60s')
     .option('--partial-ttl <duration>', 'remove partial images untouched for this long (0: never)', '7d')
     .addOption(new Option('--nbd <addr>', 'also serve the images over NBD on TCP HOST:PORT (complete ones, and post-copy ones while they arrive)').conflicts('nbdSocket'))
-    .option('--nbd-socket <path>', 'the same on a Unix socket'), false)
-    .action(async (o: { role: 'destination' | 'repository'; image: string[]; repository?: string; nbd?: string; nbdSocket?: string; listen: string; dataDir: string; neighbour: string[]; blockSize: string; keyFile?: string; insecure?: boolean; compress: 'auto' | 'none'; maxImageSize?: string; reserve: string; idleTimeout: string; partialTtl: string; cert?: string; key?: string; ca?: string; handshakeTimeout: number }) => {
+    .option('--nbd-socket <path>', 'the same on a Unix socket')
+    .addOption(new Option('--log-format <format>', 'the log on stderr: a line of text per entry, or JSON lines (pino\'s shape)').choices(['text', 'json']).default('text'))
+    .addOption(new Option('--log-level <level>', 'least severe entries logged').choices([...LOG_LEVELS]).default('info'))
+    .addOption(new Option('--progress <mode>', 'progress of the migrations received, on stderr: a bar on a terminal, JSON lines, or nothing').choices(['auto', 'json', 'none']).default('auto')), false)
+    .action(async (o: { progress: ProgressMode; logFormat: LogFormat; logLevel: LogLevel; role: 'destination' | 'repository'; image: string[]; repository?: string; nbd?: string; nbdSocket?: string; listen: string; dataDir: string; neighbour: string[]; blockSize: string; keyFile?: string; insecure?: boolean; compress: 'auto' | 'none'; maxImageSize?: string; reserve: string; idleTimeout: string; partialTtl: string; cert?: string; key?: string; ca?: string; handshakeTimeout: number }) => {
       const m = /^\[?([^\]]*?)\]?:(\d{1,5})$/.exec(o.listen);
       if (!m || Number(m[2]) > 65535) throw new UsageError(`--listen ${o.listen}: expected HOST:PORT`);
       const [bs, ...rest] = parseBlockSizes(o.blockSize);
       if (rest.length) throw new UsageError('one block size');
-      const log = (l: string) => process.stderr.write(`blockferry serve: ${l}\n`);
+      const logger = cliLogger(o.logFormat, o.logLevel, 'blockferry serve');
       if (o.role === 'repository') {
         if (!o.image.length) throw new UsageError('--role repository needs at least one --image (the base images it serves)');
         if (o.neighbour.length || o.repository || o.nbd || o.nbdSocket) throw new UsageError('--neighbour, --repository and --nbd are options of the destination role');
         const repo = await RepositoryService.start({
-          dataDir: o.dataDir, host: m[1] || '0.0.0.0', port: Number(m[2]), ...securityOptions(o), handshakeTimeout: o.handshakeTimeout, blockSize: bs!, images: o.image,
-          idleTimeout: parseDuration('--idle-timeout', o.idleTimeout), log,
+          dataDir: o.dataDir, host: m[1] || '0.0.0.0', port: Number(m[2]), ...securityOptions(o, o.logFormat === 'json' ? (l) => logger.warn(l) : undefined), handshakeTimeout: o.handshakeTimeout, blockSize: bs!, images: o.image,
+          idleTimeout: parseDuration('--idle-timeout', o.idleTimeout), logger,
         });
         const ra = repo.address;
         const info = repo.neighbourhood.info();
@@ -394,7 +399,7 @@ export function buildProgram(): Command {
           process.once('SIGINT', res);
           process.once('SIGTERM', res);
         });
-        log(`repository: ${repo.stats.served} of ${repo.stats.asked} blocks asked for served, in ${repo.stats.requests} requests`);
+        repo.logger.info({ ...repo.stats }, `repository: ${repo.stats.served} of ${repo.stats.asked} blocks asked for served, in ${repo.stats.requests} requests`);
         await repo.close();
         return;
       }
@@ -402,11 +407,12 @@ export function buildProgram(): Command {
       if (o.repository !== undefined) {
         try { parseTarget(o.repository); } catch { throw new UsageError(`--repository ${o.repository}: expected HOST:PORT`); }
       }
+      const progress = createProgress(o.progress);
       const svc = await DestinationService.start({
-        dataDir: o.dataDir, host: m[1] || '0.0.0.0', port: Number(m[2]), ...securityOptions(o), handshakeTimeout: o.handshakeTimeout, blockSize: bs!, neighbours: o.neighbour, compression: o.compress !== 'none',
+        dataDir: o.dataDir, host: m[1] || '0.0.0.0', port: Number(m[2]), ...securityOptions(o, o.logFormat === 'json' ? (l) => logger.warn(l) : undefined), handshakeTimeout: o.handshakeTimeout, blockSize: bs!, neighbours: o.neighbour, compression: o.compress !== 'none',
         ...(o.maxImageSize !== undefined ? { maxImageSize: parseSize('--max-image-size', o.maxImageSize) } : {}),
         reserveBytes: parseSize('--reserve', o.reserve), idleTimeout: parseDuration('--idle-timeout', o.idleTimeout), partialTtl: parseDuration('--partial-ttl', o.partialTtl),
-        log,
+        logger, onProgress: (p) => progress.update(p),
         ...(o.repository !== undefined ? { repository: { to: o.repository } } : {}),
         ...(o.nbdSocket !== undefined ? { nbd: { path: o.nbdSocket } } : o.nbd !== undefined ? { nbd: parseNbdListen('--nbd', o.nbd) } : {}),
       });
@@ -416,6 +422,7 @@ export function buildProgram(): Command {
         process.once('SIGINT', res);
         process.once('SIGTERM', res);
       });
+      progress.stop();
       await svc.close();
     });
 
@@ -442,7 +449,7 @@ export function buildProgram(): Command {
       try {
         server = await NbdServer.listen({
           listen, exports: new Map([[exp.name, exp]]), defaultExport: exp.name,
-          log: (l) => process.stderr.write(`blockferry export: ${l}\n`),
+          logger: cliLogger('text', 'info', 'blockferry export'),
           onError: (e, w) => process.stderr.write(`blockferry export: ${w.command} ${w.offset}+${w.length} failed: ${oneLine((e as Error)?.message ?? String(e))}\n`),
         });
       } catch (e) {
@@ -559,10 +566,7 @@ export function buildProgram(): Command {
           }),
         } : {}),
         compress: usage(() => parseCompress(o.compress)), memoryBudget: parseSize('--memory', o.memory),
-        onProgress: (p) => progress.update({
-          phase: p.round ? `${p.phase} ${p.round}` : p.phase, path: displayName(image), done: p.done, total: p.total,
-          ...(p.predictedDowntime !== undefined ? { live: { predictedDowntime: p.predictedDowntime, maxDowntime: p.maxDowntime, dirtyRate: p.dirtyRate, drainRate: p.drainRate, ...(p.downtime !== undefined ? { downtime: p.downtime } : {}) } } : {}),
-        }),
+        onProgress: (p) => progress.update(p),
         ...(o.name ? { name: o.name } : {}),
         ...(o.qmp ? { qmp: { socket: o.qmp, node: o.qmpNode! } } : {}),
         ...(o.bwlimit ? { bwlimit: parseRate(o.bwlimit) } : {}),

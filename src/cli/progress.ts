@@ -1,19 +1,11 @@
 import cliProgress from 'cli-progress';
+import type { Progress } from '../progress.js';
+import { displayName } from '../image/source.js';
 
 export type ProgressMode = 'auto' | 'json' | 'none';
 
-export interface ProgressUpdate {
-  /** What is being done: "scan", "index", ... */
-  phase: string;
-  path: string;
-  done: number;
-  total: number;
-  /** Live migrations: the downtime a cutover now would cost and its budget (seconds), the rates (bytes/s); JSON lines carry them. */
-  live?: { predictedDowntime?: number; maxDowntime?: number; dirtyRate?: number; drainRate?: number; downtime?: number };
-}
-
-export interface Progress {
-  update(p: ProgressUpdate): void;
+export interface ProgressDisplay {
+  update(p: Progress): void;
   stop(): void;
 }
 
@@ -24,7 +16,7 @@ const JSON_INTERVAL_MS = 200;
  * terminal (auto), one JSON object per line (json) for programs that run the
  * CLI, or nothing. stdout stays for results.
  */
-export function createProgress(mode: ProgressMode): Progress {
+export function createProgress(mode: ProgressMode): ProgressDisplay {
   if (mode === 'none' || (mode === 'auto' && !process.stderr.isTTY)) return { update() {}, stop() {} };
   if (mode === 'json') return jsonProgress();
   return barProgress();
@@ -35,27 +27,28 @@ function rate(done: number, t0: number): number {
   return s > 0 ? done / s : 0;
 }
 
-function jsonProgress(): Progress {
+function jsonProgress(): ProgressDisplay {
   let last = 0;
   const starts = new Map<string, number>();
   return {
     update(p) {
-      const key = `${p.phase}:${p.path}`;
+      const key = `${p.operation}:${p.phase}:${p.round}:${p.path}`;
       if (!starts.has(key)) starts.set(key, performance.now());
       const now = performance.now();
       if (p.done !== 0 && p.done !== p.total && now - last < JSON_INTERVAL_MS) return;
       last = now;
+      // mbps and eta: of this phase's own bytes (rate is the call's, on the wire for a migration).
       const bps = rate(p.done, starts.get(key)!);
       const eta = bps > 0 ? (p.total - p.done) / bps : null;
       process.stderr.write(
-        JSON.stringify({ event: 'progress', phase: p.phase, path: p.path, done: p.done, total: p.total, mbps: +(bps / 1e6).toFixed(1), eta: eta === null ? null : +eta.toFixed(1), ...(p.live ?? {}) }) + '\n',
+        JSON.stringify({ event: 'progress', ...p, rate: Math.round(p.rate), elapsed: +p.elapsed.toFixed(3), mbps: +(bps / 1e6).toFixed(1), eta: eta === null ? null : +eta.toFixed(1) }) + '\n',
       );
     },
     stop() {},
   };
 }
 
-function barProgress(): Progress {
+function barProgress(): ProgressDisplay {
   const bar = new cliProgress.SingleBar(
     {
       format: '{phase} {name} |{bar}| {percentage}% {doneH}/{totalH} {mbps} MB/s ETA {eta_formatted}',
@@ -70,10 +63,11 @@ function barProgress(): Progress {
   let t0 = 0;
   return {
     update(p) {
-      const key = `${p.phase}:${p.path}`;
+      const phase = p.round ? `${p.phase} ${p.round}` : p.phase;
+      const key = `${p.operation}:${phase}:${p.path}`;
       const payload = (done: number) => ({
-        phase: p.phase,
-        name: p.path.split('/').pop(),
+        phase,
+        name: displayName(p.path).split('/').pop(),
         doneH: human(done),
         totalH: human(p.total),
         mbps: (rate(done, t0) / 1e6).toFixed(0),

@@ -16,7 +16,7 @@ import { openSource, sourceName, specFor, type ImageFormat } from '../image/sour
 import { Scanner } from '../scan/scanner.js';
 import { QmpDirty } from './rounds.js';
 import { STRATEGIES, type StrategyName } from './strategies.js';
-import type { DeltaReport, LiveOptions, LiveReport, MigrationEvent, MigrationProgress, PostcopyCounts } from './strategy.js';
+import type { DeltaReport, LiveOptions, LiveReport, MigrationEvent, MigrationProgress, PostcopyCounts, StrategyProgress } from './strategy.js';
 import { STALL_POLICIES } from './live.js';
 
 export type Strategy = StrategyName;
@@ -177,10 +177,14 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
     options.tracked?.takeDirty(); // writes from here on are this migration's business
     event('scan');
     const tScan = performance.now();
-    const progress = (p: Omit<MigrationProgress, 'sentBytes' | 'rate'>) => {
+    const progress = (p: StrategyProgress) => {
       if (!options.onProgress) return;
       const sentBytes = trafficTotal(ch.sent);
-      options.onProgress({ ...p, sentBytes, rate: sentBytes / Math.max(1e-3, (performance.now() - t0) / 1000) });
+      const elapsed = (performance.now() - t0) / 1000;
+      options.onProgress({
+        operation: 'migrate', path, ...p, sentBytes, rate: sentBytes / Math.max(1e-3, elapsed), elapsed,
+        blocksLeft: Math.ceil(Math.max(0, p.total - p.done) / bs),
+      });
     };
     const live = !!options.tracked || !!options.rescan || !!options.qmp;
     const [map] = await scanner.scan(path, { blockSize: bs, live, ...(signal ? { signal } : {}), ...(options.format ? { format: options.format } : {}), onProgress: (s) => progress({ phase: 'scan', round: 0, done: s.done, total: s.total }) });

@@ -2,6 +2,7 @@
 // send and from where; migrate() does what every strategy needs (connect,
 // authenticate, BEGIN, scan) and hands it a context. A new strategy is one
 // file exporting a Strategy and one entry in STRATEGIES (strategies.ts).
+import type { Progress } from '../progress.js';
 import type { Channel } from '../protocol/channel.js';
 import type { ImageFormat, ImageSource } from '../image/source.js';
 import type { BlockMap } from '../blockmap/blockmap.js';
@@ -16,25 +17,11 @@ export interface MigrationEvent {
   detail?: unknown;
 }
 
-/** Where a migration stands: one shape for every phase, for bars, logs and programs. */
-export interface MigrationProgress {
-  phase: 'scan' | 'transfer' | 'rounds' | 'verify' | 'cutover';
-  /** Pre-copy round (0 during the first pass). */
-  round: number;
-  /** Bytes of the image's data accounted for in this phase (sent, filled, found present), and their total. */
-  done: number;
-  total: number;
-  /** Bytes this side has sent so far, and the rate since the start (bytes per second). */
-  sentBytes: number;
-  rate: number;
-  /** Live rounds: the downtime a cutover now would cost (seconds), the budget, and the rates it comes from (bytes/s). */
-  predictedDowntime?: number;
-  maxDowntime?: number;
-  dirtyRate?: number;
-  drainRate?: number;
-  /** At the end of the cutover: the downtime measured (seconds). */
-  downtime?: number;
-}
+/** Where a migration stands: the shape every long call reports (src/progress.ts), with operation 'migrate'. */
+export type MigrationProgress = Progress;
+
+/** What a strategy reports; migrate() adds the rest (operation, path, rates, bytes sent, blocks left). */
+export type StrategyProgress = Omit<Progress, 'operation' | 'path' | 'rate' | 'elapsed' | 'sentBytes' | 'blocksLeft' | 'receivedBytes'>;
 
 export interface LiveOptions {
   /** Writes go through this tracked image: its dirty bitmap drives the rounds. */
@@ -104,7 +91,7 @@ export interface MigrationContext {
   /** Bytes this side may hold for per-block state beyond its fixed buffers (docs: README, "Memory"). */
   memoryBudget: number;
   event: (phase: string, detail?: unknown) => void;
-  progress: (p: Omit<MigrationProgress, 'sentBytes' | 'rate'>) => void;
+  progress: (p: StrategyProgress) => void;
 }
 
 export interface StrategyOutcome {

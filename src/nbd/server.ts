@@ -11,7 +11,8 @@ import { createConnection, createServer, type AddressInfo, type Server, type Soc
 import { lstatSync, rmSync } from 'node:fs';
 import { BlockferryError, ErrorCode, InvalidArgumentError, isNoSpace } from '../errors.js';
 import { listenFailure } from '../transport/tcp.js';
-import { escapeForLog, LOG_LINE_MAX } from '../util/sanitize.js';
+import { escapeForLog } from '../util/sanitize.js';
+import { serviceLogger, type Logger } from '../log.js';
 import {
   BASE_ALLOCATION, decodeRequest, encodeChunkHeader, encodeOptionReply, encodeSimpleReply, EXPORT_NAME_ZEROES,
   INFO_BLOCK_SIZE_BYTES, INFO_EXPORT_BYTES, NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC, NBD_CMD_FLAG_DF,
@@ -55,6 +56,9 @@ export interface NbdServerOptions {
   /** An export method failed with something other than an NbdExportError (the client got EIO). */
   onError?: (error: unknown, where: { export: string; command: string; offset: number; length: number }) => void;
   /** Connections refused or closed for breaking the protocol or the limits, one line each. */
+  /** Where the server logs (levels and fields; a pino logger works). */
+  logger?: Logger;
+  /** Older form: each entry as one line of text. Ignored when logger is given. */
   log?: (line: string) => void;
 }
 
@@ -163,6 +167,7 @@ export class NbdServer {
   private closing: Promise<void> | undefined;
   /** The Unix socket file this server made (its inode), to remove it on close and never another's. */
   private socketFile: { path: string; ino: number } | undefined;
+  private guardedLogger: Logger | undefined;
   /** Connections closed by the limits: over maxConnections, past the negotiation deadline, over maxOptions. */
   readonly limited = { overCap: 0, deadline: 0, options: 0 };
 
@@ -226,9 +231,9 @@ export class NbdServer {
     return this.options.list ? [...this.options.list()] : [];
   }
 
-  /** A line for options.log, with the peer's text in it escaped and capped. */
-  log(line: string): void {
-    this.options.log?.(escapeForLog(line, LOG_LINE_MAX));
+  /** Every entry escaped and capped (peer text in it): see src/log.ts. */
+  get logger(): Logger {
+    return (this.guardedLogger ??= serviceLogger(this.options, { role: 'nbd' }));
   }
 
   private accept(socket: Socket): void {
@@ -236,7 +241,7 @@ export class NbdServer {
     if (this.closing || this.connections.size >= (this.options.maxConnections ?? 64)) {
       if (!this.closing) {
         this.limited.overCap++;
-        this.log(`connection from ${peerOf(socket)} refused: ${ErrorCode.LIMIT}: ${this.connections.size} connections already`);
+        this.logger.warn({ peer: peerOf(socket), code: ErrorCode.LIMIT }, `connection from ${peerOf(socket)} refused: ${ErrorCode.LIMIT}: ${this.connections.size} connections already`);
       }
       socket.destroy();
       return;
@@ -311,7 +316,7 @@ class Connection {
     const timeout = o.negotiationTimeout ?? DEFAULT_NEGOTIATION_TIMEOUT_MS;
     const deadline = setTimeout(() => {
       this.server.limited.deadline++;
-      this.server.log(`connection from ${this.peer} closed: ${ErrorCode.LIMIT}: negotiation not finished within ${timeout} ms`);
+      this.server.logger.warn({ peer: this.peer, code: ErrorCode.LIMIT }, `connection from ${this.peer} closed: ${ErrorCode.LIMIT}: negotiation not finished within ${timeout} ms`);
       this.socket.destroy();
     }, timeout);
     deadline.unref();
@@ -322,7 +327,7 @@ class Connection {
         await this.transmit();
       }
     } catch (e) {
-      if (!(e instanceof ConnectionEnd)) this.server.log(`connection from ${this.peer} closed: ${(e as Error).message}`);
+      if (!(e instanceof ConnectionEnd)) this.server.logger.info({ peer: this.peer, error: e }, `connection from ${this.peer} closed: ${(e as Error).message}`);
     } finally {
       clearTimeout(deadline);
       // Requests already read finish (DISC, close(), a client that went away)...
@@ -596,7 +601,7 @@ class Connection {
       const work: Promise<Buffer[]> = this.handle(req, data)
         .catch((e) => {
           // A bug here, not the export's failure (handle() answers those): the client still gets its reply.
-          this.server.log(`connection from ${this.peer}: ${COMMAND_NAMES[req.type] ?? req.type} failed unexpectedly: ${(e as Error).message}`);
+          this.server.logger.error({ peer: this.peer, command: COMMAND_NAMES[req.type] ?? req.type, error: e }, `connection from ${this.peer}: ${COMMAND_NAMES[req.type] ?? req.type} failed unexpectedly: ${(e as Error).message}`);
           return this.error(req, NBD_EIO, 'internal error');
         })
         .finally(() => this.working.delete(work));

@@ -10,6 +10,7 @@ import { HANDSHAKE_FRAME_LIMIT } from '../protocol/handshake.js';
 import { encodeHeader, Msg } from '../protocol/frame.js';
 import { encode, ERROR } from '../protocol/messages.js';
 import { wrapServer, type ServerTls } from '../transport/tls.js';
+import type { Logger } from '../log.js';
 
 export interface GateOptions {
   /** Milliseconds a connection has to authenticate (TLS and the protocol's handshake) before it is closed. Default 5000. */
@@ -30,7 +31,7 @@ export class Gate {
   constructor(
     private readonly options: GateOptions,
     private readonly tls: ServerTls | undefined,
-    private readonly log: (line: string) => void,
+    private readonly logger: Logger,
     /** What a failed connection was, for the log ("migration", "fetch"). */
     private readonly what: string,
   ) {}
@@ -70,7 +71,7 @@ export class Gate {
     const deadline = setTimeout(() => {
       expired = true;
       this.limited.deadline++;
-      this.log(`connection from ${addr} closed: ${ErrorCode.LIMIT}: not authenticated within ${o.handshakeTimeout ?? 5000} ms`);
+      this.logger.warn({ peer: addr, code: ErrorCode.LIMIT }, `connection from ${addr} closed: ${ErrorCode.LIMIT}: not authenticated within ${o.handshakeTimeout ?? 5000} ms`);
       socket.destroy();
       raw.destroy();
     }, o.handshakeTimeout ?? 5000);
@@ -105,7 +106,7 @@ export class Gate {
       } catch (err) {
         const e = err as Error;
         const code = isNoSpace(e) ? ErrorCode.NO_SPACE : e instanceof BlockferryError ? e.code : ErrorCode.INTERNAL;
-        if (!expired) this.log(`${this.what} from ${addr} failed: ${code}: ${e.message}`);
+        if (!expired) this.logger.warn({ peer: addr, code, error: e.message }, `${this.what} from ${addr} failed: ${code}: ${e.message}`);
         // Unless the handshake has told the peer already (a write after end would cut TLS short).
         if (!socket.writableEnded) await ch.sendError(code, e.message);
         // Closed for good, even if the peer never reads the error.

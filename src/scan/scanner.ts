@@ -1,3 +1,4 @@
+import type { Progress } from '../progress.js';
 import os from 'node:os';
 import { existsSync } from 'node:fs';
 import { Piscina } from 'piscina';
@@ -20,12 +21,8 @@ import { WINDOW } from './worker.js';
  */
 export const DEFAULT_RANGE = 8 << 20;
 
-export interface ScanProgress {
-  path: string;
-  /** Bytes of this image scanned so far. */
-  done: number;
-  total: number;
-}
+/** A scan's progress: the shape every long call reports (src/progress.ts), with operation 'scan'. */
+export type ScanProgress = Progress;
 
 export interface ScanOptions {
   /** Cancels the scan: the workers stop, and it rejects with ERR_BF_ABORTED. */
@@ -117,7 +114,12 @@ export class Scanner {
     const plan = (options.coalesce ?? true) ? planTasks(regions, range) : regions.flatMap((r) => planTasks([r], range));
     const tasks = plan.map((extents): ScanTask => ({ source, extents, blockSizes: sizes, sha1, imageSize: size }));
     let done = size - regions.reduce((n, r) => n + r.length, 0);
-    options.onProgress?.({ path, done, total: size });
+    const t0 = performance.now();
+    const report = () => {
+      const elapsed = (performance.now() - t0) / 1000;
+      options.onProgress?.({ operation: 'scan', phase: 'scan', path, done, total: size, rate: elapsed > 0 ? done / elapsed : 0, elapsed, round: 0 });
+    };
+    report();
     // Tasks finish in any order: each keeps its pieces in its slot, and the
     // map is assembled in offset order at the end.
     const pieces: TaskPiece[][] = new Array(tasks.length);
@@ -136,7 +138,7 @@ export class Scanner {
       (this.pool.run(task, cancel ? { signal: cancel.signal } : {}) as Promise<ArrayBuffer>).then((buf) => {
         pieces[i] = readResult(buf, sizes.length, sha1);
         done += taskBytes(task);
-        options.onProgress?.({ path, done, total: size });
+        report();
       }),
     );
     try {

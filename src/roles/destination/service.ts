@@ -3,9 +3,9 @@
 import type { Socket } from 'node:net';
 import { closeSync, constants as fsc, existsSync, lstatSync, mkdirSync, openSync, rmSync, statfsSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
-import { BlockferryError, ErrorCode, InvalidArgumentError, ProtocolError } from '../../errors.js';
+import { BlockferryError, ErrorCode, InvalidArgumentError, ProtocolError, checkAborted } from '../../errors.js';
 import type { Interval } from '../../blocks/intervals.js';
-import { escapeForLog, LOG_LINE_MAX } from '../../util/sanitize.js';
+import { escapeForLog } from '../../util/sanitize.js';
 import { DEFAULT_PARTIAL_TTL_MS, NAME_RE, prunePartials } from './partials.js';
 import { Channel } from '../../protocol/channel.js';
 import { CAPABILITIES, CAP_ZSTD, serverHandshake, type AuthOptions } from '../../protocol/handshake.js';
@@ -18,6 +18,8 @@ import { FileImageSink, type ImageSink } from '../../image/sink.js';
 import { FILL_SOURCES, type FillSource } from '../fills.js';
 import { Gate } from '../gate.js';
 import type { RepositoryLink } from '../repository/fills.js';
+import { serviceLogger, type Logger } from '../../log.js';
+import type { Progress } from '../../progress.js';
 import type { Role } from '../role.js';
 import { Journal } from './journal.js';
 import { Session, type SessionStats } from './session.js';
@@ -54,6 +56,9 @@ export interface DestinationOptions {
   neighbours?: string[];
   /** Accept compressed frames (default true). */
   compression?: boolean;
+  /** Where the service logs (levels and fields; a pino logger works). Default: nowhere. */
+  logger?: Logger;
+  /** Older form: each entry as one line of text. Ignored when logger is given. */
   log?: (line: string) => void;
   /** Largest image (declared size, bytes) a migration may bring: larger ones are refused with ERR_BF_IMAGE_TOO_LARGE. Default: no limit. */
   maxImageSize?: number;
@@ -77,6 +82,15 @@ export interface DestinationOptions {
    * or certificates) unless auth/tls are given here.
    */
   repository?: { to: string; auth?: AuthOptions; tls?: TlsOptions; timeout?: number };
+  /**
+   * Stops the service when aborted, as close() does: running migrations
+   * save their journals (their sources can resume them later) and every
+   * socket and worker is released. Aborted during start(), start() rejects
+   * with an AbortError (ERR_BF_ABORTED).
+   */
+  signal?: AbortSignal;
+  /** Each running migration's progress (operation 'receive'), at most every 200 ms and once when it completes. */
+  onProgress?: (p: Progress) => void;
 }
 
 /** An image the destination took over (post-copy): served while it arrives, and after. */
@@ -119,11 +133,12 @@ export class DestinationService implements Role {
   private constructor(readonly options: DestinationOptions, neighbourhood: Neighbourhood, scanner: Scanner, tls: ServerTls | undefined) {
     this.neighbourhood = neighbourhood;
     this.scanner = scanner;
-    this.gate = new Gate(options, tls, (l) => this.log(l), 'migration');
+    this.logger = serviceLogger(options, { role: 'destination' });
+    this.gate = new Gate(options, tls, this.logger, 'migration');
     const r = options.repository;
     this.repository = r && {
       to: r.to, auth: r.auth ?? options.auth, ...(r.tls ?? options.tls ? { tls: (r.tls ?? options.tls)! } : {}), ...(r.timeout !== undefined ? { timeout: r.timeout } : {}),
-      log: (l) => this.log(l), state: { down: false },
+      logger: this.logger.child({ repository: r.to }), state: { down: false },
     };
   }
 
@@ -138,6 +153,8 @@ export class DestinationService implements Role {
   }
 
   static async start(options: DestinationOptions): Promise<DestinationService> {
+    const signal = options.signal;
+    checkAborted(signal, 'destination service');
     checkDataDir(options.dataDir);
     const security = securityFrom(options.auth, options.tls);
     const tls = security.mode === 'insecure' ? undefined : serverTls(security);
@@ -152,10 +169,15 @@ export class DestinationService implements Role {
     let n = existsSync(indexFile) ? Neighbourhood.load(indexFile) : new Neighbourhood(bs);
     if (n.blockSize !== bs) n = new Neighbourhood(bs);
     const scanner = new Scanner({ workers: 1 });
-    for (const p of options.neighbours ?? []) {
-      if (n.images.some((i) => i.path === resolve(p))) continue;
-      const [map] = await scanner.scan(p, { blockSize: bs });
-      n.add(map!);
+    try {
+      for (const p of options.neighbours ?? []) {
+        if (n.images.some((i) => i.path === resolve(p))) continue;
+        const [map] = await scanner.scan(p, { blockSize: bs, ...(signal ? { signal } : {}) });
+        n.add(map!);
+      }
+    } catch (e) {
+      await scanner.close();
+      throw e;
     }
     n.save(indexFile);
     const svc = new DestinationService(options, n, scanner, tls);
@@ -174,8 +196,20 @@ export class DestinationService implements Role {
       throw e;
     }
     svc.startPruning();
+    if (signal) {
+      const stop = () => void svc.close();
+      if (signal.aborted) {
+        await svc.close();
+        checkAborted(signal, 'destination service');
+      }
+      signal.addEventListener('abort', stop, { once: true });
+      svc.unlisten = () => signal.removeEventListener('abort', stop);
+    }
     return svc;
   }
+
+  private unlisten: (() => void) | undefined;
+  private closing: Promise<void> | undefined;
 
   /** Expires abandoned partial images now and then (never one a session is using). */
   private startPruning(): void {
@@ -184,10 +218,10 @@ export class DestinationService implements Role {
     const prune = () => {
       try {
         for (const p of prunePartials(this.options.dataDir, ttl, new Set(this.active.keys()))) {
-          this.log(`removed the partial image of ${p.name}: untouched for ${Math.round(p.ageMs / 1000)} s (partial TTL ${Math.round(ttl / 1000)} s)`);
+          this.logger.info({ image: p.name, idleSeconds: Math.round(p.ageMs / 1000) }, `removed the partial image of ${p.name}: untouched for ${Math.round(p.ageMs / 1000)} s (partial TTL ${Math.round(ttl / 1000)} s)`);
         }
       } catch (e) {
-        this.log(`pruning partial images failed: ${(e as Error).message}`);
+        this.logger.error({ error: e }, `pruning partial images failed: ${(e as Error).message}`);
       }
     };
     prune();
@@ -209,20 +243,28 @@ export class DestinationService implements Role {
     return this.listener!.address;
   }
 
-  /** Every log line has its control characters escaped and its length capped (peer text: names, messages, strategies). */
-  private log(line: string): void {
-    this.options.log?.(escapeForLog(line, LOG_LINE_MAX));
-  }
+  /** Every entry has its control characters escaped and its length capped (peer text: names, messages, strategies): see src/log.ts. */
+  private readonly logger: Logger;
 
   /** A new TCP connection: through the gate (limits, TLS, deadline) to serve(). */
   private accept(raw: Socket): void {
     this.gate.accept(raw, (ch, authenticated) => this.serve(ch, authenticated));
   }
 
-  async close(): Promise<void> {
+  /** Stops the service: no new connections; running migrations end, saving their journals (resumable). Idempotent. */
+  close(): Promise<void> {
+    return (this.closing ??= this.shutdown());
+  }
+
+  private async shutdown(): Promise<void> {
+    this.unlisten?.();
     if (this.pruneTimer) clearInterval(this.pruneTimer);
-    await this.listener?.close();
+    // server.close() waits for the open connections: they are ended first.
+    const listening = this.listener?.close();
     this.gate.destroyAll();
+    await listening;
+    // Each session saves its journal as its connection ends: a later attempt resumes from it.
+    await Promise.allSettled([...this.active.values()].map((a) => a.done));
     // Taken-over images first: a read waiting for a block that will not come now fails, and the NBD server can finish.
     for (const t of this.taken.values()) await t.image.close().catch(() => {});
     this.taken.clear();
@@ -240,7 +282,7 @@ export class DestinationService implements Role {
     const caps = await serverHandshake(ch, auth, this.options.compression === false ? CAPABILITIES & ~CAP_ZSTD : CAPABILITIES);
     authenticated?.();
     const begin = await ch.recv(BEGIN);
-    this.log(`migration into ${escapeForLog(begin.name)} from ${ch.socket.remoteAddress}: ${begin.size} bytes, strategy ${escapeForLog(begin.strategy)}`);
+    this.logger.info({ image: begin.name, peer: ch.socket.remoteAddress, size: begin.size, strategy: begin.strategy }, `migration into ${begin.name} from ${ch.socket.remoteAddress}: ${begin.size} bytes, strategy ${begin.strategy}`);
     this.check(begin);
     await this.claim(begin.name);
     const final = join(this.options.dataDir, `${begin.name}.img`);
@@ -253,18 +295,18 @@ export class DestinationService implements Role {
       stats = await new Session(ch, await this.open(begin, final)).run();
     } catch (e) {
       const missing = this.taken.get(begin.name)?.image;
-      if (missing && !missing.isComplete) this.log(`${begin.name}: the source went away during post-copy with ${missing.stale.size} blocks missing; reads of them fail until the migration is resumed`);
+      if (missing && !missing.isComplete) this.logger.warn({ image: begin.name, missingBlocks: missing.stale.size }, `${begin.name}: the source went away during post-copy with ${missing.stale.size} blocks missing; reads of them fail until the migration is resumed`);
       throw e;
     } finally {
       this.active.delete(begin.name);
       release();
     }
     this.completed.push(stats);
-    this.log(`migration into ${begin.name} complete: ${JSON.stringify(stats)}`);
-    if (!this.taken.has(begin.name)) await this.serveComplete(begin.name).catch((e: Error) => this.log(`cannot serve ${begin.name} over NBD: ${e.message}`));
+    this.logger.info({ image: begin.name, stats }, `migration into ${begin.name} complete: ${JSON.stringify(stats)}`);
+    if (!this.taken.has(begin.name)) await this.serveComplete(begin.name).catch((e: Error) => this.logger.error({ image: begin.name, error: e }, `cannot serve ${begin.name} over NBD: ${e.message}`));
     // After DONE and outside the busy window: indexing is not part of the
     // migration, and the complete image is no longer "being migrated".
-    this.indexing = this.indexing.then(() => this.indexImage(final)).catch((e: Error) => this.log(`indexing ${final} failed: ${e.message}`));
+    this.indexing = this.indexing.then(() => this.indexImage(final)).catch((e: Error) => this.logger.error({ image: begin.name, error: e }, `indexing ${final} failed: ${e.message}`));
     await this.indexing;
   }
 
@@ -294,7 +336,7 @@ export class DestinationService implements Role {
     const grace = this.options.takeoverGrace ?? DEFAULT_TAKEOVER_GRACE_MS;
     const idle = old.ch.idleFor();
     if (idle < grace) throw new BlockferryError(ErrorCode.BUSY, `a migration into ${name} is already running`);
-    this.log(`a new attempt takes over ${name}: the running one has heard nothing from its source for ${Math.round(idle)} ms`);
+    this.logger.warn({ image: name, idleMs: Math.round(idle) }, `a new attempt takes over ${name}: the running one has heard nothing from its source for ${Math.round(idle)} ms`);
     old.ch.abort(new ProtocolError(ErrorCode.TIMEOUT, `taken over by a new attempt at ${name} after ${Math.round(idle)} ms of silence`));
     await old.done;
     if (this.active.has(name)) throw new BlockferryError(ErrorCode.BUSY, `a migration into ${name} is already running`);
@@ -313,7 +355,7 @@ export class DestinationService implements Role {
       }
       return {
         name: b.name, size: b.size, blockSize: b.blockSize, sink: img.sink, journal: taken.journal, journalFile, resumed: true, fills: [],
-        freeBytes: () => this.freeBytes(), arriving: img,
+        freeBytes: () => this.freeBytes(), arriving: img, ...this.progressOption(),
       };
     }
     if (taken) this.taken.delete(b.name); // complete, and replaced (--overwrite)
@@ -357,10 +399,15 @@ export class DestinationService implements Role {
     const takeOver = (s: ImageSink) => {
       const image = new ArrivingImage(b.name, b.size, b.blockSize, s, () => this.openComplete(b.name, final));
       this.taken.set(b.name, { image, journal: j, journalFile });
-      this.log(`${b.name}: taken over (post-copy); served while it arrives`);
+      this.logger.info({ image: b.name }, `${b.name}: taken over (post-copy); served while it arrives`);
       return image;
     };
-    return { name: b.name, size: b.size, blockSize: b.blockSize, sink: sink!, journal, journalFile, resumed, fills, freeBytes: () => this.freeBytes(), takeOver };
+    return { name: b.name, size: b.size, blockSize: b.blockSize, sink: sink!, journal, journalFile, resumed, fills, freeBytes: () => this.freeBytes(), takeOver, ...this.progressOption() };
+  }
+
+  private progressOption(): { onProgress?: (p: Progress) => void } {
+    const cb = this.options.onProgress;
+    return cb ? { onProgress: cb } : {};
   }
 
   /** What the service serves under a name over NBD: an image taken over (arriving or complete), else a complete image of the data directory. */
@@ -383,8 +430,8 @@ export class DestinationService implements Role {
       listen: at,
       exports: (name) => this.exportOf(name),
       list: () => new Set([...this.served.keys(), ...this.taken.keys()]),
-      log: (l) => this.log(`nbd: ${l}`),
-      onError: (e, w) => this.log(`nbd: ${w.export}: ${w.command} ${w.offset}+${w.length} failed: ${(e as Error)?.message ?? String(e)}`),
+      logger: this.logger.child({ nbd: true }),
+      onError: (e, w) => this.logger.error({ export: w.export, command: w.command, offset: w.offset, length: w.length, error: e }, `nbd: ${w.export}: ${w.command} ${w.offset}+${w.length} failed: ${(e as Error)?.message ?? String(e)}`),
     });
   }
 

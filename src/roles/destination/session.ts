@@ -2,6 +2,7 @@
 // handler checking the message against the session's phase and the image.
 // State is kept as intervals (what holds checked data, what the source said
 // is data), so memory follows the data received, never the declared size.
+import type { Progress } from '../../progress.js';
 import { rmSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { setImmediate as yieldToLoop } from 'node:timers/promises';
@@ -12,7 +13,7 @@ import type { Channel } from '../../protocol/channel.js';
 import { Msg, type Frame } from '../../protocol/frame.js';
 import {
   BEGIN_OK, BLOCK_INFO, BLOCKS, BLOCKS_DELTA, COMMIT, COPY, DONE, INFO_END, MISSING, NEED, OWNED, PROBE, PROBE_OK, PULL, ROUND, SWITCH, SWITCH_OK, SYNC, SYNC_OK, VERIFY, VERIFY_RESULT, ZERO,
-  decode, type BlockInfo, type Done, type VerifyExtent,
+  decode, trafficTotal, type BlockInfo, type Done, type VerifyExtent,
 } from '../../protocol/messages.js';
 import type { ImageSink } from '../../image/sink.js';
 import type { FillSource } from '../fills.js';
@@ -67,7 +68,12 @@ export interface SessionInit {
   arriving?: ArrivingImage;
   /** Post-copy: makes the image one the destination serves while it arrives (absent: SWITCH is refused). */
   takeOver?: (sink: ImageSink) => ArrivingImage;
+  /** Where the migration stands, at most every PROGRESS_INTERVAL_MS and once at the end (operation 'receive'). */
+  onProgress?: (p: Progress) => void;
 }
+
+/** Receive progress is reported at most this often: a frame loop must not pay for a callback per frame. */
+const PROGRESS_INTERVAL_MS = 200;
 
 /** info: BLOCK_INFO runs; transfer: blocks after INFO_END; postcopy: after SWITCH, the destination serves the image. */
 type Phase = 'info' | 'transfer' | 'postcopy';
@@ -143,6 +149,7 @@ export class Session {
         if (f.type === Msg.COMMIT) {
           decode(COMMIT, f.payload);
           await this.commit();
+          this.report(true);
           await this.ch.reply(f, DONE, this.done());
           this.ch.close();
           return this.stats;
@@ -150,6 +157,8 @@ export class Session {
         const h = this.handlers[f.type];
         if (!h) throw new ProtocolError(ErrorCode.PROTOCOL, `unexpected message type ${f.type} during a migration`);
         await h(f);
+        if (f.type === Msg.VERIFY) this.progressPhase = 'verify';
+        this.report(false);
       }
     } catch (e) {
       // Keep what was checked: a migration run again resumes from it.
@@ -161,6 +170,28 @@ export class Session {
       await this.sink.close();
       for (const fs of this.init.fills) fs.close();
     }
+  }
+
+  private progressPhase: 'transfer' | 'verify' = 'transfer';
+  private readonly startedAt = performance.now();
+  private reportedAt = 0;
+
+  /** A receive progress update (throttled unless final): blocks written of the blocks the source said hold data. */
+  private report(final: boolean): void {
+    const cb = this.init.onProgress;
+    if (!cb) return;
+    const now = performance.now();
+    if (!final && now - this.reportedAt < PROGRESS_INTERVAL_MS) return;
+    this.reportedAt = now;
+    const elapsed = (now - this.startedAt) / 1000;
+    const receivedBytes = trafficTotal(this.ch.received);
+    const totalBlocks = Math.max(this.expected.size, this.written.size);
+    const doneBlocks = final ? totalBlocks : Math.min(this.written.size, totalBlocks);
+    cb({
+      operation: 'receive', phase: this.progressPhase, path: this.init.name, round: 0,
+      done: doneBlocks * this.bs, total: totalBlocks * this.bs, blocksLeft: totalBlocks - doneBlocks,
+      receivedBytes, rate: receivedBytes / Math.max(1e-3, elapsed), elapsed,
+    });
   }
 
   private done(): Done {

@@ -11,6 +11,7 @@ import { CAP_REPOSITORY, clientHandshake, type AuthOptions } from '../../protoco
 import { FETCH, FETCH_RESULT, MAX_FETCH_BLOCKS, MAX_FETCH_BYTES, type FetchResult } from '../../protocol/messages.js';
 import { connect, parseTarget } from '../../transport/tcp.js';
 import { connect as connectTls, securityFrom, type TlsOptions } from '../../transport/tls.js';
+import type { Logger } from '../../log.js';
 import type { FillContext, FillRequest, FillSource } from '../fill-source.js';
 
 /** Milliseconds a repository has to connect, or to answer one FETCH, before the session stops asking it. */
@@ -32,7 +33,7 @@ export interface RepositoryLink {
   auth: AuthOptions;
   tls?: TlsOptions;
   timeout?: number;
-  log?: (line: string) => void;
+  logger?: Logger;
   /** Shared by the sessions of one service: an unreachable repository is logged once, until it answers again. */
   state?: { down: boolean };
 }
@@ -129,7 +130,7 @@ export class RepositoryFills implements FillSource {
       }
       if (this.link.state?.down) {
         this.link.state.down = false;
-        this.link.log?.(`repository ${this.link.to} answers again`);
+        this.link.logger?.info(`repository ${this.link.to} answers again`);
       }
       await this.apply(batch, res, ctx, filled);
       if (next < all.length) launch();
@@ -185,11 +186,11 @@ export class RepositoryFills implements FillSource {
     const state = this.link.state;
     if (state?.down) return; // said already
     if (state) state.down = true;
-    this.link.log?.(`repository ${this.link.to} unusable (${(e as { code?: string }).code ?? ErrorCode.INTERNAL}: ${e.message}); its blocks are asked from the source`);
+    this.link.logger?.warn({ code: (e as { code?: string }).code ?? ErrorCode.INTERNAL }, `repository ${this.link.to} unusable (${(e as { code?: string }).code ?? ErrorCode.INTERNAL}: ${e.message}); its blocks are asked from the source`);
   }
 
   close(): void {
-    if (this.counts.requests) this.link.log?.(`repository ${this.link.to}: ${this.counts.filled} blocks filled in ${this.counts.requests} requests${this.counts.rejected ? `, ${this.counts.rejected} returned blocks rejected (wrong content)` : ''}`);
+    if (this.counts.requests) this.link.logger?.info({ filled: this.counts.filled, requests: this.counts.requests, rejected: this.counts.rejected }, `repository ${this.link.to}: ${this.counts.filled} blocks filled in ${this.counts.requests} requests${this.counts.rejected ? `, ${this.counts.rejected} returned blocks rejected (wrong content)` : ''}`);
     this.closed = true;
     this.ch?.close();
   }

@@ -8,7 +8,7 @@ import { open, type FileHandle } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import type { Socket } from 'node:net';
-import { BlockferryError, ErrorCode, ProtocolError } from '../../errors.js';
+import { BlockferryError, ErrorCode, ProtocolError, checkAborted } from '../../errors.js';
 import type { Channel } from '../../protocol/channel.js';
 import { CAP_REPOSITORY, serverHandshake, type AuthOptions } from '../../protocol/handshake.js';
 import { decode, FETCH, FETCH_RESULT, MAX_FETCH_BYTES, type FetchResult } from '../../protocol/messages.js';
@@ -19,9 +19,9 @@ import { Neighbourhood } from '../../blockindex/neighbourhood.js';
 import { NO_REF, refBlock, refImage } from '../../table/table.js';
 import { Scanner } from '../../scan/scanner.js';
 import { Engine } from '../../engine/engine.js';
-import { escapeForLog, LOG_LINE_MAX } from '../../util/sanitize.js';
 import { Gate, type GateOptions } from '../gate.js';
 import { checkDataDir, DEFAULT_IDLE_TIMEOUT_MS } from '../destination/service.js';
+import { serviceLogger, type Logger } from '../../log.js';
 import type { Role } from '../role.js';
 
 export const REPOSITORY_INDEX_FILE = 'repository.bfidx';
@@ -39,7 +39,12 @@ export interface RepositoryOptions extends GateOptions {
   blockSize?: number;
   /** A connection that sends nothing for this long ends with ERR_BF_TIMEOUT (ms; 0: never). Default 60 s. */
   idleTimeout?: number;
+  /** Where the service logs (levels and fields; a pino logger works). Default: nowhere. */
+  logger?: Logger;
+  /** Older form: each entry as one line of text. Ignored when logger is given. */
   log?: (line: string) => void;
+  /** Stops the service when aborted, as close() does; aborted during start(), start() rejects with ERR_BF_ABORTED. */
+  signal?: AbortSignal;
 }
 
 interface Held {
@@ -57,10 +62,13 @@ export class RepositoryService implements Role {
   readonly stats = { requests: 0, asked: 0, served: 0 };
 
   private constructor(readonly options: RepositoryOptions, readonly neighbourhood: Neighbourhood, tls: ReturnType<typeof serverTls> | undefined) {
-    this.gate = new Gate(options, tls, (l) => this.log(l), 'fetch');
+    this.logger = serviceLogger(options, { role: 'repository' });
+    this.gate = new Gate(options, tls, this.logger, 'fetch');
   }
 
   static async start(options: RepositoryOptions): Promise<RepositoryService> {
+    const signal = options.signal;
+    checkAborted(signal, 'repository service');
     checkDataDir(options.dataDir);
     const security = securityFrom(options.auth, options.tls);
     const tls = security.mode === 'insecure' ? undefined : serverTls(security);
@@ -72,7 +80,7 @@ export class RepositoryService implements Role {
     try {
       for (const p of options.images) {
         if (n.images.some((i) => i.path === resolve(p))) continue;
-        const [map] = await scanner.scan(p, { blockSize: bs });
+        const [map] = await scanner.scan(p, { blockSize: bs, ...(signal ? { signal } : {}) });
         n.add(map!);
       }
     } finally {
@@ -81,8 +89,20 @@ export class RepositoryService implements Role {
     n.save(indexFile);
     const svc = new RepositoryService(options, n, tls);
     svc.listener = await listen(options.host ?? '127.0.0.1', options.port ?? 0, (s: Socket) => svc.gate.accept(s, (ch, ok) => svc.serve(ch, ok)));
+    if (signal) {
+      if (signal.aborted) {
+        await svc.close();
+        checkAborted(signal, 'repository service');
+      }
+      const stop = () => void svc.close();
+      signal.addEventListener('abort', stop, { once: true });
+      svc.unlisten = () => signal.removeEventListener('abort', stop);
+    }
     return svc;
   }
+
+  private unlisten: (() => void) | undefined;
+  private closing: Promise<void> | undefined;
 
   get address(): { host: string; port: number } {
     return this.listener!.address;
@@ -92,9 +112,8 @@ export class RepositoryService implements Role {
     return this.gate.limited;
   }
 
-  private log(line: string): void {
-    this.options.log?.(escapeForLog(line, LOG_LINE_MAX));
-  }
+  /** Every entry escaped and capped: see src/log.ts. */
+  readonly logger: Logger;
 
   /** One connection: the handshake, then FETCH after FETCH until the peer closes. */
   async serve(ch: Channel, authenticated?: () => void): Promise<void> {
@@ -163,9 +182,17 @@ export class RepositoryService implements Role {
     return f;
   }
 
-  async close(): Promise<void> {
-    await this.listener?.close();
+  /** Stops the service (idempotent). */
+  close(): Promise<void> {
+    return (this.closing ??= this.shutdown());
+  }
+
+  private async shutdown(): Promise<void> {
+    this.unlisten?.();
+    // server.close() waits for the open connections: they are ended first.
+    const listening = this.listener?.close();
     this.gate.destroyAll();
+    await listening;
     for (const f of this.files.values()) await f.then((h) => h?.fh.close()).catch(() => {});
     this.files.clear();
   }
