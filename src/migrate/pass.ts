@@ -86,7 +86,14 @@ export async function firstPass(ctx: MigrationContext, { view, sender, check, sy
         for (const iv of missing) for (let b = iv.start; b < iv.start + iv.count; b++) (defer.hot(b) ? defer.into : send).add(b, 1);
         missing = [...send];
       }
+      // Progress inside a long run: what is sent of it so far (the run's held blocks count once it is done).
+      let inRun = 0;
+      sender.onBatch = (iv) => {
+        inRun += iv.count * bs;
+        ctx.progress({ phase: 'transfer', round: 0, done: Math.min(done + Math.min(inRun, need.count * bs), total), total });
+      };
       await sender.send(missing);
+      sender.onBatch = undefined;
       await checkUpTo(need.start + need.count);
       done += need.count * bs;
       ctx.progress({ phase: 'transfer', round: 0, done: Math.min(done, total), total });

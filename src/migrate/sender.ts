@@ -172,9 +172,13 @@ export class BlockSender {
       // A frame is full, or it holds the image's last block (a short block must end its frame).
       const atEnd = (iv.start + iv.count) * this.bs >= this.src.size;
       if (atEnd || this.frameBytes >= DATA_BATCH || this.deltaBytes >= DATA_BATCH || this.deltas.length >= 16384 || this.copies.length >= 16384 || this.zeros.runs >= 16384) await this.flush();
+      this.onBatch?.(iv);
     }
     await this.flush();
   }
+
+  /** Told after each batch of blocks send() has read and queued (for progress inside a long run). */
+  onBatch: ((iv: Interval) => void) | undefined;
 
   /**
    * Block b as a delta against the version last sent, when the destination

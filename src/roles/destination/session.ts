@@ -130,7 +130,7 @@ export class Session {
       [Msg.COPY]: (f) => this.copies(f),
       [Msg.ZERO]: (f) => this.zeros(f),
       [Msg.BLOCKS_DELTA]: (f) => this.deltas(f),
-      [Msg.ROUND]: async (f) => { decode(ROUND, f.payload); },
+      [Msg.ROUND]: async (f) => { this.round = decode(ROUND, f.payload).round; this.report(true); },
       [Msg.SYNC]: async (f) => { decode(SYNC, f.payload); await this.saveJournal(); await this.ch.reply(f, SYNC_OK, undefined); },
       [Msg.VERIFY]: async (f) => this.ch.reply(f, VERIFY_RESULT, await this.verify(decode(VERIFY, f.payload))),
       [Msg.MISSING]: async (f) => this.missingFrame(decode(MISSING, f.payload)),
@@ -157,7 +157,6 @@ export class Session {
         const h = this.handlers[f.type];
         if (!h) throw new ProtocolError(ErrorCode.PROTOCOL, `unexpected message type ${f.type} during a migration`);
         await h(f);
-        if (f.type === Msg.VERIFY) this.progressPhase = 'verify';
         this.report(false);
       }
     } catch (e) {
@@ -172,7 +171,8 @@ export class Session {
     }
   }
 
-  private progressPhase: 'transfer' | 'verify' = 'transfer';
+  /** ROUND frames seen: the source's live rounds (the first pass is round 0). */
+  private round = 0;
   private readonly startedAt = performance.now();
   private reportedAt = 0;
 
@@ -188,7 +188,7 @@ export class Session {
     const totalBlocks = Math.max(this.expected.size, this.written.size);
     const doneBlocks = final ? totalBlocks : Math.min(this.written.size, totalBlocks);
     cb({
-      operation: 'receive', phase: this.progressPhase, path: this.init.name, round: 0,
+      operation: 'receive', phase: this.round ? 'rounds' : 'transfer', path: this.init.name, round: this.round,
       done: doneBlocks * this.bs, total: totalBlocks * this.bs, blocksLeft: totalBlocks - doneBlocks,
       receivedBytes, rate: receivedBytes / Math.max(1e-3, elapsed), elapsed,
     });
