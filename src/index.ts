@@ -66,3 +66,5 @@ export type { Traffic, TrafficKind } from './protocol/channel.js';
 export { NbdServer, nbdUri, type NbdServerOptions, type NbdExports, type NbdAddress } from './nbd/server.js';
 export { FileExport, type FileExportOptions } from './nbd/file-export.js';
 export { NbdExportError, type NbdExport, type StatusExtent } from './nbd/protocol.js';
+// Pages a person looks at (issue 14): similarity heatmaps and the migration report, self-contained HTML.
+export { similarityPage, migrationReport, timelineRounds, TimelineRecorder, DEFAULT_SAMPLE_MS, writePage, PAGE_CSP, type SimilarityPageOptions, type MigrationReportOptions, type ReportRound, type Timeline, type TimelineEvent, type TimelineSample, type RecordableOptions } from './report/index.js';
