@@ -99,8 +99,8 @@ const CSS = `
 .chart{margin:4px 0 12px}
 table.rounds td.num,table.traffic td.num{text-align:right}
 .swatch{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:6px;vertical-align:baseline}
-.phases{display:flex;height:22px;border-radius:3px;overflow:hidden;font-size:11px;margin:6px 0 2px;max-width:960px}
-.phases div{color:#fff;white-space:nowrap;overflow:hidden;text-overflow:clip;padding:3px 4px;min-width:2px}
+.phases{display:flex;height:22px;border-radius:3px;overflow:hidden;font-size:11px;margin:6px 0 2px;max-width:960px;box-sizing:border-box}
+.phases div{color:#fff;white-space:nowrap;overflow:hidden;text-overflow:clip;padding:3px 0;text-indent:4px;min-width:0}
 `;
 
 const PHASE_COLOURS: Record<string, string> = {
@@ -130,8 +130,11 @@ export function migrationReport(result: MigrationResult | undefined, timeline: T
     const end = phaseEvents[i + 1]?.t ?? timeline.seconds;
     return { phase: e.phase, label: e.phase === 'round' ? `round ${(e.detail as { round?: number } | undefined)?.round ?? ''}` : e.phase, start: e.t, end };
   }).filter((p) => p.phase !== 'done');
-  const phaseStrip = phases.map((p) =>
-    `<div style="flex:${Math.max(0.002, (p.end - p.start) / span).toFixed(4)};background:${PHASE_COLOURS[p.phase] ?? '#495057'}" title="${escapeHtml(`${p.label}: ${secs(p.start)} – ${secs(p.end)}`)}">${escapeHtml(p.label)}</div>`).join('');
+  const blank = (seconds: number) => `<div style="flex:${Math.max(0, seconds / span).toFixed(4)};background:#e9ecef"></div>`;
+  // Connecting (before the first phase) and after the last (until the recorder stopped) are blank.
+  const phaseStrip = blank(phases[0]?.start ?? 0) + phases.map((p) =>
+    `<div style="flex:${Math.max(0.002, (p.end - p.start) / span).toFixed(4)};background:${PHASE_COLOURS[p.phase] ?? '#495057'}" title="${escapeHtml(`${p.label}: ${secs(p.start)} – ${secs(p.end)}`)}">${escapeHtml(p.label)}</div>`).join('') +
+    blank(timeline.seconds - (phases[phases.length - 1]?.end ?? timeline.seconds));
 
   const err = options.error !== undefined ? errorText(options.error) : undefined;
   const banner = failed
@@ -189,7 +192,7 @@ ${roundRows}
     kinds: KINDS, colours: KIND_COLOURS, t, rates, first: samples[0]?.sent ?? null, marks,
     phases: phases.map((p) => ({ label: p.label, phase: p.phase, start: p.start, end: p.end, colour: PHASE_COLOURS[p.phase] ?? '#495057' })),
     rounds: rounds.map((r) => ({ round: r.round, dirty: r.dirty, cutover: r.cutover })),
-    totals: { sent, received }, failed,
+    totals: { sent, received }, failed, seconds: timeline.seconds,
   };
   return page({ title: `blockferry migration: ${name}`, body, css: CSS, data, script: SCRIPT });
 }
@@ -199,29 +202,37 @@ var width = Math.min(960, document.body.clientWidth - 64);
 var MARK_COLOURS = { round: '#1098ad', cutover: '#c92a2a', pause: '#c92a2a', resumed: '#2b8a3e', done: '#495057', stall: '#f08c00' };
 function marksPlugin(){
   return { hooks: { draw: function(u){
-    var c = u.ctx, top = u.bbox.top, h = u.bbox.height, dpr = devicePixelRatio || 1;
+    var c = u.ctx, top = u.bbox.top, h = u.bbox.height, dpr = devicePixelRatio || 1, rows = [];
     c.save(); c.font = (11 * dpr) + 'px sans-serif'; c.textBaseline = 'top';
     DATA.marks.forEach(function(m){
       var x = Math.round(u.valToPos(m.t, 'x', true)) + 0.5;
       c.strokeStyle = MARK_COLOURS[m.phase] || '#495057'; c.fillStyle = c.strokeStyle;
       c.setLineDash(m.phase === 'round' ? [3 * dpr, 3 * dpr] : []); c.lineWidth = (m.phase === 'pause' || m.phase === 'resumed' ? 2 : 1) * dpr;
       c.beginPath(); c.moveTo(x, top); c.lineTo(x, top + h); c.stroke();
-      var label = m.phase === 'round' ? 'R' + m.round : m.phase;
-      c.fillText(label, x + 3 * dpr, top + 2 * dpr + (m.phase === 'round' ? 0 : 13 * dpr));
+      // Labels go in the first row where they do not overlap the one before.
+      var label = m.phase === 'round' ? 'R' + m.round : m.phase, w = c.measureText(label).width, row = 0;
+      while (rows[row] !== undefined && rows[row] > x) row++;
+      rows[row] = x + w + 8 * dpr;
+      c.fillText(label, x + 3 * dpr, top + 2 * dpr + row * 13 * dpr);
     });
     c.restore();
   } } };
+}
+function alignStrip(u){
+  // The phase strip above the chart spans the plot area exactly (same time scale).
+  var strip = document.getElementById('phases'), dpr = devicePixelRatio || 1;
+  strip.style.marginLeft = (u.bbox.left / dpr) + 'px'; strip.style.width = (u.bbox.width / dpr) + 'px';
 }
 var mbs = function(u, v){ return v == null ? '' : (v / 1e6).toFixed(2) + ' MB/s'; };
 var series = [{ label: 'time', value: function(u, v){ return v == null ? '' : v.toFixed(2) + ' s'; } }];
 var data = [DATA.t];
 DATA.kinds.forEach(function(k){
-  series.push({ label: k, stroke: DATA.colours[k], fill: DATA.colours[k] + '22', width: 1.5, value: mbs, paths: uPlot.paths.stepped({ align: -1 }) });
+  series.push({ label: k, stroke: DATA.colours[k], fill: DATA.colours[k] + '22', width: 1.5, value: mbs, paths: uPlot.paths.stepped({ align: -1 }), points: { show: false } });
   data.push(DATA.rates[k]);
 });
 if (DATA.t.length > 1) new uPlot({
-  width: width, height: 300, plugins: [marksPlugin()],
-  scales: { x: { time: false } },
+  width: width, height: 300, plugins: [marksPlugin(), { hooks: { ready: alignStrip } }],
+  scales: { x: { time: false, range: [0, DATA.seconds] } },
   axes: [{ label: 'seconds since the start' }, { label: 'MB/s sent', size: 60, values: function(u, vals){ return vals.map(function(v){ return (v / 1e6).toFixed(v >= 1e7 ? 0 : 1); }); } }],
   series: series,
 }, data, document.getElementById('throughput'));

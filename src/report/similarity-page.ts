@@ -59,8 +59,8 @@ function heatmap(kind: 'similarity' | 'bytes', m: SimilarityMatrix, names: strin
     ? `<div class="legend"><span>0 %</span><i style="background:${gradient(stops)}"></i><span>100 %</span></div>`
     : `<div class="legend"><span>0 B</span><i style="background:${gradient(stops)}"></i><span>${escapeHtml(humanBytes(max))}</span></div>`;
   const caption = kind === 'similarity'
-    ? 'similarity, % of the target\'s non-zero blocks found in the base'
-    : 'bytes still to send for the target when the destination holds the base';
+    ? 'similarity: % of the target\'s non-zero blocks found in the base'
+    : 'still to send: the target\'s blocks the base lacks';
   return `<figure class="heatmap" data-kind="${kind}" data-block-size="${m.blockSize}" data-matrix="${k}">
 <h3>${escapeHtml(caption)}</h3>
 <table class="heat"><thead><tr><th class="corner">base \\ target</th>${head}</tr></thead>
@@ -76,11 +76,13 @@ table.heat{border-collapse:separate;border-spacing:2px}
 table.heat th{font-weight:normal;color:var(--muted);font-size:12px;max-width:160px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 table.heat thead th{vertical-align:bottom;text-align:left;height:90px}
 table.heat thead th span{display:inline-block;transform:rotate(-40deg);transform-origin:left bottom;margin-left:24px;white-space:nowrap}
+table.heat thead th:not(.corner){width:64px;min-width:64px;max-width:64px;overflow:visible}
 table.heat thead th.corner{transform:none;text-align:right;vertical-align:bottom}
 table.heat tbody th{text-align:right;padding-right:6px}
 table.heat td.cell{width:64px;height:40px;text-align:center;font-size:12px;font-variant-numeric:tabular-nums;border-radius:2px;cursor:default}
 table.heat td.cell:hover{outline:2px solid #1d2330}
-figure{margin:0}
+figure{margin:0;max-width:470px}
+figure h3{white-space:normal}
 .legend{display:flex;align-items:center;gap:8px;font-size:12px;color:var(--muted);margin-top:6px}
 .legend i{display:inline-block;width:180px;height:10px;border-radius:2px}
 #sweep{margin:8px 0}
@@ -93,10 +95,11 @@ export function similarityPage(matrices: SimilarityMatrix[], options: Similarity
   const names = first.images.map((i) => basename(i.path));
   const when = (options.generatedAt ?? new Date()).toISOString().replace('T', ' ').replace(/\.\d+Z$/, ' UTC');
   const sizes = matrices.map((m) => m.blockSize);
+  // The images, with their counts at the smallest block size (the heatmaps have the rest).
   const images = first.images.map((im, i) =>
-    `<tr><td class="num">${i + 1}</td><td>${escapeHtml(im.path)}</td><td class="num">${escapeHtml(humanBytes(im.size))}</td>` +
-    matrices.map((m) => `<td class="num">${m.images[i]!.nonZeroBlocks}</td><td class="num">${m.images[i]!.distinctBlocks}</td>`).join('') + '</tr>').join('\n');
-  const imageHead = matrices.map((m) => `<th>non-zero (${m.blockSize} B)</th><th>distinct (${m.blockSize} B)</th>`).join('');
+    `<tr><td class="num">${i + 1}</td><td title="${escapeHtml(im.path)}">${escapeHtml(names[i]!)}</td><td class="num">${escapeHtml(humanBytes(im.size))}</td>` +
+    `<td class="num">${im.nonZeroBlocks}</td><td class="num">${im.distinctBlocks}</td></tr>`).join('\n');
+  const imageHead = `<th>non-zero blocks (${first.blockSize} B)</th><th>distinct</th>`;
   const sweep = matrices.length > 1
     ? `<section id="sweep-section"><h2>Similarity against block size (paper 001, Fig. 6)</h2>
 <p class="meta">Each line is one base → target pair${first.images.length * (first.images.length - 1) > 12 ? ' (here each base\'s average over its targets: there are too many pairs to draw)' : ''}: the share of the target's non-zero blocks found in the base, at each block size.</p>
