@@ -1,12 +1,12 @@
 // Regenerates the README's pictures of the two pages (docs/img/similarity.png,
 // docs/img/migration-report.png): real ext4 images made by mkfs.ext4 -d from
-// seeded file trees, the similarity page as `blockferry similarity --html`
+// this machine's own file trees (Python's), the similarity page as `blockferry similarity --html`
 // writes it, the report of a live migration (a tracked image written to all
 // along, in-process destination), both photographed in headless Chromium.
 // Needs a build (npm run build), mkfs.ext4 and chromium (BLOCKFERRY_CHROMIUM
 // to point elsewhere). Usage: node scripts/screenshots.mjs [OUT_DIR]
 import { execFileSync, spawnSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -18,7 +18,7 @@ const out = process.argv[2] ?? join(root, 'docs', 'img');
 const chromium = process.env.BLOCKFERRY_CHROMIUM ?? '/usr/bin/chromium';
 const dir = mkdtempSync(join(tmpdir(), 'bf-shots-'));
 
-/** xorshift32 bytes, as test/util.ts's seededBytes. */
+/** xorshift32 bytes, as test/util.ts's seededBytes: what the live migration's writer writes. */
 function seeded(seed, n) {
   const b = new Uint8Array(n);
   let x = (seed * 2654435761) >>> 0 || 0x9e3779b9;
@@ -26,37 +26,42 @@ function seeded(seed, n) {
   return b;
 }
 
-function ext4(name, files, size = '32M') {
+/** An ext4 image (mkfs.ext4 -d) of a tree made by copying system folders: [source, name inside] pairs, and paths to leave out. */
+function ext4(name, parts, drop = [], size = '128M') {
   const tree = join(dir, `${name}.d`);
   mkdirSync(tree);
-  for (const [f, data] of Object.entries(files)) writeFileSync(join(tree, f), data);
+  for (const [from, to] of parts) cpSync(from, join(tree, to), { recursive: true, verbatimSymlinks: true });
+  for (const d of drop) rmSync(join(tree, d), { recursive: true, force: true });
   const img = join(dir, `${name}.img`);
   execFileSync('mkfs.ext4', ['-q', '-F', '-b', '4096', '-d', tree, '-E', 'lazy_itable_init=0,nodiscard', img, size], { stdio: 'pipe' });
   return img;
 }
 
-// A system (many files of odd sizes), its update (a fifth of the files
-// rewritten, some grown), and a second system sharing a third of the files.
-const system = Object.fromEntries(Array.from({ length: 60 }, (_, i) => [`f${String(i).padStart(2, '0')}`, seeded(100 + i, 20_000 + ((i * 7919) % 160) * 1000 + i * 37)]));
-const update = { ...system };
-for (let i = 0; i < 60; i += 5) update[`f${String(i).padStart(2, '0')}`] = seeded(500 + i, system[`f${String(i).padStart(2, '0')}`].length + 3000);
-const sibling = Object.fromEntries(Object.entries(system).filter((_, i) => i % 3 === 0));
-for (let i = 0; i < 25; i++) sibling[`own${i}`] = seeded(900 + i, 50_000 + i * 4321);
-const images = [ext4('system', system), ext4('system-update', update), ext4('sibling', sibling)];
+// Real file trees from this machine: the Python standard library, an
+// "update" of it (two packages gone, the locale sources added), and the
+// Debian Python packages with the same locale sources.
+const python = readdirSync('/usr/lib').filter((d) => /^python3\.\d+$/.test(d)).sort().map((d) => join('/usr/lib', d))[0];
+if (!python) throw new Error('no /usr/lib/python3.N on this machine to build images from');
+const images = [
+  ext4('python', [[python, 'python']]),
+  ext4('python-update', [[python, 'python'], ['/usr/share/i18n', 'i18n']], ['python/test', 'python/email']),
+  ext4('dist-packages', [['/usr/lib/python3/dist-packages', 'dist-packages'], ['/usr/share/i18n', 'i18n']]),
+];
 
 try {
   const bin = join(root, 'bin', 'blockferry.js');
   const simPage = join(dir, 'similarity.html');
-  const sim = spawnSync(process.execPath, [bin, 'similarity', '--block-size', '1k-16k', '--progress', 'none', '--html', simPage, ...images], { encoding: 'utf8' });
+  const args = ['similarity', '--block-size', '1k-16k', '--markdown', '--html', simPage, ...images];
+  const sim = spawnSync(process.execPath, [bin, ...args, '--progress', 'none'], { cwd: dir, encoding: 'utf8' });
   if (sim.status !== 0) throw new Error(`similarity failed: ${sim.stderr}`);
-  process.stdout.write(sim.stdout);
+  process.stdout.write(`$ blockferry ${args.map((a) => a.replace(dir + '/', '')).join(' ')}\n${sim.stdout}`);
 
   // A live migration: a tracked image written to all along, three rounds, then the cutover.
   const svc = await DestinationService.start({ dataDir: join(dir, 'dst'), auth: { insecure: true } });
-  const live = ext4('vm-disk', Object.fromEntries(Object.entries(system).slice(0, 40)), '48M');
+  const live = ext4('vm-disk', [[python, 'python']]);
   const tracked = new TrackedImage(live, 4096);
   let n = 0;
-  const write = () => { tracked.write((((n * 7919) % 6000) + 300) * 4096 + 64, seeded(1000 + n, 3000)); n++; };
+  const write = () => { tracked.write((((n * 7919) % 20000) + 300) * 4096 + 64, seeded(1000 + n, 3000)); n++; };
   const timer = setInterval(() => { for (let i = 0; i < 4; i++) write(); }, 2);
   const recorder = new TimelineRecorder({ intervalMs: 100 });
   let result, timeline;
@@ -77,11 +82,12 @@ try {
   const browser = await puppeteer.launch({ executablePath: chromium, headless: true, args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage'] });
   try {
     mkdirSync(out, { recursive: true });
-    for (const [file, png, height] of [[simPage, 'similarity.png', 1180], [reportPage, 'migration-report.png', 1060]]) {
+    for (const [file, png, height] of [[simPage, 'similarity.png', 1180], [reportPage, 'migration-report.png', 0]]) {
       const page = await browser.newPage();
-      await page.setViewport({ width: 1040, height, deviceScaleFactor: 1 });
+      // The similarity page is cut after its first pair of heatmaps; the report is shown whole (height 0).
+      await page.setViewport({ width: 1040, height: height || 900, deviceScaleFactor: 1 });
       await page.goto(pathToFileURL(file).href, { waitUntil: 'load' });
-      await page.screenshot({ path: join(out, png), ...(process.env.FULL ? { fullPage: true } : { clip: { x: 0, y: 0, width: 1040, height } }) });
+      await page.screenshot({ path: join(out, png), ...(process.env.FULL || !height ? { fullPage: true } : { clip: { x: 0, y: 0, width: 1040, height } }) });
       await page.close();
       console.log(`wrote ${join(out, png)}`);
     }
