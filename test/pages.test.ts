@@ -313,6 +313,48 @@ describe('pages in headless Chromium', { skip }, () => {
     }
   });
 
+  it('the report of a post-copy migration shows the switch, and only the rounds the result counts', async () => {
+    const svc = await DestinationService.start({ dataDir: join(dir, 'dst-postcopy'), auth: { insecure: true } });
+    const recorder = new TimelineRecorder({ intervalMs: 50 });
+    let result: MigrationResult;
+    try {
+      result = await migrate(images[1]!, recorder.attach({ to: `127.0.0.1:${svc.address.port}`, name: 'pc', strategy: 'postcopy', auth: { insecure: true } }));
+    } finally {
+      await svc.close();
+    }
+    const timeline = recorder.stop();
+    assert.deepEqual(readFileSync(join(dir, 'dst-postcopy', 'pc.img')), readFileSync(images[1]!));
+    const rounds = timelineRounds(timeline);
+    assert.equal(rounds.filter((r) => r.kind !== 'switch').length, result.rounds);
+    assert.equal(rounds.filter((r) => r.kind === 'switch').length, 1);
+    const file = join(dir, 'postcopy.html');
+    writeFileSync(file, migrationReport(result, timeline));
+    const l = await load(file);
+    try {
+      assert.equal(await l.page.$$eval('#rounds tbody tr:not(.switch)', (tr) => tr.length), result.rounds);
+      assert.equal(await l.page.$$eval('#rounds tbody tr.switch', (tr) => tr.length), 1);
+      const missing = await l.page.$eval('#rounds tbody tr.switch', (tr) => Number(tr.getAttribute('data-dirty')));
+      assert.equal(missing, rounds.find((r) => r.kind === 'switch')!.dirty);
+      assert.equal(missing, result.postcopy!.missingAtSwitch);
+      assertClean(l);
+    } finally {
+      await l.page.close();
+    }
+  });
+
+  it('the checks can fail: a page that tries to fetch anything is caught', async () => {
+    const [m] = await matrices([BS]);
+    const file = join(dir, 'fetching.html');
+    writeFileSync(file, similarityPage([m!]).replace('</body>', '<img src="http://127.0.0.1:9/beacon.png"></body>'));
+    const l = await load(file);
+    try {
+      assert.throws(() => assertClean(l), assert.AssertionError);
+      assert.ok(l.errors.some((e) => e.includes('Content Security Policy')), l.errors.join('\n'));
+    } finally {
+      await l.page.close();
+    }
+  });
+
   it('blockferry migrate --report writes the page also when the migration fails, and the page says it failed', async () => {
     const port = await freePort(); // nothing listens there
     const file = join(dir, 'failed.html');
@@ -328,5 +370,31 @@ describe('pages in headless Chromium', { skip }, () => {
     } finally {
       await l.page.close();
     }
+  });
+});
+
+describe('TimelineRecorder', () => {
+  it('keeps its samples bounded on a long run: thins the timer samples, doubles the interval, loses no byte and no event sample', async () => {
+    const recorder = new TimelineRecorder({ intervalMs: 10, maxSamples: 16 });
+    const hooks = recorder.attach({});
+    let frames = 0, events = 0;
+    // Feed frames until the recorder has thinned twice (whatever the machine's speed).
+    while (recorder.sampleIntervalMs < 40) {
+      hooks.onFrame!({ direction: 'sent', type: 'BLOCKS', id: 0, bytes: 4108, compressed: false });
+      hooks.onFrame!({ direction: 'received', type: 'NEED', id: 0, bytes: 20, compressed: false });
+      if (++frames % 7 === 0) hooks.onEvent!({ phase: 'round', detail: { round: ++events, dirty: events } });
+      await new Promise((r) => setTimeout(r, 1));
+    }
+    const t = recorder.stop();
+    assert.equal(t.intervalMs, 40);
+    // At most maxSamples timer samples, plus one per event, plus the first and the last.
+    assert.ok(t.samples.length <= 16 + events + 2, `${t.samples.length} samples for ${events} events`);
+    assert.equal(t.events.length, events);
+    for (const e of t.events) assert.ok(t.samples.some((s) => s.t <= e.t && e.t - s.t < 0.01), 'the sample taken at each event is kept');
+    for (let i = 1; i < t.samples.length; i++) assert.ok(t.samples[i]!.t >= t.samples[i - 1]!.t, 'in time order');
+    const last = t.samples[t.samples.length - 1]!;
+    // BLOCKS is data, NEED control (the kinds of src/protocol/messages.ts): every byte is in the last sample.
+    assert.deepEqual(last.sent, { control: 0, fingerprints: 0, data: 4108 * frames, verify: 0 });
+    assert.deepEqual(last.received, { control: 20 * frames, fingerprints: 0, data: 0, verify: 0 });
   });
 });

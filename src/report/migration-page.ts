@@ -22,19 +22,25 @@ export interface MigrationReportOptions {
 const KINDS: TrafficKind[] = ['data', 'fingerprints', 'verify', 'control'];
 const KIND_COLOURS: Record<TrafficKind, string> = { data: '#2f6fde', fingerprints: '#e8590c', verify: '#2b8a3e', control: '#868e96' };
 
-/** One pre-copy round (or the cutover's last round) as the timeline saw it. */
+/** One pre-copy round, the cutover's last round, or a post-copy switch, as the timeline saw it. */
 export interface ReportRound {
+  /**
+   * `round`: a round while live; `cutover`: pre-copy's last round, sent
+   * while paused (the result counts it among its rounds); `switch`: the
+   * post-copy switch (not a round: the blocks missing then follow on demand).
+   */
+  kind: 'round' | 'cutover' | 'switch';
+  /** The round's number (a switch carries the number of the round before it). */
   round: number;
   /** Seconds since the start: when the round began and when the next step began. */
   start: number;
   end: number;
-  /** Blocks the round had to send (dirty), or, for a post-copy switch, the blocks missing at the switch. */
+  /** Blocks the round had to send (dirty), or, for a switch, the blocks missing at the switch. */
   dirty: number;
   /** Bytes this side sent during the round, all kinds. */
   sentBytes: number;
   /** The downtime predicted when the round began (seconds), where the strategy says. */
   predictedDowntime?: number;
-  cutover: boolean;
 }
 
 const total = (t: Traffic) => t.control + t.fingerprints + t.data + t.verify;
@@ -49,7 +55,7 @@ function sampleAt(samples: TimelineSample[], t: number): TimelineSample {
   return samples[lo]!;
 }
 
-/** The rounds in a timeline: each `round` event, then the `cutover` (the last round, sent while paused). */
+/** The rounds in a timeline: each `round` event, then the `cutover` (pre-copy: the last round, sent while paused; post-copy: the switch). */
 export function timelineRounds(timeline: Timeline): ReportRound[] {
   const ev = timeline.events;
   const out: ReportRound[] = [];
@@ -58,14 +64,15 @@ export function timelineRounds(timeline: Timeline): ReportRound[] {
     const e = ev[i]!;
     if (e.phase !== 'round' && e.phase !== 'cutover') continue;
     const d = (e.detail ?? {}) as { round?: number; dirty?: number; missing?: number; predictedDowntime?: number };
-    const cutover = e.phase === 'cutover';
-    const round = cutover ? last + 1 : d.round ?? last + 1;
+    // Post-copy's cutover event tells the blocks missing at the switch; pre-copy's the dirty blocks of its last round.
+    const kind = e.phase === 'round' ? 'round' : d.missing !== undefined ? 'switch' : 'cutover';
+    const round = kind === 'switch' ? last : kind === 'cutover' ? last + 1 : d.round ?? last + 1;
     last = round;
     // The round lasts until the next phase event (the next round, verify, the cutover's COMMIT: done).
     const next = ev.slice(i + 1).find((x) => x.phase !== 'pause' && x.phase !== 'paused' && x.phase !== 'stall' && x.phase !== 'throttle' && x.phase !== 'repair');
     const end = next?.t ?? timeline.seconds;
     out.push({
-      round, start: e.t, end, cutover,
+      kind, round, start: e.t, end,
       dirty: d.dirty ?? d.missing ?? 0,
       sentBytes: total(sampleAt(timeline.samples, end).sent) - total(sampleAt(timeline.samples, e.t).sent),
       ...(typeof d.predictedDowntime === 'number' ? { predictedDowntime: d.predictedDowntime } : {}),
@@ -151,13 +158,13 @@ export function migrationReport(result: MigrationResult | undefined, timeline: T
     ['blocks', `${result.blocks.sent} sent, ${result.blocks.copied} copied at the destination, ${result.blocks.filledFromNeighbours} filled from its neighbours, ${result.blocks.resumed} resumed, ${result.blocks.resent} re-sent`],
     ['phases', Object.entries(result.phases).map(([k, v]) => `${k} ${secs(v)}`).join(', ')],
   ] : [
-    ['recorded', `${secs(timeline.seconds)}, ${rounds.length} round${rounds.length === 1 ? '' : 's'} begun`],
+    ['recorded', `${secs(timeline.seconds)}, ${rounds.filter((r) => r.kind !== 'switch').length} round(s) begun`],
   ];
   const factRows = facts.map(([k, v]) => `<tr><th>${escapeHtml(k)}</th><td>${escapeHtml(v)}</td></tr>`).join('\n');
   const trafficRows = KINDS.map((k) =>
     `<tr data-kind="${k}"><th><span class="swatch" style="background:${KIND_COLOURS[k]}"></span>${k}</th><td class="num sent" data-bytes="${sent[k]}">${escapeHtml(humanBytes(sent[k]))}</td><td class="num received" data-bytes="${received[k]}">${escapeHtml(humanBytes(received[k]))}</td></tr>`).join('\n');
   const roundRows = rounds.map((r) =>
-    `<tr class="round${r.cutover ? ' cutover' : ''}" data-round="${r.round}" data-dirty="${r.dirty}"><td class="num">${r.round}${r.cutover ? ' (cutover)' : ''}</td><td class="num">${escapeHtml(secs(r.start))}</td><td class="num">${escapeHtml(secs(r.end - r.start))}</td>` +
+    `<tr class="${r.kind}" data-round="${r.round}" data-dirty="${r.dirty}"><td class="num">${r.kind === 'switch' ? 'switch to post-copy' : `${r.round}${r.kind === 'cutover' ? ' (cutover)' : ''}`}</td><td class="num">${escapeHtml(secs(r.start))}</td><td class="num">${escapeHtml(secs(r.end - r.start))}</td>` +
     `<td class="num">${r.dirty}</td><td class="num">${bs ? escapeHtml(humanBytes(r.dirty * bs)) : '—'}</td><td class="num">${escapeHtml(humanBytes(r.sentBytes))}</td>` +
     `<td class="num">${r.predictedDowntime !== undefined ? escapeHtml(ms(r.predictedDowntime)) : '—'}</td></tr>`).join('\n');
 
@@ -177,6 +184,7 @@ ${trafficRows}
 <div class="phases" id="phases">${phaseStrip}</div>
 <div class="chart" id="throughput"></div>
 <h2>Rounds: blocks dirty at each round's start</h2>
+<p class="meta">${result ? `${result.rounds} round${result.rounds === 1 ? '' : 's'} (the result's count)` : `${rounds.filter((r) => r.kind !== 'switch').length} begun`}${rounds.some((r) => r.kind === 'switch') ? '; then the switch to post-copy, with the blocks missing at the switch' : ''}.</p>
 <div class="chart" id="dirty"></div>
 <table class="facts rounds" id="rounds"><thead><tr><th>round</th><th>began at</th><th>took</th><th>dirty blocks</th><th>dirty bytes</th><th>sent</th><th>predicted downtime</th></tr></thead><tbody>
 ${roundRows}
@@ -191,7 +199,7 @@ ${roundRows}
   const data = {
     kinds: KINDS, colours: KIND_COLOURS, t, rates, first: samples[0]?.sent ?? null, marks,
     phases: phases.map((p) => ({ label: p.label, phase: p.phase, start: p.start, end: p.end, colour: PHASE_COLOURS[p.phase] ?? '#495057' })),
-    rounds: rounds.map((r) => ({ round: r.round, dirty: r.dirty, cutover: r.cutover })),
+    rounds: rounds.map((r) => ({ label: r.kind === 'switch' ? 'switch' : String(r.round), dirty: r.dirty, kind: r.kind })),
     totals: { sent, received }, failed, seconds: timeline.seconds,
   };
   return page({ title: `blockferry migration: ${name}`, body, css: CSS, data, script: SCRIPT });
@@ -239,7 +247,8 @@ if (DATA.t.length > 1) new uPlot({
 if (DATA.rounds.length) new uPlot({
   width: width, height: 200,
   scales: { x: { time: false, range: [0.5, DATA.rounds.length + 0.5] }, y: { range: function(u, min, max){ return [0, Math.max(1, max) * 1.1]; } } },
-  axes: [{ label: 'round (the last one is the cutover)', splits: function(){ return DATA.rounds.map(function(r){ return r.round; }); } }, { label: 'dirty blocks', size: 60 }],
-  series: [{ label: 'round' }, { label: 'dirty blocks', stroke: '#1098ad', fill: '#1098ad99', paths: uPlot.paths.bars({ size: [0.6, 60] }), points: { show: false } }],
-}, [DATA.rounds.map(function(r){ return r.round; }), DATA.rounds.map(function(r){ return r.dirty; })], document.getElementById('dirty'));
+  axes: [{ label: 'round (the last one is the cutover, or the switch to post-copy)', splits: function(){ return DATA.rounds.map(function(r, i){ return i + 1; }); },
+    values: function(u, vals){ return vals.map(function(v){ var r = DATA.rounds[v - 1]; return r ? r.label : ''; }); } }, { label: 'dirty blocks', size: 60 }],
+  series: [{ label: 'round', value: function(u, v){ var r = DATA.rounds[v - 1]; return r ? r.label : '--'; } }, { label: 'dirty blocks', stroke: '#1098ad', fill: '#1098ad99', paths: uPlot.paths.bars({ size: [0.6, 60] }), points: { show: false } }],
+}, [DATA.rounds.map(function(r, i){ return i + 1; }), DATA.rounds.map(function(r){ return r.dirty; })], document.getElementById('dirty'));
 `;

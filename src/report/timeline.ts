@@ -15,8 +15,16 @@ import { Msg } from '../protocol/frame.js';
 import { kindOf, type Traffic, type TrafficKind } from '../protocol/messages.js';
 import type { MigrationEvent } from '../migrate/strategy.js';
 
-/** Default sampling interval: fine enough to see a round of a second, few enough samples for an hour (18 000). */
+/** Default sampling interval: fine enough to see a round of a second. */
 export const DEFAULT_SAMPLE_MS = 200;
+/**
+ * Timer samples kept at most: past this, every other one is dropped and the
+ * interval doubles, so a migration of a day costs what one of an hour does
+ * (about 4096 samples: 14 min at 200 ms, then 400 ms, ...). The samples taken
+ * at events are always kept; counts are cumulative, so dropping a sample
+ * loses no byte, only detail.
+ */
+export const MAX_TIMER_SAMPLES = 4096;
 
 /** Byte counts so far (cumulative), at t seconds after the recorder was attached. */
 export interface TimelineSample {
@@ -37,6 +45,7 @@ export interface Timeline {
   startedAt: string;
   /** Seconds from t = 0 to stop(). */
   seconds: number;
+  /** The sampling interval at the end (doubled each time the samples were thinned). */
   intervalMs: number;
   samples: TimelineSample[];
   events: TimelineEvent[];
@@ -55,29 +64,60 @@ const zero = (): Traffic => ({ control: 0, fingerprints: 0, data: 0, verify: 0 }
 const KIND_BY_NAME = new Map<string, TrafficKind>(Object.entries(Msg).map(([name, type]) => [name, kindOf(type)]));
 
 export class TimelineRecorder {
-  readonly intervalMs: number;
+  private intervalMs: number;
   private readonly t0 = performance.now();
   private readonly startedAt = new Date();
   private readonly sent = zero();
   private readonly received = zero();
-  private readonly samples: TimelineSample[] = [];
+  /** Samples in time order; `timer` marks the ones thinning may drop. */
+  private samples: (TimelineSample & { timer?: boolean })[] = [];
+  private timerSamples = 0;
   private readonly events: TimelineEvent[] = [];
   private timer: NodeJS.Timeout | undefined;
   private stoppedAt: number | undefined;
 
-  constructor(options: { intervalMs?: number } = {}) {
+  private readonly maxTimerSamples: number;
+
+  /** intervalMs: the sampling interval (at least 10); maxSamples: timer samples kept before thinning (at least 8). */
+  constructor(options: { intervalMs?: number; maxSamples?: number } = {}) {
     const ms = options.intervalMs ?? DEFAULT_SAMPLE_MS;
     if (!(Number.isFinite(ms) && ms >= 10)) throw new RangeError(`intervalMs must be at least 10, got ${ms}`);
+    const max = options.maxSamples ?? MAX_TIMER_SAMPLES;
+    if (!(Number.isInteger(max) && max >= 8)) throw new RangeError(`maxSamples must be an integer of at least 8, got ${max}`);
     this.intervalMs = ms;
+    this.maxTimerSamples = max;
     this.sample();
+  }
+
+  /** The sampling interval now (milliseconds): doubled at each thinning. */
+  get sampleIntervalMs(): number {
+    return this.intervalMs;
   }
 
   private now(): number {
     return (performance.now() - this.t0) / 1000;
   }
 
-  private sample(): void {
-    this.samples.push({ t: this.now(), sent: { ...this.sent }, received: { ...this.received } });
+  private sample(timer = false): void {
+    this.samples.push({ t: this.now(), sent: { ...this.sent }, received: { ...this.received }, ...(timer ? { timer } : {}) });
+    if (timer && ++this.timerSamples > this.maxTimerSamples) this.thin();
+  }
+
+  /** Drops every other timer sample and doubles the interval. */
+  private thin(): void {
+    let k = 0;
+    this.samples = this.samples.filter((s, i) => !s.timer || i === this.samples.length - 1 || k++ % 2 === 1);
+    this.timerSamples = this.samples.filter((s) => s.timer).length;
+    this.intervalMs *= 2;
+    if (this.timer) {
+      clearInterval(this.timer);
+      this.startTimer();
+    }
+  }
+
+  private startTimer(): void {
+    this.timer = setInterval(() => this.sample(true), this.intervalMs);
+    this.timer.unref();
   }
 
   /** Records an event now (migrate's own events arrive here through attach). */
@@ -92,10 +132,9 @@ export class TimelineRecorder {
    * the caller's hooks still runs, after the recorder's), and sampling
    * started. Attach to one migration.
    */
-  attach<T extends RecordableOptions>(options: T): T {
+  attach<T extends object>(options: T & RecordableOptions): T & Required<Pick<RecordableOptions, 'onFrame' | 'onEvent'>> {
     if (this.timer || this.stoppedAt !== undefined) throw new RangeError('a TimelineRecorder records one migration');
-    this.timer = setInterval(() => this.sample(), this.intervalMs);
-    this.timer.unref();
+    this.startTimer();
     const { onFrame, onEvent, pause, resume } = options;
     return {
       ...options,
