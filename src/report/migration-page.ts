@@ -3,7 +3,7 @@
 // counts, the pause and the resume) beside the result's numbers. Also made
 // for a migration that failed, from what the recorder saw, and says so.
 import type { MigrationResult } from '../migrate/migrate.js';
-import type { Traffic, TrafficKind } from '../protocol/messages.js';
+import { trafficTotal as total, type TrafficKind } from '../protocol/messages.js';
 import { BlockferryError } from '../errors.js';
 import { escapeHtml, humanBytes, page } from './html.js';
 import type { Timeline, TimelineSample } from './timeline.js';
@@ -42,8 +42,6 @@ export interface ReportRound {
   /** The downtime predicted when the round began (seconds), where the strategy says. */
   predictedDowntime?: number;
 }
-
-const total = (t: Traffic) => t.control + t.fingerprints + t.data + t.verify;
 
 /** The last sample taken at or before t (samples are in time order). */
 function sampleAt(samples: TimelineSample[], t: number): TimelineSample {
@@ -192,7 +190,11 @@ ${roundRows}
 
   // Rates between samples (bytes/s), each held over the interval it was measured in.
   const t = samples.map((s) => s.t);
-  const rates = Object.fromEntries(KINDS.map((k) => [k, samples.map((s, i) => (i === 0 ? 0 : (s.sent[k] - samples[i - 1]!.sent[k]) / (s.t - samples[i - 1]!.t)))]));
+  const rate = (k: TrafficKind, i: number) => {
+    const dt = samples[i]!.t - samples[i - 1]!.t;
+    return dt > 0 ? (samples[i]!.sent[k] - samples[i - 1]!.sent[k]) / dt : 0;
+  };
+  const rates = Object.fromEntries(KINDS.map((k) => [k, samples.map((_, i) => (i === 0 ? 0 : rate(k, i)))]));
   const marks = timeline.events
     .filter((e) => ['round', 'cutover', 'pause', 'resumed', 'done', 'stall'].includes(e.phase))
     .map((e) => ({ t: e.t, phase: e.phase, round: (e.detail as { round?: number } | undefined)?.round ?? null }));
