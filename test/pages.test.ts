@@ -115,6 +115,18 @@ async function screenshot(page: Page, name: string): Promise<void> {
   assert.ok(png.length > 5000, `${name}.png shows something (${png.length} bytes)`);
 }
 
+interface ChartData { t: number[]; rates: Record<string, number[]>; first: Record<string, number> }
+const chartData = (page: Page) => page.evaluate(() => JSON.parse(document.getElementById('report-data')!.textContent!) as ChartData);
+
+/** The throughput series integrated over time, plus the first sample, equal the result's bytes sent of each kind. */
+function assertChartAddsUp(data: ChartData, result: MigrationResult): void {
+  for (const k of ['control', 'fingerprints', 'data', 'verify'] as const) {
+    let sum = data.first[k]!;
+    for (let i = 1; i < data.t.length; i++) sum += data.rates[k]![i]! * (data.t[i]! - data.t[i - 1]!);
+    assert.ok(Math.abs(sum - result.wire.sent[k]) < 1e-6 * Math.max(1, result.wire.sent[k]), `${k}: chart ${sum} vs result ${result.wire.sent[k]}`);
+  }
+}
+
 const freePort = () => new Promise<number>((resolve) => {
   const s = createServer().listen(0, '127.0.0.1', () => { const p = (s.address() as { port: number }).port; s.close(() => resolve(p)); });
 });
@@ -298,12 +310,8 @@ describe('pages in headless Chromium', { skip }, () => {
       for (const k of ['control', 'fingerprints', 'data', 'verify'] as const) assert.equal(shown[k], result.wire.sent[k], `${k} bytes sent`);
       assert.equal(shown.total, result.wire.sent.control + result.wire.sent.fingerprints + result.wire.sent.data + result.wire.sent.verify);
       // The throughput chart's series, integrated over time, give back the bytes sent of each kind.
-      const data = await l.page.evaluate(() => JSON.parse(document.getElementById('report-data')!.textContent!) as { t: number[]; rates: Record<string, number[]>; first: Record<string, number> });
-      for (const k of ['control', 'fingerprints', 'data', 'verify'] as const) {
-        let sum = data.first[k]!;
-        for (let i = 1; i < data.t.length; i++) sum += data.rates[k]![i]! * (data.t[i]! - data.t[i - 1]!);
-        assert.ok(Math.abs(sum - result.wire.sent[k]) < 1e-6 * Math.max(1, result.wire.sent[k]), `${k}: chart ${sum} vs result ${result.wire.sent[k]}`);
-      }
+      const data = await chartData(l.page);
+      assertChartAddsUp(data, result);
       assert.ok(data.t.length >= 3, 'the chart has samples over time');
       assert.equal(await l.page.$$eval('#throughput canvas, #dirty canvas', (c) => c.length), 2, 'both charts drawn');
       await screenshot(l.page, 'migration-report');
@@ -352,6 +360,32 @@ describe('pages in headless Chromium', { skip }, () => {
       assert.ok(l.errors.some((e) => e.includes('Content Security Policy')), l.errors.join('\n'));
     } finally {
       await l.page.close();
+    }
+  });
+
+  it('blockferry migrate --report against blockferry serve: the page of a finished migration agrees with its --json result', async () => {
+    const server = spawn(process.execPath, [bin, 'serve', '--listen', '127.0.0.1:0', '--data-dir', join(dir, 'dst-cli'), '--insecure'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    try {
+      const port = await new Promise<number>((res) => server.stdout!.once('data', (d: Buffer) => res(JSON.parse(d.toString()).port)));
+      const file = join(dir, 'cli-report.html');
+      const r = await runCli('migrate', images[2]!, '--to', `127.0.0.1:${port}`, '--insecure', '--report', file, '--json', '--progress', 'none');
+      assert.equal(r.code, 0, r.err);
+      const result = JSON.parse(r.out) as MigrationResult;
+      const l = await load(file);
+      try {
+        assert.equal(await l.page.$eval('#status', (e) => e.getAttribute('data-status')), 'ok');
+        assert.equal(await l.page.$eval('h1', (h) => h.textContent), `Migration of other to 127.0.0.1:${port}`);
+        assert.equal(await l.page.$$eval('#rounds tbody tr:not(.switch)', (tr) => tr.length), result.rounds);
+        const shown = await l.page.$$eval('#traffic tbody tr', (tr) => Object.fromEntries(tr.map((x) => [x.getAttribute('data-kind'), Number(x.querySelector('td.sent')!.getAttribute('data-bytes'))])));
+        for (const k of ['control', 'fingerprints', 'data', 'verify'] as const) assert.equal(shown[k], result.wire.sent[k], `${k} bytes sent`);
+        // The chart comes from the recorder the CLI attached: it adds up to the result's bytes.
+        assertChartAddsUp(await chartData(l.page), result);
+        assertClean(l);
+      } finally {
+        await l.page.close();
+      }
+    } finally {
+      server.kill();
     }
   });
 
