@@ -71,3 +71,5 @@ export { textLogger, memoryLogger, nullLogger, LOG_LEVELS, type Logger, type Log
 export { mapsOfImages, type ImagesOptions } from './scan/maps.js';
 export { similarity } from './similarity/images.js';
 export { buildIndex, type IndexOptions } from './blockindex/build.js';
+// Pages a person looks at (issue 14): similarity heatmaps and the migration report, self-contained HTML.
+export { similarityPage, migrationReport, timelineRounds, TimelineRecorder, DEFAULT_SAMPLE_MS, writePage, PAGE_CSP, type SimilarityPageOptions, type MigrationReportOptions, type ReportRound, type Timeline, type TimelineEvent, type TimelineSample, type RecordableOptions } from './report/index.js';

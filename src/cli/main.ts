@@ -19,7 +19,7 @@ import { parseTarget } from '../transport/tcp.js';
 import { DEFAULT_PARTIAL_TTL_MS, listPartials, prunePartials, removePartial } from '../roles/destination/partials.js';
 import { migrate } from '../migrate/migrate.js';
 import { STRATEGIES, type StrategyName } from '../migrate/strategies.js';
-import { displayName, type ImageFormat } from '../image/source.js';
+import { displayName, sourceName, type ImageFormat } from '../image/source.js';
 import type { ThrottleInfo } from '../migrate/live.js';
 import { spawnSync } from 'node:child_process';
 import { chooseBackend, nativeStatus } from '../engine/backend.js';
@@ -27,6 +27,7 @@ import { wasmModule } from '../engine/wasm.js';
 import { NbdServer, type NbdAddress } from '../nbd/server.js';
 import { FileExport } from '../nbd/file-export.js';
 import { NBD_MAX_STRING } from '../nbd/protocol.js';
+import { TimelineRecorder, migrationReport, similarityPage, writePage } from '../report/index.js';
 import os from 'node:os';
 import { cliLogger, type LogFormat } from './logging.js';
 import { LOG_LEVELS, type LogLevel } from '../log.js';
@@ -305,12 +306,14 @@ export function buildProgram(): Command {
       .option('--block-size <size>', 'block size, or a list for a sweep (512-16k)', '4096')
       .addOption(new Option('--json', 'print JSON').conflicts(['csv', 'markdown']))
       .addOption(new Option('--csv', 'print CSV').conflicts(['markdown']))
-      .option('--markdown', 'print Markdown tables'),
-  ).action(async (images: string[], o: CommonOptions & { blockSize: string; json?: boolean; csv?: boolean; markdown?: boolean }) => {
+      .option('--markdown', 'print Markdown tables')
+      .option('--html <file>', 'also write a page: heatmaps of both matrices, and the block-size sweep as a chart'),
+  ).action(async (images: string[], o: CommonOptions & { blockSize: string; json?: boolean; csv?: boolean; markdown?: boolean; html?: string }) => {
     if (images.length < 2) throw new UsageError('similarity needs at least two images');
     const sizes = parseBlockSizes(o.blockSize);
     const results = await mapsFor(images, sizes, o);
     const matrices = sizes.map((_, k) => similarityMatrix(results.map((r) => r.maps[k]!)));
+    if (o.html) writePage(o.html, similarityPage(matrices), 'similarity page');
     if (o.json) return print(JSON.stringify(matrices.length === 1 ? matrices[0] : matrices, null, 2));
     if (o.csv) return print(matrixCsv(matrices));
     if (o.markdown) return print(matrices.map(matrixMarkdown).join('\n\n'));
@@ -528,8 +531,9 @@ export function buildProgram(): Command {
     .option('--compress <mode>', 'compression of block data: auto (adapts to the link; off where it does not pay), none, zstd or zstd:LEVEL', 'auto')
     .option('--memory <size>', 'memory for per-block state (e.g. 256M; binary units)', '256M')
     .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a terminal, JSON lines, or nothing').choices(['auto', 'json', 'none']).default('auto'))
+    .option('--report <file>', 'write a page with the migration\'s timeline (also when it fails)')
     .option('--json', 'print the result as JSON'), true)
-    .action(async (image: string, o: { cert?: string; key?: string; ca?: string; servername?: string; compress: string; memory: string; to: string; name?: string; strategy: StrategyName; hotThreshold: number; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; qmp?: string; qmpNode?: string; maxRounds?: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean; progress: ProgressMode; maxDowntime: string; onStall: 'wait' | 'force' | 'throttle' | 'postcopy'; stallTimeout: string; throttleCmd?: string; order: 'hot-last' | 'address'; delta: boolean; format: ImageFormat }) => {
+    .action(async (image: string, o: { report?: string; cert?: string; key?: string; ca?: string; servername?: string; compress: string; memory: string; to: string; name?: string; strategy: StrategyName; hotThreshold: number; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; qmp?: string; qmpNode?: string; maxRounds?: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean; progress: ProgressMode; maxDowntime: string; onStall: 'wait' | 'force' | 'throttle' | 'postcopy'; stallTimeout: string; throttleCmd?: string; order: 'hot-last' | 'address'; delta: boolean; format: ImageFormat }) => {
       if (!o.qmp !== !o.qmpNode) throw new UsageError('--qmp and --qmp-node go together');
       if (o.onStall === 'postcopy' && !STRATEGIES[o.strategy]?.postcopyOnStall) throw new UsageError(`--on-stall postcopy needs a strategy that can switch to post-copy (--strategy hybrid), not ${o.strategy}`);
       if (o.onStall === 'throttle' && !o.throttleCmd) throw new UsageError('--on-stall throttle needs --throttle-cmd CMD (run with the rate wanted in BLOCKFERRY_THROTTLE_RATE)');
@@ -551,7 +555,13 @@ export function buildProgram(): Command {
       const onInt = stop('SIGINT'), onTerm = stop('SIGTERM');
       process.once('SIGINT', onInt);
       process.once('SIGTERM', onTerm);
-      const r = await migrate(image, {
+      // --report: a recorder wraps the hooks; the page is written at the end, whatever the end.
+      const recorder = o.report ? new TimelineRecorder() : undefined;
+      const record = <T extends object>(opts: T): T => (recorder ? recorder.attach(opts) : opts);
+      const report = (result: Awaited<ReturnType<typeof migrate>> | undefined, error?: unknown) => {
+        if (o.report) writePage(o.report, migrationReport(result, recorder!.stop(), { name: o.name ?? sourceName(image), to: o.to, ...(error !== undefined ? { error } : {}) }), 'migration report');
+      };
+      const r = await migrate(image, record({
         signal: cancel.signal, format: o.format,
         to: o.to, strategy: o.strategy, ...securityOptions(o), overwrite: !!o.overwrite, rescan: !!o.rescan,
         ...(o.maxRounds !== undefined ? { maxRounds: o.maxRounds } : {}), dirtyThreshold: o.dirtyThreshold, hotThreshold: o.hotThreshold,
@@ -572,7 +582,8 @@ export function buildProgram(): Command {
         ...(o.bwlimit ? { bwlimit: parseRate(o.bwlimit) } : {}),
         ...(o.pauseCmd ? { pause: () => runCmd('--pause-cmd', o.pauseCmd!) } : {}),
         ...(o.resumeCmd ? { resume: () => runCmd('--resume-cmd', o.resumeCmd!) } : {}),
-      }).finally(() => { progress.stop(); process.off('SIGINT', onInt); process.off('SIGTERM', onTerm); });
+      })).then((res) => { report(res); return res; }, (e: unknown) => { try { report(undefined, e); } catch { /* the migration's own error is the one to tell */ } throw e; })
+        .finally(() => { progress.stop(); process.off('SIGINT', onInt); process.off('SIGTERM', onTerm); });
       print(o.json ? JSON.stringify(r, null, 2) : describeMigration(r));
     });
 
