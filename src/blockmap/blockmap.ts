@@ -214,8 +214,13 @@ export class BlockMap {
     return table;
   }
 
+  /** Bytes of the map's file (docs/FORMATS.md): header, runs, columns, checksum. */
+  get fileBytes(): number {
+    return HEADER + 16 * this.runCount + 16 * this.dataBlocks + (this.digests ? Math.ceil(this.digests.length / 8) * 8 : 0) + TRAILER_BYTES;
+  }
+
   /** Writes the map to file atomically: a temporary file, fsync, rename. Never leaves a half-written map. */
-  save(file: string): void {
+  save(file: string, mode?: number): void {
     const header = FORMAT.header();
     header.writeUInt32LE(this.digests ? FLAG_DIGESTS : 0, 12);
     header.writeUInt32LE(this.blockSize, 16);
@@ -230,7 +235,7 @@ export class BlockMap {
     for (let i = 0; i < runs.length; i++) runs[i] = BigInt(this.dataRuns[i]!);
     const parts: Uint8Array[] = [header, bytesOf(runs), bytesOf(this.fingerprints), bytesOf(this.signatures)];
     if (this.digests) parts.push(this.digests, pad8(this.digests.length));
-    FORMAT.write(file, parts);
+    FORMAT.write(file, parts, mode);
   }
 
   /** Reads a map written by save(); a damaged file throws a FormatError with a stable code. */
@@ -287,7 +292,11 @@ export class BlockMap {
   }
 }
 
-/** Where a block map for imagePath at blockSize lives by default: beside the image, or in dir. */
+/**
+ * The name a block map had beside its image (or flattened into dir) before
+ * maps became a cache (blockmap/cache.ts). Nothing in blockferry writes
+ * there any more; kept for programs that save maps themselves.
+ */
 export function blockMapPath(imagePath: string, blockSize: number, dir?: string): string {
   if (!dir) return `${imagePath}.${blockSize}.bfmap`;
   const flat = imagePath.replace(/^\/+/, '').replace(/[/\\]/g, '_');
