@@ -5,7 +5,7 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync, openSync, writeSync, closeSync, fsyncSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync, openSync, writeSync, closeSync, fsyncSync, symlinkSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Scanner, blockMapsFor } from '../src/scan/scanner.js';
@@ -191,6 +191,14 @@ describe('the cache (library)', () => {
     assert.equal((await blockMapsFor(scanner, p, { blockSize: BS, mapDir: maps, onNotice: (_, m) => notices.push(m) })).source, 'scanned');
     assert.match(notices.join(), /another image version/);
     assert.deepEqual(readFileSync(file!), good);
+
+    // A symbolic link planted at the entry's name is never written through.
+    const target = join(dir, 'planted-target');
+    writeFileSync(target, 'keep me');
+    rmSync(file!);
+    symlinkSync(target, file!);
+    await assert.rejects(blockMapsFor(scanner, p, { blockSize: BS, mapDir: maps }), { code: ErrorCode.UNSAFE_PATH });
+    assert.equal(readFileSync(target, 'utf8'), 'keep me');
   });
 
   it('trims least recently used entries first under a small limit; a map larger than the limit is not cached', async () => {

@@ -246,9 +246,9 @@ export class MapCache {
       mkdirSync(this.dir!, { recursive: true, mode: 0o700 });
       map.save(file, 0o600);
     } catch (e) {
-      const err = e instanceof BlockferryError ? e : new BlockferryError(ErrorCode.WRITE_FAILED, `cannot use the block map cache ${this.dir}: ${(e as Error).message}`, { cause: e });
-      if (this.named) throw err.code === ErrorCode.WRITE_FAILED ? err : new BlockferryError(ErrorCode.WRITE_FAILED, err.message, { cause: err });
-      this.off = `the block map cache ${this.dir} cannot be written (${err.message}); block maps are not cached in this process (set BLOCKFERRY_CACHE_DIR or --map-dir)`;
+      const why = (e as Error).message;
+      if (this.named) throw e instanceof BlockferryError ? e : new BlockferryError(ErrorCode.WRITE_FAILED, `cannot write the block map cache ${this.dir}: ${why}`, { cause: e });
+      this.off = `the block map cache ${this.dir} cannot be written (${why}); block maps are not cached in this process (set BLOCKFERRY_CACHE_DIR or --map-dir)`;
       notice?.(this.off);
       return undefined;
     }

@@ -153,7 +153,7 @@ function addCacheCommands(program: Command): void {
   cacheFlags(cache.command('info').description('where the cache is, its entries, bytes and limit').option('--json', 'print JSON'))
     .action((o: { mapDir?: string; cacheMax?: string; json?: boolean }) => {
       const info = mapCacheOf(o).info();
-      if (o.json) return print(JSON.stringify(info, null, 2));
+      if (o.json) return print(JSON.stringify(info, (_, v: unknown) => (v === undefined ? null : v), 2));
       const t = new Table({ style: { head: [], border: [] } });
       t.push(
         { directory: info.dir ?? '(none: no home directory)' },
@@ -161,6 +161,7 @@ function addCacheCommands(program: Command): void {
         { size: `${human(info.bytes)} of ${human(info.maxBytes)}` },
         { 'least recently used': info.oldest ?? '—' },
         { 'most recently used': info.newest ?? '—' },
+        ...(info.disabled ? [{ disabled: info.disabled }] : []),
       );
       print(t.toString());
     });
