@@ -157,6 +157,14 @@ describe('the cache (library)', () => {
     assert.match(r.files[0]!, /\/raw-d\d+-i\d+-s196608-m\d+-b4096\.bfmap$/);
     assert.match(r.files[1]!, /-b8192\.bfmap$/);
     assert.equal((await blockMapsFor(scanner, p, { blockSize: 2 * BS, mapDir: maps, format: 'raw' })).source, 'loaded');
+    // A cached map without SHA-1 digests does not answer a request for them: rescanned, and the entry now has them.
+    const withDigests = await blockMapsFor(scanner, p, { blockSize: BS, mapDir: maps, sha1: true });
+    assert.equal(withDigests.source, 'scanned');
+    assert.deepEqual(withDigests.files, [r.files[0]]);
+    const again = await blockMapsFor(scanner, p, { blockSize: BS, mapDir: maps, sha1: true });
+    assert.equal(again.source, 'loaded');
+    assert.deepEqual(again.maps[0]!.digests, withDigests.maps[0]!.digests);
+    assert.equal(entries(maps).length, 2);
   });
 
   it('a damaged cache entry is a miss: rescanned and rewritten, never a crash', async () => {
@@ -257,6 +265,14 @@ describe('where the cache cannot be', () => {
     const lines = r.err.trim().split('\n');
     assert.equal(lines.length, 1, `one notice for two images: ${r.err}`);
     assert.match(lines[0]!, /^blockferry: notice: .*a\.img: the block map cache .* cannot be written/);
+
+    // No home directory to put the default cache in (a HOME that is not a path, no XDG_CACHE_HOME): the same, once.
+    const homeless = spawnSync(process.execPath, [bin, 'scan', '--json', img('a.img'), img('b.img')], { encoding: 'utf8', env: { ...env(), HOME: 'nowhere', XDG_CACHE_HOME: '' } });
+    assert.equal(homeless.status, 0, homeless.stderr);
+    assert.deepEqual((JSON.parse(homeless.stdout) as typeof rows).map((x) => [x.map, x.mapFile]), [['scanned', null], ['scanned', null]]);
+    assert.equal(homeless.stderr.trim().split('\n').length, 1, homeless.stderr);
+    assert.match(homeless.stderr, /no home directory/);
+    assert.ok(!existsSync(join(imgs, 'nowhere')) && !existsSync('nowhere'), 'no cache made relative to anywhere');
 
     for (const extra of [{ BLOCKFERRY_CACHE_DIR: join(file, 'sub') }, {}] as Array<Record<string, string>>) {
       const args = 'BLOCKFERRY_CACHE_DIR' in extra ? ['scan', img('a.img')] : ['scan', '--map-dir', join(file, 'sub'), img('a.img')];

@@ -156,6 +156,8 @@ export class MapCache {
   readonly named: boolean;
   readonly maxBytes: number;
   private off: string | undefined;
+  /** The reason it is off was given (it is given once per instance). */
+  private told = false;
 
   constructor(options: MapCacheOptions = {}) {
     const d = options.dir !== undefined ? { dir: resolve(options.dir), named: true } : defaultCacheDir();
@@ -234,7 +236,11 @@ export class MapCache {
    * instead turns the cache off for the process, with one notice.
    */
   save(map: BlockMap, kind: CachedKind, notice?: (why: string) => void): string | undefined {
-    if (this.off) return undefined;
+    if (this.off) {
+      if (!this.told) notice?.(this.off);
+      this.told = true;
+      return undefined;
+    }
     const key: CacheKey = { kind, identity: map.identity, blockSize: map.blockSize };
     const file = this.fileFor(key)!;
     const bytes = map.fileBytes;
@@ -249,8 +255,7 @@ export class MapCache {
       const why = (e as Error).message;
       if (this.named) throw e instanceof BlockferryError ? e : new BlockferryError(ErrorCode.WRITE_FAILED, `cannot write the block map cache ${this.dir}: ${why}`, { cause: e });
       this.off = `the block map cache ${this.dir} cannot be written (${why}); block maps are not cached in this process (set BLOCKFERRY_CACHE_DIR or --map-dir)`;
-      notice?.(this.off);
-      return undefined;
+      return this.save(map, kind, notice);
     }
     this.dropOlderVersions(key, file);
     this.trim();
