@@ -90,6 +90,14 @@ export interface CacheInfo {
   disabled: string | undefined;
 }
 
+/** A cache entry as listed: its name (the key), path, size and last use. */
+interface Entry {
+  name: string;
+  file: string;
+  bytes: number;
+  mtimeMs: number;
+}
+
 const ENTRY = /^(raw|qcow2)-d(\d+)-i(\d+)-s(\d+)-m(\d+)-b(\d+)\.bfmap$/;
 /** A temporary file of io/atomic.ts for an entry (a crashed writer leaves one). */
 const TEMP = /^(?:raw|qcow2)-d\d+-i\d+-s\d+-m\d+-b\d+\.bfmap\.tmp-\d+-[0-9a-f]+$/;
@@ -257,13 +265,13 @@ export class MapCache {
       this.off = `the block map cache ${this.dir} cannot be written (${why}); block maps are not cached in this process (set BLOCKFERRY_CACHE_DIR or --map-dir)`;
       return this.save(map, kind, notice);
     }
-    this.dropOlderVersions(key, file);
-    this.trim();
+    // One listing serves both: the older versions of this file go, then the least recently used.
+    this.trimEntries(this.dropOlderVersions(this.entries(), key, file), this.maxBytes);
     return file;
   }
 
   /** Entries of the cache, least recently used first. */
-  private entries(): Array<{ name: string; file: string; bytes: number; mtimeMs: number }> {
+  private entries(): Entry[] {
     if (!this.dir) return [];
     let names: string[];
     try {
@@ -271,7 +279,7 @@ export class MapCache {
     } catch {
       return [];
     }
-    const out = [];
+    const out: Entry[] = [];
     const now = Date.now();
     for (const name of names) {
       const file = join(this.dir, name);
@@ -293,14 +301,14 @@ export class MapCache {
     return out.sort((a, b) => a.mtimeMs - b.mtimeMs || (a.name < b.name ? -1 : 1));
   }
 
-  /** Removes the entries of other versions of the file key describes (same kind, device, inode, block size). */
-  private dropOlderVersions(key: CacheKey, keep: string): void {
-    for (const e of this.entries()) {
+  /** Removes the entries of other versions of the file key describes (same kind, device, inode, block size); returns the others. */
+  private dropOlderVersions(entries: Entry[], key: CacheKey, keep: string): Entry[] {
+    return entries.filter((e) => {
       const m = ENTRY.exec(e.name)!;
-      if (e.file !== keep && m[1] === key.kind && m[2] === String(key.identity.dev) && m[3] === String(key.identity.ino) && m[6] === String(key.blockSize)) {
-        rmSync(e.file, { force: true });
-      }
-    }
+      const older = e.file !== keep && m[1] === key.kind && m[2] === String(key.identity.dev) && m[3] === String(key.identity.ino) && m[6] === String(key.blockSize);
+      if (older) rmSync(e.file, { force: true });
+      return !older;
+    });
   }
 
   /**
@@ -308,7 +316,10 @@ export class MapCache {
    * maxBytes (and temporary files of writers that died). Returns what went.
    */
   trim(maxBytes = this.maxBytes): { removed: number; bytes: number } {
-    const entries = this.entries();
+    return this.trimEntries(this.entries(), maxBytes);
+  }
+
+  private trimEntries(entries: Entry[], maxBytes: number): { removed: number; bytes: number } {
     let total = entries.reduce((n, e) => n + e.bytes, 0);
     let removed = 0, freed = 0;
     for (const e of entries) {
