@@ -304,6 +304,13 @@ describe('where the cache cannot be', () => {
       assert.equal(s.code, 0, s.err);
       assert.deepEqual(JSON.parse(s.out).similarity, [[100, 50], [50, 100]]);
       assert.equal(listing(ro), before);
+
+      // A read-only home: the default cache on the read-only mount. Scans work, said once.
+      const home = run(['scan', '--json', join(ro, 'x.img'), join(ro, 'y.img')], { XDG_CACHE_HOME: ro });
+      assert.equal(home.code, 0, home.err);
+      assert.equal(home.err.trim().split('\n').length, 1, home.err);
+      assert.match(home.err, /cannot be written \(EROFS/);
+      assert.equal(listing(ro), before);
     } finally {
       spawnSync('umount', [ro]);
     }

@@ -41,9 +41,9 @@
 // (io/atomic.ts): concurrent scanners of one image each write a complete map
 // of the same version and the last rename wins; a reader sees one or the
 // other whole. A file removed under a reader (trimmed, cleared) is a miss.
-import { lstatSync, mkdirSync, readdirSync, rmSync, statSync, utimesSync, type Stats } from 'node:fs';
+import { existsSync, lstatSync, mkdirSync, readdirSync, rmSync, statSync, utimesSync, type Stats } from 'node:fs';
 import { homedir } from 'node:os';
-import { isAbsolute, join, resolve } from 'node:path';
+import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { BlockMap } from './blockmap.js';
 import { BlockferryError, ErrorCode, InvalidArgumentError } from '../errors.js';
 import type { ImageIdentity, SourceSpec } from '../image/source.js';
@@ -138,6 +138,26 @@ function defaultMaxBytes(): number {
   const n = parseByteSize(v);
   if (n === undefined) throw new InvalidArgumentError('BLOCKFERRY_CACHE_MAX', 'a size like 512M or 2G', v);
   return n;
+}
+
+/**
+ * Makes dir and its missing parents (0700, as the XDG spec asks of a cache
+ * home), level by level: Node's recursive mkdir reports ENOENT where the
+ * truth is EROFS or EACCES, and the notice should say which.
+ */
+function makeDir(dir: string): void {
+  const missing: string[] = [];
+  for (let d = dir; !existsSync(d); d = dirname(d)) {
+    missing.unshift(d);
+    if (dirname(d) === d) break;
+  }
+  for (const d of missing) {
+    try {
+      mkdirSync(d, { mode: 0o700 });
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e; // another scanner made it first
+    }
+  }
 }
 
 /** The key of the map a spec's image has now, or why it has none worth caching. */
@@ -257,7 +277,7 @@ export class MapCache {
       return undefined;
     }
     try {
-      mkdirSync(this.dir!, { recursive: true, mode: 0o700 });
+      makeDir(this.dir!);
       map.save(file, 0o600);
     } catch (e) {
       const why = (e as Error).message;
