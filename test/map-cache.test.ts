@@ -167,6 +167,17 @@ describe('the cache (library)', () => {
     assert.equal(entries(maps).length, 2);
   });
 
+  it('an image dated before 1970 (a negative mtime) is cached, loaded and counted like any other', async () => {
+    const maps = join(dir, 'old-maps');
+    const p = join(dir, 'old.img');
+    writeImage(p, 10);
+    utimesSync(p, new Date('1960-01-01T00:00:00Z'), new Date('1960-01-01T00:00:00Z'));
+    const first = await blockMapsFor(scanner, p, { blockSize: BS, mapDir: maps });
+    assert.match(first.files[0] ?? '', /-m-315619200000000000-b4096\.bfmap$/);
+    assert.equal((await blockMapsFor(scanner, p, { blockSize: BS, mapDir: maps })).source, 'loaded');
+    assert.equal(new MapCache({ dir: maps }).info().entries, 1);
+  });
+
   it('a damaged cache entry is a miss: rescanned and rewritten, never a crash', async () => {
     const maps = join(dir, 'bad-maps');
     const p = join(dir, 'bad.img');

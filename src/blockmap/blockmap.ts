@@ -228,7 +228,7 @@ export class BlockMap {
     header.writeBigUInt64LE(BigInt(this.count), 32);
     header.writeBigUInt64LE(BigInt(this.identity.ino), 40);
     header.writeBigUInt64LE(BigInt(this.identity.dev), 48);
-    header.writeBigUInt64LE(BigInt(this.identity.mtimeNs), 56);
+    header.writeBigInt64LE(BigInt(this.identity.mtimeNs), 56); // signed: a file may be dated before 1970
     header.writeBigUInt64LE(BigInt(this.runCount), 64);
     header.writeBigUInt64LE(BigInt(this.dataBlocks), 72);
     const runs = new BigUint64Array(this.dataRuns.length);
@@ -286,7 +286,7 @@ export class BlockMap {
       size: Number(size),
       ino: Number(b.readBigUInt64LE(40)),
       dev: Number(b.readBigUInt64LE(48)),
-      mtimeNs: b.readBigUInt64LE(56).toString(),
+      mtimeNs: b.readBigInt64LE(56).toString(),
     };
     return new BlockMap(imagePath, identity, blockSize, runs, fps, sigs, digests);
   }

@@ -98,9 +98,10 @@ interface Entry {
   mtimeMs: number;
 }
 
-const ENTRY = /^(raw|qcow2)-d(\d+)-i(\d+)-s(\d+)-m(\d+)-b(\d+)\.bfmap$/;
+/** An entry's name (the mtime is negative for a file dated before 1970). */
+const ENTRY = /^(raw|qcow2)-d(\d+)-i(\d+)-s(\d+)-m(-?\d+)-b(\d+)\.bfmap$/;
 /** A temporary file of io/atomic.ts for an entry (a crashed writer leaves one). */
-const TEMP = /^(?:raw|qcow2)-d\d+-i\d+-s\d+-m\d+-b\d+\.bfmap\.tmp-\d+-[0-9a-f]+$/;
+const TEMP = /^(?:raw|qcow2)-d\d+-i\d+-s\d+-m-?\d+-b\d+\.bfmap\.tmp-\d+-[0-9a-f]+$/;
 /** A temporary file older than this belongs to a writer that died; the trim removes it. */
 const TEMP_STALE_MS = 3600_000;
 
