@@ -12,6 +12,7 @@ import { Scanner, blockMapsFor } from '../src/scan/scanner.js';
 import { MapCache, defaultCacheDir, DEFAULT_CACHE_MAX_BYTES } from '../src/blockmap/cache.js';
 import { BlockMap } from '../src/blockmap/blockmap.js';
 import { DestinationService } from '../src/roles/destination/service.js';
+import { similarityMatrix } from '../src/similarity/similarity.js';
 import { migrate } from '../src/migrate/migrate.js';
 import { currentIdentity } from '../src/image/source.js';
 import { ErrorCode } from '../src/index.js';
@@ -99,13 +100,34 @@ describe('nothing beside the images', () => {
     assert.equal(entries(cacheDir).length, 2, 'they used the same two maps');
   });
 
-  it('a migration (in-process destination with a neighbour in the same directory, migrate() on loopback) leaves nothing beside the images', async () => {
+  it('an embedding program: blockMapsFor with its defaults, similarityMatrix, and a migration (in-process destination with a neighbour in the same directory, migrate() on loopback) leave nothing beside the images', async () => {
     const mig = join(dir, 'mig');
     mkdirSync(mig);
     writeImage(join(mig, 'base.img'), 4, 0);
     const data = Buffer.concat([readFileSync(join(mig, 'base.img')).subarray(0, 30 * BS), Buffer.from(seededBytes(5, 18 * BS))]);
     writeFileSync(join(mig, 'vm.img'), data);
     const before = listing(mig);
+    // The library's defaults, as the program's environment says: $XDG_CACHE_HOME/blockferry.
+    const saved = { xdg: process.env.XDG_CACHE_HOME, dir: process.env.BLOCKFERRY_CACHE_DIR };
+    process.env.XDG_CACHE_HOME = join(dir, 'embedder-xdg');
+    delete process.env.BLOCKFERRY_CACHE_DIR;
+    try {
+      const maps = [];
+      for (const name of ['base.img', 'vm.img']) {
+        const r = await blockMapsFor(scanner, join(mig, name));
+        assert.equal(r.source, 'scanned');
+        assert.ok(r.files[0]!.startsWith(join(dir, 'embedder-xdg', 'blockferry') + '/'), r.files[0]);
+        maps.push(r.maps[0]!);
+      }
+      assert.equal(similarityMatrix(maps).similarity[0]![1], 62.5, '30 of vm.img\'s 48 blocks are in base.img');
+      assert.equal((await blockMapsFor(scanner, join(mig, 'vm.img'))).source, 'loaded');
+    } finally {
+      for (const [k, v] of [['XDG_CACHE_HOME', saved.xdg], ['BLOCKFERRY_CACHE_DIR', saved.dir]] as const) {
+        if (v === undefined) delete process.env[k];
+        else process.env[k] = v;
+      }
+    }
+    assert.equal(listing(mig), before, 'the scans wrote nothing beside the images');
     const svc = await DestinationService.start({ dataDir: join(dir, 'dst'), auth: { key }, neighbours: [join(mig, 'base.img')] });
     try {
       const r = await migrate(join(mig, 'vm.img'), { to: `127.0.0.1:${svc.address.port}`, name: 'vm', auth: { key } });

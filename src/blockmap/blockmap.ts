@@ -5,6 +5,15 @@ import { BlockIndexTable, makeRef } from '../table/table.js';
 import { InvalidArgumentError } from '../errors.js';
 import type { ImageIdentity } from '../image/source.js';
 
+/**
+ * The 64 bits of the header's modification time: nanoseconds since the
+ * epoch, two's complement for a file dated before 1970; a qcow2 chain's is
+ * an unsigned 64-bit hash of its layers (qcow2Identity). Compared as such.
+ */
+function mtimeField(mtimeNs: string): bigint {
+  return BigInt.asUintN(64, BigInt(mtimeNs));
+}
+
 /** File layout: docs/FORMATS.md, "Block map". */
 export const BLOCKMAP_MAGIC = Buffer.from('BFBLKMAP', 'latin1');
 export const BLOCKMAP_VERSION = 2;
@@ -172,7 +181,7 @@ export class BlockMap {
   /** True when this map describes the image as identity says it is now. */
   matches(identity: ImageIdentity): boolean {
     const a = this.identity;
-    return a.size === identity.size && a.mtimeNs === identity.mtimeNs && a.ino === identity.ino && a.dev === identity.dev;
+    return a.size === identity.size && mtimeField(a.mtimeNs) === mtimeField(identity.mtimeNs) && a.ino === identity.ino && a.dev === identity.dev;
   }
 
   /** Block numbers of the non-zero blocks, in order (column k is block nonZeroBlocks()[k]). */
@@ -228,7 +237,7 @@ export class BlockMap {
     header.writeBigUInt64LE(BigInt(this.count), 32);
     header.writeBigUInt64LE(BigInt(this.identity.ino), 40);
     header.writeBigUInt64LE(BigInt(this.identity.dev), 48);
-    header.writeBigInt64LE(BigInt(this.identity.mtimeNs), 56); // signed: a file may be dated before 1970
+    header.writeBigUInt64LE(mtimeField(this.identity.mtimeNs), 56);
     header.writeBigUInt64LE(BigInt(this.runCount), 64);
     header.writeBigUInt64LE(BigInt(this.dataBlocks), 72);
     const runs = new BigUint64Array(this.dataRuns.length);
@@ -286,7 +295,7 @@ export class BlockMap {
       size: Number(size),
       ino: Number(b.readBigUInt64LE(40)),
       dev: Number(b.readBigUInt64LE(48)),
-      mtimeNs: b.readBigInt64LE(56).toString(),
+      mtimeNs: b.readBigUInt64LE(56).toString(),
     };
     return new BlockMap(imagePath, identity, blockSize, runs, fps, sigs, digests);
   }
