@@ -1,4 +1,4 @@
-// npm run bench [-- --only hash,zero,bitmap,native,scan,transfer,scale,codec,index,live,postcopy] [-- --json [FILE]]
+// npm run bench [-- --only hash,zero,bitmap,native,scan,cache,transfer,scale,codec,index,live,postcopy] [-- --json [FILE]]
 // Every group checks its results against the reference before timing, runs
 // the peers in this one process, and prints ratios against the goals.
 import { writeFileSync } from 'node:fs';
@@ -9,6 +9,7 @@ import { benchZero } from './zero.js';
 import { benchBitmap } from './bitmap.js';
 import { benchBlockIndex } from './blockindex.js';
 import { benchScan } from './scan.js';
+import { benchCache } from './cache.js';
 import { benchNative } from './native.js';
 import { benchTransfer } from './transfer.js';
 import { benchCodec } from './codec.js';
@@ -33,6 +34,7 @@ if (want('zero')) groups.push(...(await benchZero()));
 if (want('bitmap')) groups.push(...(await benchBitmap()));
 if (want('native')) groups.push(...(await benchNative()));
 if (want('scan')) groups.push(...(await benchScan()));
+if (want('cache')) groups.push(...(await benchCache()));
 if (want('transfer')) {
   const r = await benchTransfer();
   groups.push(...r.groups);

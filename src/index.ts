@@ -36,6 +36,8 @@ export { ImageError } from './errors.js';
 export { FileImageSource, openSource, statImage, currentIdentity, type ImageSource, type SourceSpec, type Extent, type ImageIdentity } from './image/source.js';
 export { Scanner, blockMapsFor, DEFAULT_RANGE, type ScanOptions, type ScannerOptions, type ScanProgress, type MapOptions, type MapResult } from './scan/scanner.js';
 export { BlockMap, blockMapPath, checkDataRuns, BLOCKMAP_VERSION, type BlockMapStats, type DataRun } from './blockmap/blockmap.js';
+// Block maps are a cache keyed by image identity, never written beside an image (blockmap/cache.ts).
+export { MapCache, defaultCacheDir, DEFAULT_CACHE_MAX_BYTES, type MapCacheOptions, type CacheInfo, type CacheKey, type CachedKind } from './blockmap/cache.js';
 export { FileFormat, TRAILER_BYTES } from './io/format.js';
 export { blockLength, intervalBytes, consecutiveRuns, split, IntervalSet, type Interval } from './blocks/intervals.js';
 export { TreeChecksum, treeChecksum, CHECKSUM_PIECE } from './engine/checksum.js';

@@ -10,14 +10,20 @@ import { join } from 'node:path';
 import { seededBytes } from './util.js';
 
 const bin = new URL('../../bin/blockferry.js', import.meta.url).pathname;
+/** The CLI's environment: its block map cache under this test's directory ($XDG_CACHE_HOME/blockferry), never the user's. */
+const cliEnv = () => {
+  const env: NodeJS.ProcessEnv = { ...process.env, XDG_CACHE_HOME: join(dir, 'xdg') };
+  delete env.BLOCKFERRY_CACHE_DIR;
+  return env;
+};
 const run = (...args: string[]) => {
-  const r = spawnSync(process.execPath, [bin, ...args], { encoding: 'utf8' });
+  const r = spawnSync(process.execPath, [bin, ...args], { encoding: 'utf8', env: cliEnv() });
   return { code: r.status, out: r.stdout, err: r.stderr };
 };
 
 /** The CLI as a process, without blocking this one (a server in this process may have to answer). */
 const runAsync = (...args: string[]) => new Promise<{ code: number | null; out: string; err: string }>((resolve) => {
-  const p = spawn(process.execPath, [bin, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const p = spawn(process.execPath, [bin, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: cliEnv() });
   let out = '', err = '';
   p.stdout.on('data', (d) => { out += d; });
   p.stderr.on('data', (d) => { err += d; });
@@ -42,12 +48,13 @@ before(() => {
 after(() => rmSync(dir, { recursive: true, force: true }));
 
 describe('blockferry CLI', () => {
-  it('scan --json reports blocks and writes a block map beside the image', () => {
+  it('scan --json reports blocks and keeps the block map in the cache, not beside the image', () => {
     const r = run('scan', '--json', '--progress=none', a);
     assert.equal(r.code, 0, r.err);
     const [row] = JSON.parse(r.out);
     assert.deepEqual({ blocks: row.blocks, zero: row.zeroBlocks, distinct: row.distinctBlocks, map: row.map }, { blocks: 48, zero: 8, distinct: 40, map: 'scanned' });
-    assert.ok(existsSync(`${a}.4096.bfmap`));
+    assert.ok(existsSync(row.mapFile) && row.mapFile.startsWith(join(dir, 'xdg', 'blockferry') + '/'));
+    assert.ok(!existsSync(`${a}.4096.bfmap`));
     assert.equal(JSON.parse(run('scan', '--json', a).out)[0].map, 'loaded');
   });
 

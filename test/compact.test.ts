@@ -6,12 +6,14 @@
 // the worker's result buffer is moved, not copied.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { closeSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Piscina } from 'piscina';
 import { Scanner, blockMapsFor, planTasks } from '../src/scan/scanner.js';
-import { BlockMap, blockMapPath } from '../src/blockmap/blockmap.js';
+import { BlockMap } from '../src/blockmap/blockmap.js';
+import { MapCache } from '../src/blockmap/cache.js';
+import { currentIdentity } from '../src/image/source.js';
 import { Engine } from '../src/engine/engine.js';
 import { treeChecksum } from '../src/engine/checksum.js';
 import { nativeStatus } from '../src/engine/backend.js';
@@ -200,15 +202,18 @@ describe('block map v2 files', () => {
     v1[64 + 1] = 1;
     resum(v1);
     assert.throws(() => BlockMap.fromBytes(v1, p), { code: ErrorCode.UNSUPPORTED_VERSION });
-    const file = blockMapPath(p, BS);
+    const cache = new MapCache({ dir: join(dir, 'v1-cache') });
+    const file = cache.fileFor({ kind: 'raw', identity: currentIdentity(p), blockSize: BS })!;
+    mkdirSync(cache.dir!, { recursive: true });
     writeFileSync(file, v1);
     const notices: string[] = [];
-    const r = await blockMapsFor(scanner, p, { blockSize: BS, onNotice: (_, m) => notices.push(m) });
+    const r = await blockMapsFor(scanner, p, { blockSize: BS, cache, onNotice: (_, m) => notices.push(m) });
     assert.equal(r.source, 'scanned');
     assert.match(notices.join(), new RegExp(ErrorCode.UNSUPPORTED_VERSION));
+    assert.deepEqual(r.files, [file]);
     assert.equal(readFileSync(file).readUInt32LE(8), 2, 'rewritten as version 2');
     assert.deepEqual([...BlockMap.load(file, p).dataRuns], [0, 1, 2, 1]);
-    assert.equal((await blockMapsFor(scanner, p, { blockSize: BS })).source, 'loaded');
+    assert.equal((await blockMapsFor(scanner, p, { blockSize: BS, cache })).source, 'loaded');
   });
 
   it('refuses runs and counts that break the invariants, and hostile sizes before allocating', async () => {

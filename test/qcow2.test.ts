@@ -5,7 +5,7 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { closeSync, copyFileSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { openSource, specFor, sourceIdentity, ErrorCode, type Extent } from '../src/index.js';
@@ -13,7 +13,7 @@ import { Qcow2ImageSource } from '../src/image/qcow2.js';
 import { Scanner, blockMapsFor } from '../src/scan/scanner.js';
 import { DestinationService } from '../src/roles/destination/service.js';
 import { migrate } from '../src/migrate/migrate.js';
-import { BlockMap, blockMapPath } from '../src/blockmap/blockmap.js';
+import { BlockMap } from '../src/blockmap/blockmap.js';
 import { rng } from './util.js';
 
 const bin = new URL('../../bin/blockferry.js', import.meta.url).pathname;
@@ -241,16 +241,17 @@ describe('qcow2 read natively, against qemu-img', () => {
       assert.deepEqual(q!.digests, r!.digests);
 
       const mapDir = p('maps');
-      mkdirSync(mapDir);
-      assert.equal((await blockMapsFor(scanner, top, { mapDir })).source, 'scanned');
+      const first = await blockMapsFor(scanner, top, { mapDir });
+      assert.equal(first.source, 'scanned');
+      assert.match(first.files[0]!, /\/qcow2-[^/]*\.bfmap$/);
       assert.equal((await blockMapsFor(scanner, top, { mapDir })).source, 'loaded', 'an unchanged chain reuses its map');
       const before = sourceIdentity(specFor(top));
       io(base, 'write -P 0x65 16M 64k'); // the base changes, the top file does not
       assert.notDeepEqual(sourceIdentity(specFor(top)), before);
-      const notices: string[] = [];
-      const again = await blockMapsFor(scanner, top, { mapDir, onNotice: (_, why) => notices.push(why) });
-      assert.equal(again.source, 'scanned', 'a change in the base makes the map stale');
-      assert.ok(notices.some((n) => /changed/.test(n)));
+      const again = await blockMapsFor(scanner, top, { mapDir });
+      assert.equal(again.source, 'scanned', 'a change in the base is a new key: the map is not reused');
+      assert.notEqual(again.files[0], first.files[0]);
+      assert.ok(!existsSync(first.files[0]!), 'the old version\'s entry is gone');
     } finally {
       await scanner.close();
     }
@@ -264,12 +265,11 @@ describe('qcow2 read natively, against qemu-img', () => {
     const raw = p('ctop.raw');
     run('qemu-img', ['convert', '-O', 'raw', top, raw]);
     const mapDir = p('cli-maps');
-    mkdirSync(mapDir);
     const out = JSON.parse(run(process.execPath, [bin, 'scan', top, raw, '--sha1', '--map-dir', mapDir, '--json'])) as Array<Record<string, unknown>>;
-    const strip = ({ image: _i, seconds: _s, mbPerSecond: _m, ...rest }: Record<string, unknown>) => rest;
+    const strip = ({ image: _i, seconds: _s, mbPerSecond: _m, mapFile: _f, ...rest }: Record<string, unknown>) => rest;
     assert.equal(out.length, 2);
     assert.deepEqual(strip(out[0]!), strip(out[1]!));
-    const [q, r] = [top, raw].map((f) => BlockMap.load(blockMapPath(f, 4096, mapDir), f));
+    const [q, r] = [top, raw].map((f, i) => BlockMap.load(out[i]!.mapFile as string, f));
     assert.deepEqual([...q!.dataRuns], [...r!.dataRuns]);
     assert.deepEqual(q!.fingerprints, r!.fingerprints);
     assert.deepEqual(q!.digests, r!.digests);

@@ -5,6 +5,15 @@ import { BlockIndexTable, makeRef } from '../table/table.js';
 import { InvalidArgumentError } from '../errors.js';
 import type { ImageIdentity } from '../image/source.js';
 
+/**
+ * The 64 bits of the header's modification time: nanoseconds since the
+ * epoch, two's complement for a file dated before 1970; a qcow2 chain's is
+ * an unsigned 64-bit hash of its layers (qcow2Identity). Compared as such.
+ */
+function mtimeField(mtimeNs: string): bigint {
+  return BigInt.asUintN(64, BigInt(mtimeNs));
+}
+
 /** File layout: docs/FORMATS.md, "Block map". */
 export const BLOCKMAP_MAGIC = Buffer.from('BFBLKMAP', 'latin1');
 export const BLOCKMAP_VERSION = 2;
@@ -172,7 +181,7 @@ export class BlockMap {
   /** True when this map describes the image as identity says it is now. */
   matches(identity: ImageIdentity): boolean {
     const a = this.identity;
-    return a.size === identity.size && a.mtimeNs === identity.mtimeNs && a.ino === identity.ino && a.dev === identity.dev;
+    return a.size === identity.size && mtimeField(a.mtimeNs) === mtimeField(identity.mtimeNs) && a.ino === identity.ino && a.dev === identity.dev;
   }
 
   /** Block numbers of the non-zero blocks, in order (column k is block nonZeroBlocks()[k]). */
@@ -214,8 +223,13 @@ export class BlockMap {
     return table;
   }
 
+  /** Bytes of the map's file (docs/FORMATS.md): header, runs, columns, checksum. */
+  get fileBytes(): number {
+    return HEADER + 16 * this.runCount + 16 * this.dataBlocks + (this.digests ? Math.ceil(this.digests.length / 8) * 8 : 0) + TRAILER_BYTES;
+  }
+
   /** Writes the map to file atomically: a temporary file, fsync, rename. Never leaves a half-written map. */
-  save(file: string): void {
+  save(file: string, mode?: number): void {
     const header = FORMAT.header();
     header.writeUInt32LE(this.digests ? FLAG_DIGESTS : 0, 12);
     header.writeUInt32LE(this.blockSize, 16);
@@ -223,14 +237,14 @@ export class BlockMap {
     header.writeBigUInt64LE(BigInt(this.count), 32);
     header.writeBigUInt64LE(BigInt(this.identity.ino), 40);
     header.writeBigUInt64LE(BigInt(this.identity.dev), 48);
-    header.writeBigUInt64LE(BigInt(this.identity.mtimeNs), 56);
+    header.writeBigUInt64LE(mtimeField(this.identity.mtimeNs), 56);
     header.writeBigUInt64LE(BigInt(this.runCount), 64);
     header.writeBigUInt64LE(BigInt(this.dataBlocks), 72);
     const runs = new BigUint64Array(this.dataRuns.length);
     for (let i = 0; i < runs.length; i++) runs[i] = BigInt(this.dataRuns[i]!);
     const parts: Uint8Array[] = [header, bytesOf(runs), bytesOf(this.fingerprints), bytesOf(this.signatures)];
     if (this.digests) parts.push(this.digests, pad8(this.digests.length));
-    FORMAT.write(file, parts);
+    FORMAT.write(file, parts, mode);
   }
 
   /** Reads a map written by save(); a damaged file throws a FormatError with a stable code. */
@@ -287,7 +301,11 @@ export class BlockMap {
   }
 }
 
-/** Where a block map for imagePath at blockSize lives by default: beside the image, or in dir. */
+/**
+ * The name a block map had beside its image (or flattened into dir) before
+ * maps became a cache (blockmap/cache.ts). Nothing in blockferry writes
+ * there any more; kept for programs that save maps themselves.
+ */
 export function blockMapPath(imagePath: string, blockSize: number, dir?: string): string {
   if (!dir) return `${imagePath}.${blockSize}.bfmap`;
   const flat = imagePath.replace(/^\/+/, '').replace(/[/\\]/g, '_');

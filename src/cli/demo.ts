@@ -68,7 +68,7 @@ export async function runDemo(o: { dir?: string; progress: ProgressMode }): Prom
     const [base, clone, sibling] = makeDemoImages(dir) as [string, string, string];
     const maps = [];
     for (const p of [base, clone, sibling]) {
-      const r = await blockMapsFor(scanner, p, { blockSize: 4096, rescan: true, noSave: !o.dir, onProgress: (u) => progress.update(u) });
+      const r = await blockMapsFor(scanner, p, { blockSize: 4096, rescan: true, cache: false, onProgress: (u) => progress.update(u) });
       maps.push(r.maps[0]!);
     }
     progress.stop();

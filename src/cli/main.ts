@@ -7,6 +7,7 @@ import Table from 'cli-table3';
 import { BlockferryError, ErrorCode } from '../errors.js';
 import { checkBlockSize } from '../engine/engine.js';
 import { Scanner, blockMapsFor, type MapOptions } from '../scan/scanner.js';
+import { MapCache } from '../blockmap/cache.js';
 import { similarityMatrix, type SimilarityMatrix } from '../similarity/similarity.js';
 import { Neighbourhood } from '../blockindex/neighbourhood.js';
 import { createProgress, human, type ProgressMode } from './progress.js';
@@ -88,18 +89,18 @@ interface CommonOptions {
   workers?: number;
   progress: ProgressMode;
   mapDir?: string;
+  cacheMax?: string;
   rescan?: boolean;
   save: boolean;
 }
 
 function common(cmd: Command): Command {
-  return cmd
+  return cacheFlags(cmd
     .option('--workers <n>', 'scan worker threads (default: one per core)', intArg('--workers', 1, 256))
     .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a terminal, JSON lines, or nothing').choices(['auto', 'json', 'none']).default('auto'))
-    .option('--map-dir <dir>', 'keep block maps in this directory instead of beside each image')
-    .option('--rescan', 'ignore saved block maps and scan again')
-    .option('--no-save', 'do not write block maps')
-    .addOption(formatOption());
+    .option('--rescan', 'ignore cached block maps and scan again')
+    .option('--no-save', 'do not write block maps to the cache')
+    .addOption(formatOption()));
 }
 
 /** --format: how a file is read (auto probes the qcow2 magic; raw never does: a guest's own qcow2 header is then just data). */
@@ -107,8 +108,9 @@ function formatOption(): Option {
   return new Option('--format <format>', 'image format: auto (qcow2 when the file starts with its magic, else raw), raw, qcow2').choices(['auto', 'raw', 'qcow2']).default('auto');
 }
 
-/** Block maps for every image (loaded when current, else scanned), with progress. */
+/** Block maps for every image (from the cache when current, else scanned), with progress. */
 async function mapsFor(images: string[], sizes: number[], o: CommonOptions & { sha1?: boolean }) {
+  const cache = mapCacheOf(o);
   const scanner = new Scanner(o.workers ? { workers: o.workers } : {});
   const progress = createProgress(o.progress);
   const notices: string[] = [];
@@ -120,15 +122,11 @@ async function mapsFor(images: string[], sizes: number[], o: CommonOptions & { s
         sha1: o.sha1 ?? false,
         rescan: o.rescan ?? false,
         noSave: !o.save,
+        cache,
         onProgress: (p) => progress.update(p),
         onNotice: (p, msg) => notices.push(`${p}: ${msg}`),
         format: o.format,
       };
-      if (o.mapDir) {
-        opts.mapDir = o.mapDir;
-        // Maps asked for in a directory must land there: a failure is an error, not a notice.
-        opts.onSaveError = (e) => { throw e; };
-      }
       results.push({ path, ...(await blockMapsFor(scanner, path, opts)) });
     }
     return results;
@@ -138,6 +136,47 @@ async function mapsFor(images: string[], sizes: number[], o: CommonOptions & { s
     for (const n of notices) process.stderr.write(`blockferry: notice: ${n}\n`);
   }
 }
+
+// ---- the block map cache (blockmap/cache.ts): --map-dir, --cache-max, `blockferry cache info|clear` ----
+
+function cacheFlags(cmd: Command): Command {
+  return cmd
+    .option('--map-dir <dir>', 'keep the block map cache in this directory (default: BLOCKFERRY_CACHE_DIR, else $XDG_CACHE_HOME/blockferry or ~/.cache/blockferry)')
+    .option('--cache-max <size>', 'size limit of the block map cache; least recently used maps go first (default: BLOCKFERRY_CACHE_MAX, else 1G)');
+}
+
+/** The cache --map-dir and --cache-max describe (one per command, so an unusable default directory is said once). */
+function mapCacheOf(o: { mapDir?: string; cacheMax?: string }): MapCache {
+  const max = o.cacheMax !== undefined ? { maxBytes: parseSize('--cache-max', o.cacheMax) } : {};
+  return usage(() => (o.mapDir !== undefined ? new MapCache({ dir: o.mapDir, ...max }) : o.cacheMax !== undefined ? new MapCache(max) : MapCache.default()));
+}
+
+function addCacheCommands(program: Command): void {
+  const cache = program.command('cache').description('the block map cache: where scans keep their maps (never beside the images)');
+  cacheFlags(cache.command('info').description('where the cache is, its entries, bytes and limit').option('--json', 'print JSON'))
+    .action((o: { mapDir?: string; cacheMax?: string; json?: boolean }) => {
+      const info = mapCacheOf(o).info();
+      if (o.json) return print(JSON.stringify(info, (_, v: unknown) => (v === undefined ? null : v), 2));
+      const t = new Table({ style: { head: [], border: [] } });
+      t.push(
+        { directory: info.dir ?? '(none: no home directory)' },
+        { entries: String(info.entries) },
+        { size: `${human(info.bytes)} of ${human(info.maxBytes)}` },
+        { 'least recently used': info.oldest ?? '—' },
+        { 'most recently used': info.newest ?? '—' },
+        ...(info.disabled ? [{ disabled: info.disabled }] : []),
+      );
+      print(t.toString());
+    });
+  cacheFlags(cache.command('clear').description('remove every cached block map'))
+    .action((o: { mapDir?: string; cacheMax?: string }) => {
+      const c = mapCacheOf(o);
+      const r = c.clear();
+      print(`${c.dir ?? '(no cache directory)'}: removed ${r.removed} block maps, ${human(r.bytes)}`);
+    });
+}
+
+// ---- end of the block map cache ----
 
 /** A library parser's InvalidArgumentError as a usage error (exit 2). */
 function usage<T>(f: () => T): T {
@@ -272,7 +311,7 @@ export function buildProgram(): Command {
   common(
     program
       .command('scan')
-      .description('scan images: zero, distinct and duplicate blocks; writes a block map per image')
+      .description('scan images: zero, distinct and duplicate blocks; keeps a block map per image in the block map cache')
       .argument('<image...>', 'raw image files, block devices, or NBD URIs (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH)')
       .option('--block-size <size>', 'block size, or a list (512,4k or 512-16k)', '4096')
       .option('--sha1', 'also record the SHA-1 digest of every non-zero block')
@@ -281,12 +320,13 @@ export function buildProgram(): Command {
     const sizes = parseBlockSizes(o.blockSize);
     const results = await mapsFor(images, sizes, o);
     const rows = results.flatMap((r) =>
-      r.maps.map((m) => {
+      r.maps.map((m, k) => {
         const s = m.stats();
         return {
           image: r.path, size: m.imageSize, blockSize: m.blockSize, blocks: s.blocks, zeroBlocks: s.zeroBlocks, dataRuns: m.runCount,
           distinctBlocks: s.distinctBlocks, duplicateBlocks: s.duplicateBlocks, seconds: +r.seconds.toFixed(3),
           mbPerSecond: r.seconds > 0 ? +(m.imageSize / r.seconds / 1e6).toFixed(1) : null, map: r.source, sha1: !!m.digests,
+          mapFile: r.files[k] ?? null, ...(r.notCached ? { notCached: r.notCached } : {}),
         };
       }),
     );
@@ -624,6 +664,7 @@ export function buildProgram(): Command {
       print(m);
     });
 
+  addCacheCommands(program);
   return program;
 }
 

@@ -1,13 +1,13 @@
 import type { Progress } from '../progress.js';
 import os from 'node:os';
-import { existsSync } from 'node:fs';
 import { Piscina } from 'piscina';
 import { DIGEST_BYTES, checkBlockSize, MAX_BLOCK_SIZE } from '../engine/engine.js';
 import { wasmModule } from '../engine/wasm.js';
 import { chooseBackend, type BackendChoice, type BackendName } from '../engine/backend.js';
 import { openSource, sourceIdentity, sourceSize, specFor, type Extent, type ImageFormat, type ImageIdentity, type SourceSpec } from '../image/source.js';
 import { IntervalSet } from '../blocks/intervals.js';
-import { BlockMap, blockMapPath } from '../blockmap/blockmap.js';
+import { BlockMap } from '../blockmap/blockmap.js';
+import { MapCache, cacheKeyOf, type CacheKey } from '../blockmap/cache.js';
 import { setMaxListeners } from 'node:events';
 import { BlockferryError, ErrorCode, ImageError, InvalidArgumentError, checkAborted } from '../errors.js';
 import { readResult, taskBytes, type ScanTask, type TaskPiece } from './layout.js';
@@ -254,68 +254,94 @@ function rehydrate(e: unknown): Error {
 }
 
 export interface MapOptions extends ScanOptions {
-  /** Where block maps live (default: beside each image). */
+  /**
+   * Keep block maps in this directory (a MapCache over it; the caller's
+   * directory, so a failure to write it is WRITE_FAILED). Default: the
+   * user's cache, $XDG_CACHE_HOME/blockferry or ~/.cache/blockferry
+   * (BLOCKFERRY_CACHE_DIR overrides). Nothing is ever written beside an image.
+   */
   mapDir?: string;
+  /** A cache to use (shared between calls), or false: neither load nor save maps. */
+  cache?: MapCache | false;
+  /** The cache's size limit in bytes, with mapDir or the default cache (default: BLOCKFERRY_CACHE_MAX, else 1 GiB). */
+  cacheMaxBytes?: number;
   /** Rescan even when a current block map exists. */
   rescan?: boolean;
-  /** Do not write block maps. */
+  /** Do not write block maps (cached ones are still used). */
   noSave?: boolean;
-  /** Told when a map on disk is stale or damaged (and rebuilt), or could not be saved. */
+  /** Told when a cached map is damaged (and rebuilt), or a map could not be cached, and why. */
   onNotice?: (path: string, reason: string) => void;
-  /** Called when a map cannot be saved (default: a notice; throw from it to fail the call instead). */
+  /** Called when a map cannot be saved in a named directory (default: throw it). */
   onSaveError?: (e: BlockferryError) => void;
 }
 
 export interface MapResult {
   maps: BlockMap[];
-  /** 'loaded' when every map came from disk, 'scanned' otherwise. */
+  /** 'loaded' when every map came from the cache, 'scanned' otherwise. */
   source: 'loaded' | 'scanned';
   seconds: number;
+  /** The cache files holding the maps (loaded from or saved to), in block size order; empty when they were not cached. */
+  files: string[];
+  /** Why the maps are not in the cache, when they are not: caching off, no identity, a block device, the cache unusable. */
+  notCached?: string;
+}
+
+/** The cache a call uses: its own, one over mapDir, the process's default, or none. */
+function cacheFor(options: MapOptions): MapCache | undefined {
+  if (options.cache === false) return undefined;
+  if (options.cache) return options.cache;
+  const max = options.cacheMaxBytes !== undefined ? { maxBytes: options.cacheMaxBytes } : {};
+  if (options.mapDir !== undefined) return new MapCache({ dir: options.mapDir, ...max });
+  return options.cacheMaxBytes !== undefined ? new MapCache(max) : MapCache.default();
 }
 
 /**
- * The block maps of an image: loaded from disk when they describe the image
- * as it is now, else scanned (and saved). A stale or damaged map is never
- * used: it is rebuilt.
+ * The block maps of an image: loaded from the block map cache
+ * (blockmap/cache.ts) when it holds maps of the image as it is now, else
+ * scanned (and cached). A damaged cached map is never used: it is rebuilt.
  */
 export async function blockMapsFor(scanner: Scanner, path: string, options: MapOptions = {}): Promise<MapResult> {
   const t0 = performance.now();
   const sizes = [options.blockSize ?? 4096].flat();
-  // A source without identity (an NBD export) is always scanned, its maps never saved.
-  const identity = sourceIdentity(specFor(path, options.format ? { format: options.format } : {}));
-  if (!options.rescan && identity) {
+  const spec = specFor(path, options.format ? { format: options.format } : {});
+  const cache = cacheFor(options);
+  // A source without identity (an NBD export) or a block device is always scanned, its maps never cached.
+  const identity = sourceIdentity(spec);
+  const keys = sizes.map((bs) => cacheKeyOf(spec, identity, bs));
+  const uncacheable = keys.find((k): k is string => typeof k === 'string');
+  const notice = (why: string) => options.onNotice?.(path, why);
+  if (cache && !uncacheable && !options.rescan) {
     const loaded: BlockMap[] = [];
-    for (const bs of sizes) {
-      const file = blockMapPath(path, bs, options.mapDir);
-      if (!existsSync(file)) break;
-      try {
-        const map = BlockMap.load(file, path);
-        if (!map.matches(identity) || map.blockSize !== bs || (options.sha1 && !map.digests)) {
-          options.onNotice?.(path, map.matches(identity) ? 'no SHA-1 digests in the saved map' : 'the image changed since the map was made');
-          break;
-        }
-        loaded.push(map);
-      } catch (e) {
-        if (!(e instanceof BlockferryError)) throw e;
-        options.onNotice?.(path, `${e.code}: ${e.message}`);
-        break;
-      }
+    for (const key of keys as CacheKey[]) {
+      const map = cache.load(key, path, notice);
+      if (!map || (options.sha1 && !map.digests)) break;
+      loaded.push(map);
     }
-    if (loaded.length === sizes.length) return { maps: loaded, source: 'loaded', seconds: (performance.now() - t0) / 1000 };
+    if (loaded.length === sizes.length) {
+      return { maps: loaded, source: 'loaded', seconds: (performance.now() - t0) / 1000, files: (keys as CacheKey[]).map((k) => cache.fileFor(k)!) };
+    }
   }
   const maps = await scanner.scan(path, options);
-  if (!options.noSave && !identity) options.onNotice?.(path, 'no mtime or inode to tell its versions apart (an NBD export): block map not saved');
-  if (!options.noSave && identity) {
+  const files: string[] = [];
+  let notCached: string | undefined;
+  if (!cache) notCached = 'caching is off';
+  else if (uncacheable) {
+    notCached = uncacheable;
+    if (!options.noSave) notice(uncacheable);
+  } else if (options.noSave) notCached = 'not saved (noSave)';
+  else {
+    const kind = (keys[0] as CacheKey).kind;
     for (const m of maps) {
+      let file: string | undefined;
       try {
-        m.save(blockMapPath(path, m.blockSize, options.mapDir));
+        file = cache.save(m, kind, notice);
       } catch (e) {
-        const err = e instanceof BlockferryError ? e : new BlockferryError(ErrorCode.WRITE_FAILED, `block map not saved: ${(e as Error).message}`, { cause: e });
-        if (options.onSaveError) options.onSaveError(err);
-        // A read-only image directory must not fail the scan itself.
-        else options.onNotice?.(path, `block map not saved: ${(e as Error).message}`);
+        if (!(e instanceof BlockferryError) || !options.onSaveError) throw e;
+        options.onSaveError(e);
       }
+      if (file) files.push(file);
     }
+    if (files.length < maps.length) notCached = cache.disabled ?? 'not cached';
   }
-  return { maps, source: 'scanned', seconds: (performance.now() - t0) / 1000 };
+  return { maps, source: 'scanned', seconds: (performance.now() - t0) / 1000, files, ...(notCached ? { notCached } : {}) };
 }
