@@ -41,6 +41,7 @@
 // (io/atomic.ts): concurrent scanners of one image each write a complete map
 // of the same version and the last rename wins; a reader sees one or the
 // other whole. A file removed under a reader (trimmed, cleared) is a miss.
+import { parseByteSize } from '../io/units.js';
 import { existsSync, lstatSync, mkdirSync, readdirSync, rmSync, statSync, utimesSync, type Stats } from 'node:fs';
 import { homedir } from 'node:os';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
@@ -123,14 +124,6 @@ export function defaultCacheDir(env: NodeJS.ProcessEnv = process.env): { dir: st
     }
   }
   return home && isAbsolute(home) ? { dir: join(home, '.cache', 'blockferry'), named: false } : undefined;
-}
-
-/** A size: bytes, or with K, M, G, T (powers of 1024; KiB, MB and the like too). Undefined when it is not one. */
-export function parseByteSize(v: string): number | undefined {
-  const m = /^(\d+(?:\.\d+)?)\s*([kmgt]i?b?)?$/i.exec(v.trim());
-  if (!m) return undefined;
-  const mult: Record<string, number> = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 };
-  return Math.round(Number(m[1]) * mult[(m[2] ?? '').toLowerCase()[0] ?? '']!);
 }
 
 function defaultMaxBytes(): number {

@@ -30,6 +30,7 @@ import { FileExport } from '../nbd/file-export.js';
 import { NBD_MAX_STRING } from '../nbd/protocol.js';
 import { TimelineRecorder, migrationReport, similarityPage, writePage } from '../report/index.js';
 import os from 'node:os';
+import { parseByteSize } from '../io/units.js';
 import { cliLogger, type LogFormat } from './logging.js';
 import { LOG_LEVELS, type LogLevel } from '../log.js';
 
@@ -190,11 +191,9 @@ function usage<T>(f: () => T): T {
 
 /** A size in bytes: 256M, 1G, 65536 (K, M, G, T are powers of 1024; KiB/MiB/GiB/TiB too). */
 export function parseSize(flag: string, v: string): number {
-  const m = /^(\d+(?:\.\d+)?)\s*([kmgt]i?b?)?$/i.exec(v.trim());
-  if (!m) throw new UsageError(`${flag} ${JSON.stringify(v)}: expected a size like 256M or 1G`);
-  const unit = (m[2] ?? '').toLowerCase()[0] ?? '';
-  const mult: Record<string, number> = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 };
-  return Math.round(Number(m[1]) * mult[unit]!);
+  const n = parseByteSize(v);
+  if (n === undefined) throw new UsageError(`${flag} ${JSON.stringify(v)}: expected a size like 256M or 1G`);
+  return n;
 }
 
 /**
