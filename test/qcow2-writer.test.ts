@@ -15,6 +15,9 @@ import { Qcow2ImageSink } from '../src/image/qcow2-writer.js';
 import { Qcow2ImageSource } from '../src/image/qcow2.js';
 import { openSource, specFor } from '../src/image/source.js';
 import { seededBytes, rng } from './util.js';
+import { DestinationService } from '../src/roles/destination/service.js';
+import { migrate } from '../src/migrate/migrate.js';
+import { listPartials } from '../src/roles/destination/partials.js';
 
 let dir: string;
 before(() => { dir = mkdtempSync(join(tmpdir(), 'bfE-qcow2w-')); });
@@ -382,5 +385,88 @@ describe('qcow2 writer: a full disk', () => {
     } finally {
       spawnSync('umount', [mnt]);
     }
+  });
+});
+
+describe('a destination that writes qcow2 (serve --image-format qcow2)', () => {
+  const key = Buffer.from('blockferry-test-key-0123456789ab');
+  const haveMkfs = spawnSync('mkfs.ext4', ['-V']).status === 0;
+  /** An ext4 image of a file tree (mkfs.ext4 -d), 32 MiB. */
+  function mkfs(name: string, files: Record<string, Uint8Array>): string {
+    const root = p(`${name}.d`);
+    mkdirSync(root);
+    for (const [f, data] of Object.entries(files)) writeFileSync(join(root, f), data);
+    const img = p(`${name}.img`);
+    execFileSync('mkfs.ext4', ['-q', '-F', '-b', '4096', '-d', root, '-E', 'lazy_itable_init=0,nodiscard', img, '32M'], { stdio: 'pipe' });
+    return img;
+  }
+
+  it('migrates into NAME.qcow2: qemu-img compares it equal to the source and checks it clean; it becomes a neighbour read as qcow2', { skip: haveMkfs ? false : 'mkfs.ext4 is not installed' }, async () => {
+    const shared = { 'lib.so': seededBytes(10, 3_000_000), 'doc.txt': Buffer.from('hello qcow2\n'.repeat(5000)) };
+    const a = mkfs('vm-a', { ...shared, 'a.dat': seededBytes(11, 2_000_000) });
+    const b = mkfs('vm-b', { ...shared, 'b.dat': seededBytes(12, 1_000_000) });
+    const svc = await DestinationService.start({ dataDir: p('dst-q'), auth: { key }, imageFormat: 'qcow2' });
+    try {
+      const to = `127.0.0.1:${svc.address.port}`;
+      const r = await migrate(a, { to, name: 'a', strategy: 'similarity', auth: { key } });
+      assert.equal(r.verified, true);
+      const out = join(p('dst-q'), 'a.qcow2');
+      assert.ok(existsSync(out) && !existsSync(join(p('dst-q'), 'a.img')));
+      assert.equal(JSON.parse(qemu(['info', '--output=json', out])).format, 'qcow2');
+      assertClean(out);
+      assertSame(out, a);
+      // Zero blocks of the source took no data clusters: the file holds about what the source's data is.
+      assert.ok(statSync(out).size < statSync(a).size, `${statSync(out).size} bytes for a ${statSync(a).size}-byte source`);
+      // Indexed as a neighbour, through the qcow2 reader: the second image's shared files come from it.
+      const indexed = () => svc.neighbourhood.images.find((i) => i.path === out);
+      for (let i = 0; i < 200 && !indexed(); i++) await new Promise((res) => setTimeout(res, 50)); // indexing follows DONE
+      const im = indexed();
+      assert.equal(im?.format, 'qcow2');
+      const r2 = await migrate(b, { to, name: 'b', strategy: 'similarity', auth: { key } });
+      assert.ok(r2.blocks.filledFromNeighbours > 700, `filled from the qcow2 neighbour: ${r2.blocks.filledFromNeighbours} blocks`);
+      assertClean(join(p('dst-q'), 'b.qcow2'));
+      assertSame(join(p('dst-q'), 'b.qcow2'), b);
+      // The name is taken, whatever the format: no overwrite unless asked.
+      await assert.rejects(migrate(a, { to, name: 'b', auth: { key } }), (e: Error & { code?: string }) => /exists/.test(e.message));
+    } finally {
+      await svc.close();
+    }
+  });
+
+  it('resumes a dropped migration from the partial qcow2 image, which qemu-img checks clean meanwhile', async () => {
+    const src = p('resume-src.img');
+    const data = Buffer.from(seededBytes(77, 8 * MiB));
+    data.fill(0, 2 * MiB, 3 * MiB);
+    writeFileSync(src, data);
+    const svc = await DestinationService.start({ dataDir: p('dst-r'), auth: { key }, imageFormat: 'qcow2' });
+    try {
+      const to = `127.0.0.1:${svc.address.port}`;
+      let dropped = false;
+      const first = migrate(src, { to, name: 'r', strategy: 'full', auth: { key }, bwlimit: 2 << 20, onEvent: (e) => {
+        if (e.phase === 'transfer' && !dropped) {
+          dropped = true;
+          setTimeout(() => { for (const s of svc.sockets) s.destroy(); }, 1500);
+        }
+      } });
+      await assert.rejects(first);
+      const partial = join(p('dst-r'), 'r.qcow2.partial');
+      assert.ok(existsSync(partial) && existsSync(join(p('dst-r'), 'r.qcow2.journal')));
+      assert.ok(!existsSync(join(p('dst-r'), 'r.qcow2')));
+      assert.deepEqual(listPartials(p('dst-r')).map((x) => x.name), ['r']);
+      // Wait for the session to close the sink (its last checkpoint), then qemu's verdict on the partial image.
+      for (let i = 0; i < 100 && check(partial).status !== 0; i++) await new Promise((res) => setTimeout(res, 50));
+      assertClean(partial);
+      const r = await migrate(src, { to, name: 'r', strategy: 'full', auth: { key } });
+      assert.ok(r.blocks.resumed > 0, `resumed ${r.blocks.resumed}`);
+      assertClean(join(p('dst-r'), 'r.qcow2'));
+      assertSame(join(p('dst-r'), 'r.qcow2'), src);
+    } finally {
+      await svc.close();
+    }
+  });
+
+  it('refuses qcow2 output with NBD serving (post-copy serves raw files): ERR_BF_UNSUPPORTED_FEATURE', async () => {
+    await assert.rejects(DestinationService.start({ dataDir: p('dst-n'), auth: { key }, imageFormat: 'qcow2', nbd: { path: p('nbd.sock') } }), { code: ErrorCode.UNSUPPORTED_FEATURE });
+    await assert.rejects(DestinationService.start({ dataDir: p('dst-n'), auth: { key }, imageFormat: 'vmdk' as 'raw' }), { code: ErrorCode.INVALID_ARGUMENT });
   });
 });

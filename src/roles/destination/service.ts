@@ -14,7 +14,9 @@ import { BEGIN, BEGIN_OVERWRITE, type Begin } from '../../protocol/messages.js';
 import { listen, parseTarget, type Listener } from '../../transport/tcp.js';
 import { Neighbourhood } from '../../blockindex/neighbourhood.js';
 import { Scanner } from '../../scan/scanner.js';
-import { FileImageSink, type ImageSink } from '../../image/sink.js';
+import { specFor } from '../../image/source.js';
+import type { ImageSink } from '../../image/sink.js';
+import { IMAGE_EXTENSION, OUTPUT_FORMATS, imageFiles, openSink, type ImageFiles, type OutputFormat } from './image-files.js';
 import { FILL_SOURCES, type FillSource } from '../fills.js';
 import { Gate } from '../gate.js';
 import type { RepositoryLink } from '../repository/fills.js';
@@ -77,6 +79,13 @@ export interface DestinationOptions {
    * or certificates) unless auth/tls are given here.
    */
   repository?: { to: string; auth?: AuthOptions; tls?: TlsOptions; timeout?: number };
+  /**
+   * What received images are written as: 'raw' (NAME.img, the default) or
+   * 'qcow2' (NAME.qcow2: a standalone qcow2 v3 image, src/image/qcow2-writer.ts).
+   * qcow2 output is not served over NBD (`nbd` is refused with it), so
+   * post-copy (SWITCH) is not offered.
+   */
+  imageFormat?: OutputFormat;
 }
 
 /** An image the destination took over (post-copy): served while it arrives, and after. */
@@ -145,6 +154,11 @@ export class DestinationService implements Role {
       const v = options[k];
       if (v !== undefined && !(Number.isSafeInteger(v) && v >= 1)) throw new InvalidArgumentError(k, 'a positive integer', v);
     }
+    const fmt = options.imageFormat ?? 'raw';
+    if (!OUTPUT_FORMATS.includes(fmt)) throw new InvalidArgumentError('imageFormat', OUTPUT_FORMATS.join(' or '), fmt);
+    if (fmt === 'qcow2' && options.nbd) {
+      throw new BlockferryError(ErrorCode.UNSUPPORTED_FEATURE, 'serving images over NBD (and post-copy, which serves an image while it arrives) needs raw output: the NBD exports read and write raw files; use --image-format raw with --nbd');
+    }
     // A repository address that cannot work is the caller's mistake, said now (not logged at the first migration).
     if (options.repository) parseTarget(options.repository.to);
     const bs = options.blockSize ?? 4096;
@@ -155,7 +169,7 @@ export class DestinationService implements Role {
     for (const p of options.neighbours ?? []) {
       if (n.images.some((i) => i.path === resolve(p))) continue;
       const [map] = await scanner.scan(p, { blockSize: bs });
-      n.add(map!);
+      n.add(map!, specFor(p).kind === 'qcow2' ? 'qcow2' : 'raw');
     }
     n.save(indexFile);
     const svc = new DestinationService(options, n, scanner, tls);
@@ -243,14 +257,17 @@ export class DestinationService implements Role {
     this.log(`migration into ${escapeForLog(begin.name)} from ${ch.socket.remoteAddress}: ${begin.size} bytes, strategy ${escapeForLog(begin.strategy)}`);
     this.check(begin);
     await this.claim(begin.name);
-    const final = join(this.options.dataDir, `${begin.name}.img`);
-    if (existsSync(final) && !(begin.flags & BEGIN_OVERWRITE)) throw new BlockferryError(ErrorCode.IMAGE_EXISTS, `${begin.name} exists at the destination (migrate with --overwrite to replace it)`);
+    const files = imageFiles(this.options.dataDir, begin.name, this.options.imageFormat ?? 'raw');
+    const final = files.final;
+    // A name is one image, whatever format it was written in.
+    const others = OUTPUT_FORMATS.filter((f) => f !== files.format).map((f) => imageFiles(this.options.dataDir, begin.name, f).final);
+    if ([final, ...others].some((f) => existsSync(f)) && !(begin.flags & BEGIN_OVERWRITE)) throw new BlockferryError(ErrorCode.IMAGE_EXISTS, `${begin.name} exists at the destination (migrate with --overwrite to replace it)`);
     let release!: () => void;
     this.active.set(begin.name, { ch, done: new Promise<void>((r) => { release = r; }) });
     let stats: SessionStats;
     try {
       ch.setCodec(undefined, decompressorFor(caps));
-      stats = await new Session(ch, await this.open(begin, final)).run();
+      stats = await new Session(ch, await this.open(begin, files)).run();
     } catch (e) {
       const missing = this.taken.get(begin.name)?.image;
       if (missing && !missing.isComplete) this.log(`${begin.name}: the source went away during post-copy with ${missing.stale.size} blocks missing; reads of them fail until the migration is resumed`);
@@ -260,6 +277,7 @@ export class DestinationService implements Role {
       release();
     }
     this.completed.push(stats);
+    for (const f of others) if (existsSync(f)) rmSync(f, { force: true }); // replaced (--overwrite) by the image in the other format
     this.log(`migration into ${begin.name} complete: ${JSON.stringify(stats)}`);
     if (!this.taken.has(begin.name)) await this.serveComplete(begin.name).catch((e: Error) => this.log(`cannot serve ${begin.name} over NBD: ${e.message}`));
     // After DONE and outside the busy window: indexing is not part of the
@@ -301,9 +319,8 @@ export class DestinationService implements Role {
   }
 
   /** The partial image and journal: an earlier attempt's when they match, else fresh. */
-  private async open(b: Begin, final: string): Promise<ConstructorParameters<typeof Session>[1]> {
-    const partial = `${final}.partial`;
-    const journalFile = `${final}.journal`;
+  private async open(b: Begin, files: ImageFiles): Promise<ConstructorParameters<typeof Session>[1]> {
+    const { final, partial, journal: journalFile } = files;
     const taken = this.taken.get(b.name);
     if (taken && !taken.image.isComplete) {
       // A post-copy whose source went away: the image is still served here, and this attempt resumes it.
@@ -335,7 +352,7 @@ export class DestinationService implements Role {
     let sink: ImageSink | undefined;
     if (journal) {
       try {
-        sink = await FileImageSink.reopen(partial, final, b.size);
+        sink = await openSink(files, b.size, true);
       } catch (e) {
         if (e instanceof BlockferryError && (e.code === ErrorCode.WRITE_FAILED || e.code === ErrorCode.UNSAFE_PATH)) throw e; // a planted link: refuse, loudly
         journal = undefined;
@@ -344,7 +361,7 @@ export class DestinationService implements Role {
     const resumed = !!journal;
     if (!journal) {
       journal = Journal.fresh(b.size, b.blockSize);
-      sink = await FileImageSink.create(partial, final, b.size);
+      sink = await openSink(files, b.size, false);
       journal.save(journalFile);
     }
     const fills: FillSource[] = [];
@@ -360,7 +377,8 @@ export class DestinationService implements Role {
       this.log(`${b.name}: taken over (post-copy); served while it arrives`);
       return image;
     };
-    return { name: b.name, size: b.size, blockSize: b.blockSize, sink: sink!, journal, journalFile, resumed, fills, freeBytes: () => this.freeBytes(), takeOver };
+    // Post-copy serves the image over NBD as a raw file: offered with raw output only.
+    return { name: b.name, size: b.size, blockSize: b.blockSize, sink: sink!, journal, journalFile, resumed, fills, freeBytes: () => this.freeBytes(), ...(files.format === 'raw' ? { takeOver } : {}) };
   }
 
   /** What the service serves under a name over NBD: an image taken over (arriving or complete), else a complete image of the data directory. */
@@ -409,10 +427,12 @@ export class DestinationService implements Role {
 
   /** Adds a completed image to the neighbourhood (once; re-scanned when replaced) and saves the index. */
   async indexImage(path: string): Promise<void> {
-    // What a source sent is raw bytes: a qcow2 header a guest wrote at its start must not be followed (its backing file could name any host file).
-    const [map] = await this.scanner.scan(path, { blockSize: this.neighbourhood.blockSize, format: 'raw' });
+    // What a source sent is raw bytes: a qcow2 header a guest wrote at the start of a raw image must not be
+    // followed (its backing file could name any host file). A NAME.qcow2 is this service's own qcow2 (no backing file).
+    const format = path.endsWith(IMAGE_EXTENSION.qcow2) ? 'qcow2' : 'raw';
+    const [map] = await this.scanner.scan(path, { blockSize: this.neighbourhood.blockSize, format });
     const existing = this.neighbourhood.images.find((i) => i.path === resolve(path));
-    if (!existing) this.neighbourhood.add(map!);
+    if (!existing) this.neighbourhood.add(map!, format);
     this.neighbourhood.save(join(this.options.dataDir, INDEX_FILE));
   }
 }
