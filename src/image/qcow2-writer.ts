@@ -349,6 +349,27 @@ export class Qcow2ImageSink implements ImageSink {
     }
   }
 
+  /**
+   * A complete standalone image this writer made, opened in place for
+   * reading and writing (serving it over NBD): resume() with the file as its
+   * own partial, its virtual size and cluster size read from its header.
+   * commit() is then a flush.
+   */
+  static async open(path: string): Promise<Qcow2ImageSink> {
+    const fh = await openChecked(path, constants.O_RDONLY | constants.O_NOFOLLOW);
+    const head = Buffer.alloc(32);
+    try {
+      await readExact(fh, head, 0, path);
+    } finally {
+      await fh.close();
+    }
+    if (head.readUInt32BE(0) !== QCOW2_MAGIC) throw new ImageError(ErrorCode.BAD_MAGIC, path, 'not a qcow2 file');
+    const bits = head.readUInt32BE(20);
+    if (bits < 12 || bits > 21) throw new ImageError(ErrorCode.CORRUPT, path, `cluster_bits ${bits}`);
+    const size = head.readUInt32BE(24) * 2 ** 32 + head.readUInt32BE(28);
+    return Qcow2ImageSink.resume(path, { size, clusterSize: 2 ** bits, partial: path });
+  }
+
   // --- Serialisation and writes in flight ------------------------------------
 
   /** Runs f alone: metadata changes never interleave. */
@@ -781,7 +802,7 @@ export class Qcow2ImageSink implements ImageSink {
   async commit(): Promise<void> {
     await this.flush();
     await this.close();
-    await rename(this.partial, this.final);
+    if (this.partial !== this.final) await rename(this.partial, this.final);
   }
 
   /**

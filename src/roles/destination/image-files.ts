@@ -6,6 +6,9 @@
 import { join } from 'node:path';
 import { FileImageSink, type ImageSink } from '../../image/sink.js';
 import { Qcow2ImageSink } from '../../image/qcow2-writer.js';
+import { FileExport } from '../../nbd/file-export.js';
+import { SinkExport } from '../../nbd/sink-export.js';
+import type { NbdExport } from '../../nbd/protocol.js';
 
 /** The formats a destination writes (`serve --image-format`). */
 export type OutputFormat = 'raw' | 'qcow2';
@@ -37,4 +40,10 @@ export async function openSink(files: ImageFiles, size: number, resume: boolean)
     return resume ? Qcow2ImageSink.resume(files.final, o) : Qcow2ImageSink.create(files.final, o);
   }
   return resume ? FileImageSink.reopen(files.partial, files.final, size) : FileImageSink.create(files.partial, files.final, size);
+}
+
+/** A complete image served over NBD, read-write: a raw file as it is, a qcow2 image through the writer opened in place. */
+export async function openExport(files: ImageFiles, name: string, description: string): Promise<NbdExport & { close(): Promise<void> }> {
+  if (files.format === 'qcow2') return new SinkExport(name, await Qcow2ImageSink.open(files.final), description);
+  return FileExport.open(files.final, { name, description });
 }

@@ -16,7 +16,7 @@ import { Neighbourhood } from '../../blockindex/neighbourhood.js';
 import { Scanner } from '../../scan/scanner.js';
 import { specFor } from '../../image/source.js';
 import type { ImageSink } from '../../image/sink.js';
-import { IMAGE_EXTENSION, OUTPUT_FORMATS, imageFiles, openSink, type ImageFiles, type OutputFormat } from './image-files.js';
+import { IMAGE_EXTENSION, OUTPUT_FORMATS, imageFiles, openExport, openSink, type ImageFiles, type OutputFormat } from './image-files.js';
 import { FILL_SOURCES, type FillSource } from '../fills.js';
 import { Gate } from '../gate.js';
 import type { RepositoryLink } from '../repository/fills.js';
@@ -25,7 +25,6 @@ import { Journal } from './journal.js';
 import { Session, type SessionStats } from './session.js';
 import { ArrivingImage } from './arriving.js';
 import type { NbdExport } from '../../nbd/protocol.js';
-import { FileExport } from '../../nbd/file-export.js';
 import { NbdServer, type NbdAddress } from '../../nbd/server.js';
 import { readdirSync } from 'node:fs';
 import { decompressorFor } from '../../protocol/compression.js';
@@ -82,8 +81,8 @@ export interface DestinationOptions {
   /**
    * What received images are written as: 'raw' (NAME.img, the default) or
    * 'qcow2' (NAME.qcow2: a standalone qcow2 v3 image, src/image/qcow2-writer.ts).
-   * qcow2 output is not served over NBD (`nbd` is refused with it), so
-   * post-copy (SWITCH) is not offered.
+   * With `nbd`, qcow2 images are served through the writer (SinkExport),
+   * while they arrive (post-copy) and once complete.
    */
   imageFormat?: OutputFormat;
 }
@@ -114,7 +113,7 @@ export class DestinationService implements Role {
   /** Images taken over by a post-copy, by name: served over NBD while they arrive and after. */
   private readonly taken = new Map<string, Taken>();
   /** Complete images served over NBD (with options.nbd), by name. */
-  private readonly served = new Map<string, FileExport>();
+  private readonly served = new Map<string, NbdExport & { close(): Promise<void> }>();
   private nbd: NbdServer | undefined;
   private pruneTimer: NodeJS.Timeout | undefined;
   private free: { at: number; bytes: number } | undefined;
@@ -156,9 +155,6 @@ export class DestinationService implements Role {
     }
     const fmt = options.imageFormat ?? 'raw';
     if (!OUTPUT_FORMATS.includes(fmt)) throw new InvalidArgumentError('imageFormat', OUTPUT_FORMATS.join(' or '), fmt);
-    if (fmt === 'qcow2' && options.nbd) {
-      throw new BlockferryError(ErrorCode.UNSUPPORTED_FEATURE, 'serving images over NBD (and post-copy, which serves an image while it arrives) needs raw output: the NBD exports read and write raw files; use --image-format raw with --nbd');
-    }
     // A repository address that cannot work is the caller's mistake, said now (not logged at the first migration).
     if (options.repository) parseTarget(options.repository.to);
     const bs = options.blockSize ?? 4096;
@@ -320,7 +316,7 @@ export class DestinationService implements Role {
 
   /** The partial image and journal: an earlier attempt's when they match, else fresh. */
   private async open(b: Begin, files: ImageFiles): Promise<ConstructorParameters<typeof Session>[1]> {
-    const { final, partial, journal: journalFile } = files;
+    const { partial, journal: journalFile } = files;
     const taken = this.taken.get(b.name);
     if (taken && !taken.image.isComplete) {
       // A post-copy whose source went away: the image is still served here, and this attempt resumes it.
@@ -372,13 +368,12 @@ export class DestinationService implements Role {
     }
     const j = journal;
     const takeOver = (s: ImageSink) => {
-      const image = new ArrivingImage(b.name, b.size, b.blockSize, s, () => this.openComplete(b.name, final));
+      const image = new ArrivingImage(b.name, b.size, b.blockSize, s, () => openExport(files, b.name, `blockferry: ${b.name}`));
       this.taken.set(b.name, { image, journal: j, journalFile });
       this.log(`${b.name}: taken over (post-copy); served while it arrives`);
       return image;
     };
-    // Post-copy serves the image over NBD as a raw file: offered with raw output only.
-    return { name: b.name, size: b.size, blockSize: b.blockSize, sink: sink!, journal, journalFile, resumed, fills, freeBytes: () => this.freeBytes(), ...(files.format === 'raw' ? { takeOver } : {}) };
+    return { name: b.name, size: b.size, blockSize: b.blockSize, sink: sink!, journal, journalFile, resumed, fills, freeBytes: () => this.freeBytes(), takeOver };
   }
 
   /** What the service serves under a name over NBD: an image taken over (arriving or complete), else a complete image of the data directory. */
@@ -394,8 +389,10 @@ export class DestinationService implements Role {
   /** Serves every complete image of the data directory over NBD, and each one completed later. */
   private async startNbd(at: NbdAddress): Promise<void> {
     for (const f of readdirSync(this.options.dataDir)) {
-      const name = f.endsWith('.img') ? f.slice(0, -4) : '';
-      if (name && NAME_RE.test(name)) await this.serveComplete(name);
+      for (const format of OUTPUT_FORMATS) {
+        const name = f.endsWith(IMAGE_EXTENSION[format]) ? f.slice(0, -IMAGE_EXTENSION[format].length) : '';
+        if (name && NAME_RE.test(name)) await this.serveComplete(name, format);
+      }
     }
     this.nbd = await NbdServer.listen({
       listen: at,
@@ -407,9 +404,9 @@ export class DestinationService implements Role {
   }
 
   /** (Re)opens a complete image for NBD clients; those of a replaced version keep the old one until they disconnect. */
-  private async serveComplete(name: string): Promise<void> {
+  private async serveComplete(name: string, format: OutputFormat = this.options.imageFormat ?? 'raw'): Promise<void> {
     if (!this.options.nbd && !this.nbd) return;
-    const exp = await FileExport.open(join(this.options.dataDir, `${name}.img`), { name, description: `blockferry: ${name}` });
+    const exp = await openExport(imageFiles(this.options.dataDir, name, format), name, `blockferry: ${name}`);
     const old = this.served.get(name);
     this.served.set(name, exp);
     if (old) old.close().catch(() => {});
@@ -420,10 +417,6 @@ export class DestinationService implements Role {
     return this.taken.get(name)?.image.missing();
   }
 
-  /** The committed image, served from its final name (the NBD clients of the taken-over image go on there). */
-  private async openComplete(name: string, final: string): Promise<NbdExport> {
-    return FileExport.open(final, { name, description: `blockferry: ${name}` });
-  }
 
   /** Adds a completed image to the neighbourhood (once; re-scanned when replaced) and saves the index. */
   async indexImage(path: string): Promise<void> {
