@@ -374,7 +374,7 @@ export function buildProgram(): Command {
     .option('--partial-ttl <duration>', 'remove partial images untouched for this long (0: never)', '7d')
     .addOption(new Option('--nbd <addr>', 'also serve the images over NBD on TCP HOST:PORT (complete ones, and post-copy ones while they arrive)').conflicts('nbdSocket'))
     .option('--nbd-socket <path>', 'the same on a Unix socket')
-    .addOption(new Option('--image-format <format>', 'destination: write received images as raw (NAME.img) or as standalone qcow2 v3 (NAME.qcow2; not with --nbd)').choices(['raw', 'qcow2']).default('raw')), false)
+    .addOption(new Option('--image-format <format>', 'destination: write received images as raw (NAME.img) or as standalone qcow2 v3 (NAME.qcow2)').choices(['raw', 'qcow2']).default('raw')), false)
     .action(async (o: { role: 'destination' | 'repository'; imageFormat: 'raw' | 'qcow2'; image: string[]; repository?: string; nbd?: string; nbdSocket?: string; listen: string; dataDir: string; neighbour: string[]; blockSize: string; keyFile?: string; insecure?: boolean; compress: 'auto' | 'none'; maxImageSize?: string; reserve: string; idleTimeout: string; partialTtl: string; cert?: string; key?: string; ca?: string; handshakeTimeout: number }) => {
       const m = /^\[?([^\]]*?)\]?:(\d{1,5})$/.exec(o.listen);
       if (!m || Number(m[2]) > 65535) throw new UsageError(`--listen ${o.listen}: expected HOST:PORT`);
