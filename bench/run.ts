@@ -1,4 +1,4 @@
-// npm run bench [-- --only hash,zero,bitmap,native,scan,cache,transfer,scale,codec,index,live,postcopy] [-- --json [FILE]]
+// npm run bench [-- --only hash,zero,qcow2,bitmap,native,scan,cache,transfer,scale,codec,index,live,postcopy] [-- --json [FILE]]
 // Every group checks its results against the reference before timing, runs
 // the peers in this one process, and prints ratios against the goals.
 import { writeFileSync } from 'node:fs';
@@ -16,6 +16,7 @@ import { benchCodec } from './codec.js';
 import { benchScale } from './scale.js';
 import { benchLive } from './live.js';
 import { benchPostcopy } from './postcopy.js';
+import { benchQcow2 } from './qcow2.js';
 
 // `--json` alone writes bench-results.json; `--json FILE` or `--json=FILE` names the file.
 const argv = process.argv.slice(2);
@@ -31,6 +32,7 @@ const groups: GroupResult[] = [];
 const extra: Record<string, unknown> = {};
 if (want('hash')) groups.push(...(await benchHash()));
 if (want('zero')) groups.push(...(await benchZero()));
+if (want('qcow2')) groups.push(...(await benchQcow2()));
 if (want('bitmap')) groups.push(...(await benchBitmap()));
 if (want('native')) groups.push(...(await benchNative()));
 if (want('scan')) groups.push(...(await benchScan()));

@@ -50,6 +50,7 @@ export { STRATEGIES } from './migrate/strategies.js';
 export type { Strategy as MigrationStrategy, MigrationContext, StrategyOutcome, MigrationEvent, MigrationProgress, LiveOptions, LiveReport, DeltaReport } from './migrate/strategy.js';
 export { DEFAULT_MAX_DOWNTIME_MS, DEFAULT_STALL_TIMEOUT_MS, type StallPolicy, type SendOrder, type CutoverReason, type ThrottleInfo, type StallReport, type ThrottleReport } from './migrate/live.js';
 export { FileImageSink, type ImageSink } from './image/sink.js';
+export { Qcow2ImageSink, type Qcow2SinkOptions } from './image/qcow2-writer.js';
 export { PROTOCOL_VERSION } from './protocol/messages.js';
 export type { CompressMode } from './protocol/compression.js';
 export { TrackedImage } from './image/tracked.js';

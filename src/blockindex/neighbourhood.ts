@@ -24,6 +24,8 @@ export interface NeighbourImage {
   blocks: number;
   /** Non-zero blocks this image added to the index (contents not already held). */
   added: number;
+  /** How its blocks are read: through the qcow2 reader, or (absent) as a raw file. */
+  format?: 'qcow2';
 }
 
 export interface BlockLocation {
@@ -52,8 +54,8 @@ export class Neighbourhood {
     return this.list;
   }
 
-  /** Adds the non-zero blocks of a map; returns the image's entry. An image already listed (same path) is refused. */
-  add(map: BlockMap): NeighbourImage {
+  /** Adds the non-zero blocks of a map (of an image read as `format`); returns the image's entry. An image already listed (same path) is refused. */
+  add(map: BlockMap, format: 'raw' | 'qcow2' = 'raw'): NeighbourImage {
     if (map.blockSize !== this.blockSize) throw new InvalidArgumentError('map', `a block map at ${this.blockSize}-byte blocks`, map.blockSize);
     const path = resolve(map.imagePath);
     if (this.list.some((i) => i.path === path)) throw new InvalidArgumentError('image', 'an image not yet in the index', path);
@@ -74,7 +76,7 @@ export class Neighbourhood {
       }
     }
     if (m) this.table.insertMany(batch.subarray(0, 3 * m));
-    const entry: NeighbourImage = { id, path, identity: map.identity, blocks: map.count, added: this.table.size - before };
+    const entry: NeighbourImage = { id, path, identity: map.identity, blocks: map.count, added: this.table.size - before, ...(format === 'qcow2' ? { format } : {}) };
     this.list.push(entry);
     return entry;
   }

@@ -403,7 +403,7 @@ export function buildProgram(): Command {
     .description('run a service: the destination (receives migrations into a data directory), or a base-image repository destinations fill from')
     .addOption(new Option('--role <role>', 'which service').choices(['destination', 'repository']).default('destination'))
     .requiredOption('--listen <addr>', 'HOST:PORT to listen on (port 0: any free port)')
-    .requiredOption('--data-dir <dir>', 'where migrated images (NAME.img) and the neighbourhood index live')
+    .requiredOption('--data-dir <dir>', 'where migrated images (NAME.img, or NAME.qcow2 with --image-format qcow2) and the neighbourhood index live')
     .option('--neighbour <image>', 'an image whose blocks migrations may reuse (repeatable)', (v: string, acc: string[]) => acc.concat(v), [] as string[])
     .option('--image <image>', 'repository: an image (a base) whose blocks destinations may fetch (repeatable)', (v: string, acc: string[]) => acc.concat(v), [] as string[])
     .option('--repository <addr>', 'destination: HOST:PORT of a base-image repository to fill from (after the neighbours), with this service\'s key or certificates')
@@ -420,8 +420,9 @@ export function buildProgram(): Command {
     .option('--nbd-socket <path>', 'the same on a Unix socket')
     .addOption(new Option('--log-format <format>', 'the log on stderr: a line of text per entry, or JSON lines (pino\'s shape)').choices(['text', 'json']).default('text'))
     .addOption(new Option('--log-level <level>', 'least severe entries logged').choices([...LOG_LEVELS]).default('info'))
-    .addOption(new Option('--progress <mode>', 'progress of the migrations received, on stderr: a bar on a terminal, JSON lines, or nothing').choices(['auto', 'json', 'none']).default('auto')), false)
-    .action(async (o: { progress: ProgressMode; logFormat: LogFormat; logLevel: LogLevel; role: 'destination' | 'repository'; image: string[]; repository?: string; nbd?: string; nbdSocket?: string; listen: string; dataDir: string; neighbour: string[]; blockSize: string; keyFile?: string; insecure?: boolean; compress: 'auto' | 'none'; maxImageSize?: string; reserve: string; idleTimeout: string; partialTtl: string; cert?: string; key?: string; ca?: string; handshakeTimeout: number }) => {
+    .addOption(new Option('--progress <mode>', 'progress of the migrations received, on stderr: a bar on a terminal, JSON lines, or nothing').choices(['auto', 'json', 'none']).default('auto'))
+    .addOption(new Option('--image-format <format>', 'destination: write received images as raw (NAME.img) or as standalone qcow2 v3 (NAME.qcow2)').choices(['raw', 'qcow2']).default('raw')), false)
+    .action(async (o: { progress: ProgressMode; logFormat: LogFormat; logLevel: LogLevel; role: 'destination' | 'repository'; imageFormat: 'raw' | 'qcow2'; image: string[]; repository?: string; nbd?: string; nbdSocket?: string; listen: string; dataDir: string; neighbour: string[]; blockSize: string; keyFile?: string; insecure?: boolean; compress: 'auto' | 'none'; maxImageSize?: string; reserve: string; idleTimeout: string; partialTtl: string; cert?: string; key?: string; ca?: string; handshakeTimeout: number }) => {
       const m = /^\[?([^\]]*?)\]?:(\d{1,5})$/.exec(o.listen);
       if (!m || Number(m[2]) > 65535) throw new UsageError(`--listen ${o.listen}: expected HOST:PORT`);
       const [bs, ...rest] = parseBlockSizes(o.blockSize);
@@ -429,7 +430,7 @@ export function buildProgram(): Command {
       const logger = cliLogger(o.logFormat, o.logLevel, 'blockferry serve');
       if (o.role === 'repository') {
         if (!o.image.length) throw new UsageError('--role repository needs at least one --image (the base images it serves)');
-        if (o.neighbour.length || o.repository || o.nbd || o.nbdSocket) throw new UsageError('--neighbour, --repository and --nbd are options of the destination role');
+        if (o.neighbour.length || o.repository || o.nbd || o.nbdSocket || o.imageFormat !== 'raw') throw new UsageError('--neighbour, --repository, --nbd and --image-format are options of the destination role');
         const repo = await RepositoryService.start({
           dataDir: o.dataDir, host: m[1] || '0.0.0.0', port: Number(m[2]), ...securityOptions(o, o.logFormat === 'json' ? (l) => logger.warn(l) : undefined), handshakeTimeout: o.handshakeTimeout, blockSize: bs!, images: o.image,
           idleTimeout: parseDuration('--idle-timeout', o.idleTimeout), logger,
@@ -454,12 +455,12 @@ export function buildProgram(): Command {
         dataDir: o.dataDir, host: m[1] || '0.0.0.0', port: Number(m[2]), ...securityOptions(o, o.logFormat === 'json' ? (l) => logger.warn(l) : undefined), handshakeTimeout: o.handshakeTimeout, blockSize: bs!, neighbours: o.neighbour, compression: o.compress !== 'none',
         ...(o.maxImageSize !== undefined ? { maxImageSize: parseSize('--max-image-size', o.maxImageSize) } : {}),
         reserveBytes: parseSize('--reserve', o.reserve), idleTimeout: parseDuration('--idle-timeout', o.idleTimeout), partialTtl: parseDuration('--partial-ttl', o.partialTtl),
-        logger, onProgress: (p) => progress.update(p),
+        logger, onProgress: (p) => progress.update(p), imageFormat: o.imageFormat,
         ...(o.repository !== undefined ? { repository: { to: o.repository } } : {}),
         ...(o.nbdSocket !== undefined ? { nbd: { path: o.nbdSocket } } : o.nbd !== undefined ? { nbd: parseNbdListen('--nbd', o.nbd) } : {}),
       });
       const a = svc.address;
-      print(JSON.stringify({ event: 'listening', host: a.host, port: a.port, dataDir: o.dataDir, neighbours: svc.neighbourhood.images.length, ...(o.repository ? { repository: o.repository } : {}), ...(svc.nbdUri('') ? { nbd: svc.nbdUri('NAME') } : {}) }));
+      print(JSON.stringify({ event: 'listening', host: a.host, port: a.port, dataDir: o.dataDir, neighbours: svc.neighbourhood.images.length, ...(o.repository ? { repository: o.repository } : {}), ...(svc.nbdUri('') ? { nbd: svc.nbdUri('NAME') } : {}), ...(o.imageFormat !== 'raw' ? { imageFormat: o.imageFormat } : {}) }));
       await new Promise<void>((res) => {
         process.once('SIGINT', res);
         process.once('SIGTERM', res);

@@ -196,7 +196,7 @@ export class FileImageSink implements ImageSink {
   }
 }
 
-async function openChecked(path: string, flags: number): Promise<fsp.FileHandle> {
+export async function openChecked(path: string, flags: number): Promise<fsp.FileHandle> {
   try {
     return await fsp.open(path, flags, 0o644);
   } catch (cause) {

@@ -2,7 +2,8 @@
 // fill source is one entry of FILL_SOURCES, named on the wire by a bit of
 // BEGIN's fills mask: neighbour images and a base-image repository now;
 // backup servers and intermediaries are further entries.
-import { open, type FileHandle } from 'node:fs/promises';
+import { open } from 'node:fs/promises';
+import { openSource } from '../image/source.js';
 import { IntervalSet, blockLength } from '../blocks/intervals.js';
 import { NO_REF, refBlock, refImage } from '../table/table.js';
 import { FILL_NEIGHBOURS, FILL_REPOSITORY } from '../protocol/messages.js';
@@ -37,8 +38,10 @@ interface Hit {
 }
 
 interface Neighbour {
-  fh: FileHandle;
   size: number;
+  /** Reads up to length bytes at position into buf; resolves with the count (0 at the end). */
+  read(buf: Buffer, at: number, length: number, position: number): Promise<number>;
+  close(): Promise<void> | void;
 }
 
 /** Blocks from the neighbour images of the destination's block index. */
@@ -54,9 +57,18 @@ export class NeighbourFills implements FillSource {
     if (src === undefined) {
       const im = this.neighbourhood.images[id];
       src = im
-        ? (async () => {
+        ? (async (): Promise<Neighbour> => {
+          if (im.format === 'qcow2') {
+            // A qcow2 neighbour is read through the qcow2 reader (guest offsets, not file offsets).
+            const q = openSource({ kind: 'qcow2', path: im.path });
+            return {
+              size: q.size,
+              read: async (buf, at, length, position) => { const n = Math.max(0, Math.min(length, q.size - position)); if (n > 0) q.readInto(buf.subarray(at), position, n); return n; },
+              close: () => q.close(),
+            };
+          }
           const fh = await open(im.path, 'r');
-          return { fh, size: (await fh.stat()).size };
+          return { size: (await fh.stat()).size, read: async (buf, at, length, position) => (await fh.read(buf, at, length, position)).bytesRead, close: () => fh.close() };
         })().catch(() => null) // the neighbour went away: its blocks are just not there
         : Promise.resolve(null);
       this.sources.set(id, src);
@@ -99,7 +111,7 @@ export class NeighbourFills implements FillSource {
       const buf = Buffer.allocUnsafe(bytes);
       try {
         for (let at = 0; at < bytes; ) {
-          const { bytesRead } = await src.fh.read(buf, at, bytes - at, h0.nb * bs + at);
+          const bytesRead = await src.read(buf, at, bytes - at, h0.nb * bs + at);
           if (bytesRead === 0) throw new Error('short read');
           at += bytesRead;
         }
@@ -121,7 +133,7 @@ export class NeighbourFills implements FillSource {
   }
 
   close(): void {
-    for (const s of this.sources.values()) void s.then((n) => n?.fh.close()).catch(() => {});
+    for (const s of this.sources.values()) void s.then((n) => n?.close()).catch(() => {});
     this.sources.clear();
   }
 }

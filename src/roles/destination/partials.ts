@@ -1,5 +1,6 @@
 // Partial images left by migrations that did not finish: NAME.img.partial
-// with NAME.img.journal beside it. A later attempt resumes from them; those
+// with NAME.img.journal beside it (NAME.qcow2.partial and NAME.qcow2.journal
+// for a destination that writes qcow2). A later attempt resumes from them; those
 // nobody resumes expire after the service's partialTtl, and
 // `blockferry partial list|remove|prune` manages them by hand.
 import { lstatSync, readdirSync, rmSync, type Stats } from 'node:fs';
@@ -45,13 +46,13 @@ export function listPartials(dataDir: string, now = Date.now()): PartialInfo[] {
   }
   const names = new Set<string>();
   for (const f of entries) {
-    const m = /^(.*)\.img\.(partial|journal)$/.exec(f);
+    const m = /^(.*)\.(img|qcow2)\.(partial|journal)$/.exec(f);
     if (m && validName(m[1]!)) names.add(m[1]!);
   }
   const out: PartialInfo[] = [];
   for (const name of names) {
-    const p = stat(join(dataDir, `${name}.img.partial`));
-    const j = stat(join(dataDir, `${name}.img.journal`));
+    const p = stat(join(dataDir, `${name}.img.partial`)) ?? stat(join(dataDir, `${name}.qcow2.partial`));
+    const j = stat(join(dataDir, `${name}.img.journal`)) ?? stat(join(dataDir, `${name}.qcow2.journal`));
     const modified = Math.max(p?.mtimeMs ?? 0, j?.mtimeMs ?? 0);
     out.push({
       name, size: p?.isFile() ? p.size : 0, allocated: p?.isFile() ? p.blocks * 512 : 0,
@@ -65,7 +66,7 @@ export function listPartials(dataDir: string, now = Date.now()): PartialInfo[] {
 export function removePartial(dataDir: string, name: string): boolean {
   if (!validName(name)) throw new BlockferryError(ErrorCode.NAME_INVALID, `image name ${JSON.stringify(name)} is not a plain file name`);
   let found = false;
-  for (const suffix of ['.img.partial', '.img.journal']) {
+  for (const suffix of ['.img.partial', '.img.journal', '.qcow2.partial', '.qcow2.journal']) {
     const p = join(dataDir, name + suffix);
     const st = stat(p);
     if (!st) continue;

@@ -14,7 +14,9 @@ import { BEGIN, BEGIN_OVERWRITE, type Begin } from '../../protocol/messages.js';
 import { listen, parseTarget, type Listener } from '../../transport/tcp.js';
 import { Neighbourhood } from '../../blockindex/neighbourhood.js';
 import { Scanner } from '../../scan/scanner.js';
-import { FileImageSink, type ImageSink } from '../../image/sink.js';
+import { specFor } from '../../image/source.js';
+import type { ImageSink } from '../../image/sink.js';
+import { IMAGE_EXTENSION, OUTPUT_FORMATS, imageFiles, openExport, openSink, type ImageFiles, type OutputFormat } from './image-files.js';
 import { FILL_SOURCES, type FillSource } from '../fills.js';
 import { Gate } from '../gate.js';
 import type { RepositoryLink } from '../repository/fills.js';
@@ -25,7 +27,6 @@ import { Journal } from './journal.js';
 import { Session, type SessionStats } from './session.js';
 import { ArrivingImage } from './arriving.js';
 import type { NbdExport } from '../../nbd/protocol.js';
-import { FileExport } from '../../nbd/file-export.js';
 import { NbdServer, type NbdAddress } from '../../nbd/server.js';
 import { readdirSync } from 'node:fs';
 import { decompressorFor } from '../../protocol/compression.js';
@@ -91,6 +92,13 @@ export interface DestinationOptions {
   signal?: AbortSignal;
   /** Each running migration's progress (operation 'receive'), at most every 200 ms and once when it completes. */
   onProgress?: (p: Progress) => void;
+  /**
+   * What received images are written as: 'raw' (NAME.img, the default) or
+   * 'qcow2' (NAME.qcow2: a standalone qcow2 v3 image, src/image/qcow2-writer.ts).
+   * With `nbd`, qcow2 images are served through the writer (SinkExport),
+   * while they arrive (post-copy) and once complete.
+   */
+  imageFormat?: OutputFormat;
 }
 
 /** An image the destination took over (post-copy): served while it arrives, and after. */
@@ -119,7 +127,7 @@ export class DestinationService implements Role {
   /** Images taken over by a post-copy, by name: served over NBD while they arrive and after. */
   private readonly taken = new Map<string, Taken>();
   /** Complete images served over NBD (with options.nbd), by name. */
-  private readonly served = new Map<string, FileExport>();
+  private readonly served = new Map<string, NbdExport & { close(): Promise<void> }>();
   private nbd: NbdServer | undefined;
   private pruneTimer: NodeJS.Timeout | undefined;
   private free: { at: number; bytes: number } | undefined;
@@ -162,6 +170,8 @@ export class DestinationService implements Role {
       const v = options[k];
       if (v !== undefined && !(Number.isSafeInteger(v) && v >= 1)) throw new InvalidArgumentError(k, 'a positive integer', v);
     }
+    const fmt = options.imageFormat ?? 'raw';
+    if (!OUTPUT_FORMATS.includes(fmt)) throw new InvalidArgumentError('imageFormat', OUTPUT_FORMATS.join(' or '), fmt);
     // A repository address that cannot work is the caller's mistake, said now (not logged at the first migration).
     if (options.repository) parseTarget(options.repository.to);
     const bs = options.blockSize ?? 4096;
@@ -173,7 +183,7 @@ export class DestinationService implements Role {
       for (const p of options.neighbours ?? []) {
         if (n.images.some((i) => i.path === resolve(p))) continue;
         const [map] = await scanner.scan(p, { blockSize: bs, ...(signal ? { signal } : {}) });
-        n.add(map!);
+        n.add(map!, specFor(p).kind === 'qcow2' ? 'qcow2' : 'raw');
       }
     } catch (e) {
       await scanner.close();
@@ -285,14 +295,17 @@ export class DestinationService implements Role {
     this.logger.info({ image: begin.name, peer: ch.socket.remoteAddress, size: begin.size, strategy: begin.strategy }, `migration into ${begin.name} from ${ch.socket.remoteAddress}: ${begin.size} bytes, strategy ${begin.strategy}`);
     this.check(begin);
     await this.claim(begin.name);
-    const final = join(this.options.dataDir, `${begin.name}.img`);
-    if (existsSync(final) && !(begin.flags & BEGIN_OVERWRITE)) throw new BlockferryError(ErrorCode.IMAGE_EXISTS, `${begin.name} exists at the destination (migrate with --overwrite to replace it)`);
+    const files = imageFiles(this.options.dataDir, begin.name, this.options.imageFormat ?? 'raw');
+    const final = files.final;
+    // A name is one image, whatever format it was written in.
+    const others = OUTPUT_FORMATS.filter((f) => f !== files.format).map((f) => imageFiles(this.options.dataDir, begin.name, f).final);
+    if ([final, ...others].some((f) => existsSync(f)) && !(begin.flags & BEGIN_OVERWRITE)) throw new BlockferryError(ErrorCode.IMAGE_EXISTS, `${begin.name} exists at the destination (migrate with --overwrite to replace it)`);
     let release!: () => void;
     this.active.set(begin.name, { ch, done: new Promise<void>((r) => { release = r; }) });
     let stats: SessionStats;
     try {
       ch.setCodec(undefined, decompressorFor(caps));
-      stats = await new Session(ch, await this.open(begin, final)).run();
+      stats = await new Session(ch, await this.open(begin, files)).run();
     } catch (e) {
       const missing = this.taken.get(begin.name)?.image;
       if (missing && !missing.isComplete) this.logger.warn({ image: begin.name, missingBlocks: missing.stale.size }, `${begin.name}: the source went away during post-copy with ${missing.stale.size} blocks missing; reads of them fail until the migration is resumed`);
@@ -302,6 +315,7 @@ export class DestinationService implements Role {
       release();
     }
     this.completed.push(stats);
+    for (const f of others) if (existsSync(f)) rmSync(f, { force: true }); // replaced (--overwrite) by the image in the other format
     this.logger.info({ image: begin.name, stats }, `migration into ${begin.name} complete: ${JSON.stringify(stats)}`);
     if (!this.taken.has(begin.name)) await this.serveComplete(begin.name).catch((e: Error) => this.logger.error({ image: begin.name, error: e }, `cannot serve ${begin.name} over NBD: ${e.message}`));
     // After DONE and outside the busy window: indexing is not part of the
@@ -343,9 +357,8 @@ export class DestinationService implements Role {
   }
 
   /** The partial image and journal: an earlier attempt's when they match, else fresh. */
-  private async open(b: Begin, final: string): Promise<ConstructorParameters<typeof Session>[1]> {
-    const partial = `${final}.partial`;
-    const journalFile = `${final}.journal`;
+  private async open(b: Begin, files: ImageFiles): Promise<ConstructorParameters<typeof Session>[1]> {
+    const { partial, journal: journalFile } = files;
     const taken = this.taken.get(b.name);
     if (taken && !taken.image.isComplete) {
       // A post-copy whose source went away: the image is still served here, and this attempt resumes it.
@@ -377,7 +390,7 @@ export class DestinationService implements Role {
     let sink: ImageSink | undefined;
     if (journal) {
       try {
-        sink = await FileImageSink.reopen(partial, final, b.size);
+        sink = await openSink(files, b.size, true);
       } catch (e) {
         if (e instanceof BlockferryError && (e.code === ErrorCode.WRITE_FAILED || e.code === ErrorCode.UNSAFE_PATH)) throw e; // a planted link: refuse, loudly
         journal = undefined;
@@ -386,7 +399,7 @@ export class DestinationService implements Role {
     const resumed = !!journal;
     if (!journal) {
       journal = Journal.fresh(b.size, b.blockSize);
-      sink = await FileImageSink.create(partial, final, b.size);
+      sink = await openSink(files, b.size, false);
       journal.save(journalFile);
     }
     const fills: FillSource[] = [];
@@ -397,7 +410,7 @@ export class DestinationService implements Role {
     }
     const j = journal;
     const takeOver = (s: ImageSink) => {
-      const image = new ArrivingImage(b.name, b.size, b.blockSize, s, () => this.openComplete(b.name, final));
+      const image = new ArrivingImage(b.name, b.size, b.blockSize, s, () => openExport(files, b.name, `blockferry: ${b.name}`));
       this.taken.set(b.name, { image, journal: j, journalFile });
       this.logger.info({ image: b.name }, `${b.name}: taken over (post-copy); served while it arrives`);
       return image;
@@ -423,8 +436,10 @@ export class DestinationService implements Role {
   /** Serves every complete image of the data directory over NBD, and each one completed later. */
   private async startNbd(at: NbdAddress): Promise<void> {
     for (const f of readdirSync(this.options.dataDir)) {
-      const name = f.endsWith('.img') ? f.slice(0, -4) : '';
-      if (name && NAME_RE.test(name)) await this.serveComplete(name);
+      for (const format of OUTPUT_FORMATS) {
+        const name = f.endsWith(IMAGE_EXTENSION[format]) ? f.slice(0, -IMAGE_EXTENSION[format].length) : '';
+        if (name && NAME_RE.test(name)) await this.serveComplete(name, format);
+      }
     }
     this.nbd = await NbdServer.listen({
       listen: at,
@@ -436,9 +451,9 @@ export class DestinationService implements Role {
   }
 
   /** (Re)opens a complete image for NBD clients; those of a replaced version keep the old one until they disconnect. */
-  private async serveComplete(name: string): Promise<void> {
+  private async serveComplete(name: string, format: OutputFormat = this.options.imageFormat ?? 'raw'): Promise<void> {
     if (!this.options.nbd && !this.nbd) return;
-    const exp = await FileExport.open(join(this.options.dataDir, `${name}.img`), { name, description: `blockferry: ${name}` });
+    const exp = await openExport(imageFiles(this.options.dataDir, name, format), name, `blockferry: ${name}`);
     const old = this.served.get(name);
     this.served.set(name, exp);
     if (old) old.close().catch(() => {});
@@ -449,17 +464,15 @@ export class DestinationService implements Role {
     return this.taken.get(name)?.image.missing();
   }
 
-  /** The committed image, served from its final name (the NBD clients of the taken-over image go on there). */
-  private async openComplete(name: string, final: string): Promise<NbdExport> {
-    return FileExport.open(final, { name, description: `blockferry: ${name}` });
-  }
 
   /** Adds a completed image to the neighbourhood (once; re-scanned when replaced) and saves the index. */
   async indexImage(path: string): Promise<void> {
-    // What a source sent is raw bytes: a qcow2 header a guest wrote at its start must not be followed (its backing file could name any host file).
-    const [map] = await this.scanner.scan(path, { blockSize: this.neighbourhood.blockSize, format: 'raw' });
+    // What a source sent is raw bytes: a qcow2 header a guest wrote at the start of a raw image must not be
+    // followed (its backing file could name any host file). A NAME.qcow2 is this service's own qcow2 (no backing file).
+    const format = path.endsWith(IMAGE_EXTENSION.qcow2) ? 'qcow2' : 'raw';
+    const [map] = await this.scanner.scan(path, { blockSize: this.neighbourhood.blockSize, format });
     const existing = this.neighbourhood.images.find((i) => i.path === resolve(path));
-    if (!existing) this.neighbourhood.add(map!);
+    if (!existing) this.neighbourhood.add(map!, format);
     this.neighbourhood.save(join(this.options.dataDir, INDEX_FILE));
   }
 }
