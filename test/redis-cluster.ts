@@ -42,7 +42,8 @@ function portFree(port: number): Promise<boolean> {
   });
 }
 
-async function pickPorts(n: number): Promise<number[]> {
+/** n ports of the range (and their bus ports, +10000) that nothing listens on now. */
+export async function freePorts(n: number): Promise<number[]> {
   const [lo, hi] = (process.env.BF_REDIS_PORTS ?? '17000-17099').split('-').map(Number) as [number, number];
   const span = hi - lo + 1;
   const start = Math.floor(Math.random() * span);
@@ -57,10 +58,10 @@ async function pickPorts(n: number): Promise<number[]> {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-/** Starts a 3-master, 3-replica cluster (cluster-node-timeout 1000 ms: a killed master fails over in a few seconds). */
+/** Starts a 3-master, 3-replica cluster (cluster-node-timeout 2000 ms: a killed master fails over in a few seconds, and a loaded 2-core machine does not make healthy nodes look dead). */
 export async function startRedisCluster(opts: { prefix?: string } = {}): Promise<RedisCluster> {
   const root = mkdtempSync(join(tmpdir(), `${opts.prefix ?? 'bfC'}-redis-`));
-  const ports = await pickPorts(6);
+  const ports = await freePorts(6);
   const nodes: RedisNode[] = [];
   const cli = async (port: number, ...args: string[]) => (await run('redis-cli', ['-h', '127.0.0.1', '-p', String(port), ...args])).stdout;
   let stopped = false;
@@ -83,7 +84,7 @@ export async function startRedisCluster(opts: { prefix?: string } = {}): Promise
       // No RDB/AOF: an acknowledged record's durability is its replica (WAIT), which is what the tests check.
       const proc = spawn('redis-server', [
         '--port', String(port), '--bind', '127.0.0.1', '--dir', dir,
-        '--cluster-enabled', 'yes', '--cluster-config-file', 'nodes.conf', '--cluster-node-timeout', '1000',
+        '--cluster-enabled', 'yes', '--cluster-config-file', 'nodes.conf', '--cluster-node-timeout', '2000',
         '--save', '', '--appendonly', 'no', '--logfile', join(dir, 'redis.log'),
       ], { stdio: 'ignore' });
       nodes.push({ port, proc, dir });

@@ -70,7 +70,6 @@
 // lost), which at worst sends one block twice, never zero times.
 import { createHash } from 'node:crypto';
 import IORedis, { type Cluster, type Redis } from 'ioredis';
-import calculateSlot from 'cluster-key-slot';
 import { BlockferryError, ErrorCode } from '../errors.js';
 import { DIGEST_BYTES, digestCount, type LocationIndex } from './location-index.js';
 
@@ -252,6 +251,30 @@ function retryable(err: Error): boolean {
     || /non local key/.test(err.message);
 }
 
+/** CRC16-XMODEM, the polynomial Redis Cluster hashes keys with (cluster.c, crc16.c). */
+const CRC16 = (() => {
+  const t = new Uint16Array(256);
+  for (let i = 0; i < 256; i++) {
+    let c = i << 8;
+    for (let k = 0; k < 8; k++) c = c & 0x8000 ? (c << 1) ^ 0x1021 : c << 1;
+    t[i] = c & 0xffff;
+  }
+  return t;
+})();
+
+/**
+ * The slot of a key that starts with "{}" (all of ours): Redis hashes the whole key, since its
+ * first {tag} is empty. (cluster-key-slot, which ioredis uses, gets such keys wrong when a
+ * later "}" follows, e.g. an image named "vm-{a}"; we route by this function instead.)
+ */
+export function keySlot(key: string): number {
+  const b = Buffer.from(key);
+  if (b[0] !== 0x7b || b[1] !== 0x7d) throw new Error(`keySlot: ${JSON.stringify(key)} does not start with {}`);
+  let crc = 0;
+  for (let i = 0; i < b.length; i++) crc = ((crc << 8) & 0xffff) ^ CRC16[((crc >> 8) ^ b[i]!) & 0xff]!;
+  return crc & 0x3fff;
+}
+
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 function checkName(what: string, name: string): void {
@@ -281,6 +304,8 @@ export class RedisLocationIndex implements LocationIndex {
   /** EVALSHA's name for SCRIPT; a master gets SCRIPT LOAD in its first pipeline (and after NOSCRIPT). */
   private readonly sha = createHash('sha1').update(SCRIPT).digest('hex');
   private readonly scriptOn = new Set<string>();
+  /** Masters that had no replica connected at their last ROLE. */
+  private readonly alone = new Set<string>();
   private slotOf: Uint16Array | undefined;
   private slotBuckets: { start: Uint32Array; buckets: Uint32Array } | undefined;
 
@@ -465,7 +490,7 @@ export class RedisLocationIndex implements LocationIndex {
   private slots(): Uint16Array {
     if (!this.slotOf) {
       const t = new Uint16Array(BUCKETS);
-      for (let b = 0; b < BUCKETS; b++) t[b] = calculateSlot(this.bucketKey(b));
+      for (let b = 0; b < BUCKETS; b++) t[b] = keySlot(this.bucketKey(b));
       this.slotOf = t;
     }
     return this.slotOf;
@@ -542,7 +567,7 @@ export class RedisLocationIndex implements LocationIndex {
 
   /** Single-key commands, each routed by its key's slot. */
   private async single(list: Array<{ key: string; name: string; args: Arg[]; buffer?: boolean; done: (r: unknown) => void }>, write: boolean): Promise<void> {
-    const slot = list.map((c) => calculateSlot(c.key));
+    const slot = list.map((c) => keySlot(c.key));
     await this.exec(list.map((_, i) => i), (i) => slot[i]!, (mine) => mine.map((i) => ({ ...list[i]!, items: [i] })), write);
   }
 
@@ -608,7 +633,9 @@ export class RedisLocationIndex implements LocationIndex {
       if (c.buffer) p.callBuffer(c.name, c.args);
       else p.call(c.name, c.args);
     }
-    if (write) p.call('wait', [1, WAIT_MS]);
+    // A master known to have no replica connected (it took over from a dead one) would hold
+    // every WAIT for its full timeout: ask with 1 ms, then ROLE decides (replicated()).
+    if (write) p.call('wait', [1, this.alone.has(key) ? 1 : WAIT_MS]);
     this.stats.pipelines++;
     this.stats.commands += list.length;
     let res: Array<[Error | null, unknown]>;
@@ -634,7 +661,7 @@ export class RedisLocationIndex implements LocationIndex {
     if (write && ok.length > 0) {
       const [we, wv] = res[res.length - 1]!;
       try {
-        if (we || (wv as number) < 1) await this.replicated(node);
+        if (we || (wv as number) < 1) await this.replicated(key, node);
       } catch (e) {
         throw new Retry(list, e); // not known to be on a replica: the whole pipeline again
       }
@@ -644,12 +671,16 @@ export class RedisLocationIndex implements LocationIndex {
   }
 
   /** Resolves once a replica has the node's writes, or the node has no replica connected to wait for. */
-  private async replicated(node: Redis): Promise<void> {
+  private async replicated(key: string, node: Redis): Promise<void> {
     const until = Date.now() + this.deadlineMs;
     for (;;) {
       const role = (await node.call('role')) as [string, number, unknown[]];
       if (role[0] !== 'master') throw new Error(`the node is now a ${role[0]}`);
-      if (role[2].length === 0) return;
+      if (role[2].length === 0) {
+        this.alone.add(key);
+        return;
+      }
+      this.alone.delete(key);
       if (((await node.call('wait', 1, WAIT_MS)) as number) >= 1) return;
       if (Date.now() >= until) throw new Error(`no replica acknowledged within ${this.deadlineMs} ms`);
     }
