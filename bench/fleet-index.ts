@@ -39,12 +39,14 @@ export async function benchFleetIndex(): Promise<{ groups: GroupResult[]; figure
     const redis = (await openLocationIndex(cluster.url, { namespace: 'bench' })) as RedisLocationIndex;
     const embedded = new EmbeddedLocationIndex();
     const mem0 = await usedMemory(cluster);
+    const t0 = performance.now();
     for (let lo = 0; lo < N; lo += BATCH) {
       const part = all.subarray(lo * DIGEST_BYTES, (lo + BATCH) * DIGEST_BYTES);
       await redis.record('dst', part);
       await embedded.record('dst', part);
     }
     const bytesPerEntry = ((await usedMemory(cluster)) - mem0) / N;
+    console.log(`(loaded ${N} entries into both indexes in ${((performance.now() - t0) / 1000).toFixed(1)} s)`);
     check('index size', (await redis.size()) === N && (await embedded.size()) === N);
 
     // (image, block) → digest: 20 bytes a block in 256-block strings.
@@ -53,15 +55,22 @@ export async function benchFleetIndex(): Promise<{ groups: GroupResult[]; figure
     const bytesPerBlock = ((await usedMemory(cluster)) - mem1) / N;
     check('blocks read back', Buffer.from(await redis.getBlocks('vm', 12345, 1000)).equals(Buffer.from(all.subarray(12345 * 20, 13345 * 20))));
 
-    // The peer layout: one key per digest (20 bytes binary, value "dst"), for the memory figure.
+    // The peer layout: one key per digest (its 20 bytes, value "dst"), for the memory figure. Digests
+    // with a brace byte are left out: ioredis's slot function misroutes some of those keys.
     const naiveN = 1 << 18;
     const mem2 = await usedMemory(cluster);
     const c = new Cluster(cluster.nodes.slice(0, 1).map((n) => ({ host: '127.0.0.1', port: n.port })), { enableAutoPipelining: true });
-    for (let lo = 0; lo < naiveN; lo += 8192) {
-      const ops: Array<Promise<unknown>> = [];
-      for (let i = lo; i < lo + 8192; i++) ops.push(c.set(Buffer.concat([Buffer.from('{}naive:'), all.subarray(i * 20, i * 20 + 20)]), 'dst'));
-      await Promise.all(ops);
+    let ops: Array<Promise<unknown>> = [];
+    for (let i = 0, done = 0; done < naiveN; i++) {
+      const key = Buffer.from(all.subarray(i * 20, i * 20 + 20));
+      if (key.includes(0x7b) || key.includes(0x7d)) continue;
+      ops.push(c.set(key, 'dst'));
+      if (++done % 8192 === 0) {
+        await Promise.all(ops);
+        ops = [];
+      }
     }
+    await Promise.all(ops);
     const bytesPerEntryKeyPerDigest = ((await usedMemory(cluster)) - mem2) / naiveN;
     c.disconnect();
 

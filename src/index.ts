@@ -66,3 +66,7 @@ export type { Traffic, TrafficKind } from './protocol/channel.js';
 export { NbdServer, nbdUri, type NbdServerOptions, type NbdExports, type NbdAddress } from './nbd/server.js';
 export { FileExport, type FileExportOptions } from './nbd/file-export.js';
 export { NbdExportError, type NbdExport, type StatusExtent } from './nbd/protocol.js';
+// The fleet's location index (issue 12): embedded by default, Redis Cluster for redis://HOST:PORT
+// (src/fleet/redis-index.ts, loaded on demand: importing blockferry never loads ioredis).
+export { openLocationIndex, EmbeddedLocationIndex, type LocationIndex } from './fleet/location-index.js';
+export type { RedisIndexOptions, RedisLocationIndex } from './fleet/redis-index.js';
