@@ -1,7 +1,8 @@
 // The fleet's location index on Redis Cluster (`--index redis://HOST:PORT`).
 //
 // Layout. A digest's holders live in a *bucket*: a Redis hash named after the
-// digest's top 18 bits ("{}bf:h:" + 5 hex digits, 262,144 buckets), whose
+// digest's top 18 bits ("{}bf:h:" + 3 bytes: the digest's first two and the
+// top two bits of its third; 262,144 buckets), whose
 // field is the digest's remaining 18 bytes (bytes 2..19, binary) and whose
 // value is the holders' names joined by NUL ("dst" or "dst\0im1"). A key per
 // digest would cost Redis ~70 bytes of key overhead (dict entry, object,
@@ -93,7 +94,7 @@ const LAYOUT = `blockferry-index 1 bucket-bits=${BUCKET_BITS} window=${WINDOW}`;
 const MAX_NAME = 255;
 
 // ARGV: op, location, bucket-key prefix, data (op L/C/c/R/F: packed 20-byte
-// digests; S/A: packed 3-byte bucket numbers; M: a slot bitmap to OR into
+// digests; S/A: packed 3-byte bucket names; M: a slot bitmap to OR into
 // KEYS[1]). Every bucket is read before anything is written.
 const SCRIPT = `#!lua flags=allow-cross-slot-keys
 local op, loc, prefix, data = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -116,8 +117,7 @@ local function count(k, d) if redis.call('HINCRBY', k, '', d) <= 0 then redis.ca
 if op == 'S' or op == 'A' then
   local keys, all = {}, {}
   for at = 1, #data, 3 do
-    local a, b, c = string.byte(data, at, at + 2)
-    keys[#keys + 1] = prefix .. string.format('%05x', (a * 256 + b) * 256 + c)
+    keys[#keys + 1] = prefix .. string.sub(data, at, at + 2)
   end
   if op == 'S' then
     local t = 0
@@ -138,8 +138,8 @@ local n = #data / ${DIGEST_BYTES}
 local keys, fields, vals = {}, {}, {}
 for i = 1, n do
   local at = (i - 1) * ${DIGEST_BYTES} + 1
-  local a, b, c = string.byte(data, at, at + 2)
-  keys[i] = prefix .. string.format('%05x', a * 1024 + b * 4 + math.floor(c / 64))
+  local c = string.byte(data, at + 2)
+  keys[i] = prefix .. string.sub(data, at, at + 1) .. string.char(c - c % 64)
   fields[i] = string.sub(data, at + 2, at + ${DIGEST_BYTES - 1})
   vals[i] = redis.call('HGET', keys[i], fields[i])
 end
@@ -267,8 +267,8 @@ const CRC16 = (() => {
  * first {tag} is empty. (cluster-key-slot, which ioredis uses, gets such keys wrong when a
  * later "}" follows, e.g. an image named "vm-{a}"; we route by this function instead.)
  */
-export function keySlot(key: string): number {
-  const b = Buffer.from(key);
+export function keySlot(key: string | Buffer): number {
+  const b = typeof key === 'string' ? Buffer.from(key) : key;
   if (b[0] !== 0x7b || b[1] !== 0x7d) throw new Error(`keySlot: ${JSON.stringify(key)} does not start with {}`);
   let crc = 0;
   for (let i = 0; i < b.length; i++) crc = ((crc << 8) & 0xffff) ^ CRC16[((crc >> 8) ^ b[i]!) & 0xff]!;
@@ -289,6 +289,13 @@ function checkRange(first: number, count: number): void {
   }
 }
 
+/** A bucket's 3 name bytes: the digest bytes 0, 1 and the top two bits of byte 2. */
+function writeBucket(out: Buffer, at: number, b: number): void {
+  out[at] = b >> 10;
+  out[at + 1] = (b >> 2) & 0xff;
+  out[at + 2] = (b & 3) << 6;
+}
+
 function bucketOf(d: Uint8Array, i: number): number {
   const o = i * DIGEST_BYTES;
   return (d[o]! << 10) | (d[o + 1]! << 2) | (d[o + 2]! >> 6);
@@ -299,7 +306,7 @@ export class RedisLocationIndex implements LocationIndex {
   readonly stats = { pipelines: 0, commands: 0 };
   private readonly cluster: Cluster;
   private readonly ns: string;
-  private readonly hprefix: string;
+  private readonly hprefix: Buffer;
   private readonly deadlineMs: number;
   /** EVALSHA's name for SCRIPT; a master gets SCRIPT LOAD in its first pipeline (and after NOSCRIPT). */
   private readonly sha = createHash('sha1').update(SCRIPT).digest('hex');
@@ -312,7 +319,7 @@ export class RedisLocationIndex implements LocationIndex {
   private constructor(cluster: Cluster, ns: string, deadlineMs: number) {
     this.cluster = cluster;
     this.ns = ns;
-    this.hprefix = `{}${ns}:h:`;
+    this.hprefix = Buffer.from(`{}${ns}:h:`);
     this.deadlineMs = deadlineMs;
   }
 
@@ -474,8 +481,11 @@ export class RedisLocationIndex implements LocationIndex {
 
   // ---- layout ----
 
-  private bucketKey(b: number): string {
-    return this.hprefix + b.toString(16).padStart(5, '0');
+  private bucketKey(b: number): Buffer {
+    const k = Buffer.allocUnsafe(this.hprefix.length + 3);
+    this.hprefix.copy(k);
+    writeBucket(k, this.hprefix.length, b);
+    return k;
   }
 
   private windowKey(image: string, w: number): string {
@@ -558,7 +568,7 @@ export class RedisLocationIndex implements LocationIndex {
         for (const s of part) for (let k = start[s]!; k < start[s + 1]!; k++) ids.push(buckets[k]!);
         if (ids.length === 0) continue;
         const data = Buffer.allocUnsafe(3 * ids.length);
-        ids.forEach((b, j) => data.writeUIntBE(b, 3 * j, 3));
+        ids.forEach((b, j) => writeBucket(data, 3 * j, b));
         cmds.push({ name: 'evalsha', args: [this.sha, 1, this.bucketKey(ids[0]!), op, location, this.hprefix, data], items: part, done });
       }
       return cmds;
