@@ -12,9 +12,11 @@
 // field and value: about 25 bytes per entry plus the bucket's share. 2^18
 // buckets put the listpack's 128-field limit at ~33 million digests (64 per
 // bucket on average, with room for the Poisson tail); a bigger index still
-// works, each full bucket turning into an ordinary hash table. The field "" of
-// a bucket counts its (digest, holder) pairs, so that size() reads counters
-// instead of entries.
+// works, each full bucket turning into an ordinary hash table. Each script
+// call adds its change in (digest, holder) pairs to the field "" of the
+// bucket it is routed by (one HINCRBY a call, not one a bucket): a bucket's
+// own "" means nothing, their sum is size(), which reads ~16 counters a slot
+// instead of every entry.
 //
 // Every key starts with "{}": Redis hashes a whole key unless it holds a
 // non-empty {hash tag}, and an empty tag at the front switches tags off for
@@ -113,7 +115,9 @@ local function without(v)
   return table.concat(keep, '\\0')
 end
 local function put(k, f, v) if v == '' then redis.call('HDEL', k, f) else redis.call('HSET', k, f, v) end end
-local function count(k, d) if redis.call('HINCRBY', k, '', d) <= 0 then redis.call('HDEL', k, '') end end
+-- The call's change in (digest, holder) pairs goes to the field "" of its routing bucket
+-- (KEYS[1]): one HINCRBY a call; a bucket's own "" may go negative, the sum over all is exact.
+local function count(d) if d ~= 0 and redis.call('HINCRBY', KEYS[1], '', d) == 0 then redis.call('HDEL', KEYS[1], '') end end
 if op == 'S' or op == 'A' then
   local keys, all = {}, {}
   for at = 1, #data, 3 do
@@ -125,13 +129,14 @@ if op == 'S' or op == 'A' then
     return t
   end
   for i, k in ipairs(keys) do all[i] = redis.call('HGETALL', k) end
+  local d = 0
   for i, k in ipairs(keys) do
-    local h, d = all[i], 0
+    local h = all[i]
     for j = 1, #h, 2 do
       if h[j] ~= '' and has(h[j + 1]) then put(k, h[j], without(h[j + 1])); d = d - 1 end
     end
-    if d ~= 0 then count(k, d) end
   end
+  count(d)
   return 1
 end
 local n = #data / ${DIGEST_BYTES}
@@ -144,7 +149,7 @@ for i = 1, n do
   vals[i] = redis.call('HGET', keys[i], fields[i])
 end
 if op == 'L' then return vals end
-local out, cache, delta = {}, {}, {}
+local out, cache, delta = {}, {}, 0
 for i = 1, n do
   local k, f = keys[i], fields[i]
   local v = cache[k .. f]
@@ -162,10 +167,10 @@ for i = 1, n do
   if nv ~= v then
     put(k, f, nv)
     cache[k .. f] = nv
-    delta[k] = (delta[k] or 0) + ((op == 'F') and -1 or 1)
+    delta = delta + ((op == 'F') and -1 or 1)
   end
 end
-for k, d in pairs(delta) do if d ~= 0 then count(k, d) end end
+count(delta)
 if op == 'C' or op == 'c' then return table.concat(out) end
 return 1
 `;
