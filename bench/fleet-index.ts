@@ -15,6 +15,16 @@ const BATCH = 1 << 16;
 /** Lookups per second the cluster should answer on this machine (issue 12). */
 const GOAL = 200_000;
 
+/** EVALSHA calls and microseconds spent in them, summed over the masters (INFO commandstats). */
+async function evalshaStats(cluster: RedisCluster): Promise<{ calls: number; usec: number }> {
+  let calls = 0, usec = 0;
+  for (const port of await cluster.masters()) {
+    const m = /cmdstat_evalsha:calls=(\d+),usec=(\d+)/.exec(await cluster.cli(port, 'info', 'commandstats'));
+    if (m) { calls += Number(m[1]); usec += Number(m[2]); }
+  }
+  return { calls, usec };
+}
+
 async function usedMemory(cluster: RedisCluster): Promise<number> {
   let total = 0;
   for (const port of await cluster.masters()) total += Number(/used_memory:(\d+)/.exec(await cluster.cli(port, 'info', 'memory'))![1]);
@@ -29,6 +39,7 @@ export interface FleetIndexFigures {
   bytesPerBlock: number;
   lookupsPerSecond: number;
   insertsPerSecond: number;
+  serverUsPerLookup: number;
 }
 
 export async function benchFleetIndex(): Promise<{ groups: GroupResult[]; figures: FleetIndexFigures }> {
@@ -88,6 +99,11 @@ export async function benchFleetIndex(): Promise<{ groups: GroupResult[]; figure
     const probe = nextBatch();
     const [a, b] = [await redis.locate(probe), await embedded.locate(probe)];
     check('lookups agree', a.every((h, i) => h.length === 1 && h[0] === 'dst' && b[i]![0] === 'dst'));
+    const s0 = await evalshaStats(cluster);
+    for (let i = 0; i < 8; i++) await redis.locate(nextBatch());
+    const s1 = await evalshaStats(cluster);
+    const serverUsPerLookup = (s1.usec - s0.usec) / (8 * BATCH);
+    console.log(`(Redis's own time in the lookup scripts: ${((s1.usec - s0.usec) / (s1.calls - s0.calls) / 1000).toFixed(1)} ms a call of ${(BATCH / ((s1.calls - s0.calls) / 8)).toFixed(0)} digests, ${serverUsPerLookup.toFixed(2)} µs a digest summed over the masters)`);
     const lookups = await runGroup({
       title: `Index lookups through Redis Cluster (3 masters + 3 replicas, loopback), ${BATCH}-digest batches, ${N} entries`,
       workPerOp: BATCH,
@@ -122,7 +138,7 @@ export async function benchFleetIndex(): Promise<{ groups: GroupResult[]; figure
     await redis.close();
     return {
       groups: [lookups, inserts],
-      figures: { entries: N, batch: BATCH, bytesPerEntry, bytesPerEntryKeyPerDigest, bytesPerBlock, lookupsPerSecond, insertsPerSecond },
+      figures: { entries: N, batch: BATCH, bytesPerEntry, bytesPerEntryKeyPerDigest, bytesPerBlock, lookupsPerSecond, insertsPerSecond, serverUsPerLookup },
     };
   } finally {
     await cluster.stop();

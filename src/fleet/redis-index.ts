@@ -84,7 +84,11 @@ const BUCKETS = 1 << BUCKET_BITS;
 const WINDOW = 256;
 /** Digests per round: 1.3 MB of packed digests and a few MB of replies in flight, whatever the batch. */
 const CHUNK = 1 << 16;
-/** Digests per script call: long enough to amortise a call (~5 µs), short enough not to stall a master (~2 ms). */
+/**
+ * Digests per script call: the call's fixed cost (EVALSHA, its arguments, its reply) is spread over
+ * 4,096 digests, and a call holds its master for a few milliseconds at most (the script runs alone;
+ * docs/BENCHMARKS.md has the microseconds per call that INFO commandstats reports).
+ */
 const CALL = 4096;
 /** Slots per forget-all or size call (~1,000 buckets). */
 const SLOTS_PER_CALL = 64;
