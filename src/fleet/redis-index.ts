@@ -10,9 +10,10 @@
 // a bucket shares that overhead among its fields, and while a bucket holds at
 // most 128 short fields Redis keeps it as a listpack, ~2 bytes of framing per
 // field and value: about 25 bytes per entry plus the bucket's share. 2^18
-// buckets put the listpack's 128-field limit at ~33 million digests (64 per
-// bucket on average, with room for the Poisson tail); a bigger index still
-// works, each full bucket turning into an ordinary hash table. Each script
+// buckets keep every bucket under the listpack's 128-field limit up to ~17
+// million digests (64 a bucket on average, room for the Poisson tail); a
+// bigger index still works, each full bucket turning into an ordinary hash
+// table (~3x the bytes per entry). Each script
 // call adds its change in (digest, holder) pairs to the field "" of the
 // bucket it is routed by (one HINCRBY a call, not one a bucket): a bucket's
 // own "" means nothing, their sum is size(), which reads ~16 counters a slot
