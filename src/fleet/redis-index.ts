@@ -13,7 +13,7 @@
 // buckets keep every bucket under the listpack's 128-field limit up to ~17
 // million digests (64 a bucket on average, room for the Poisson tail); a
 // bigger index still works, each full bucket turning into an ordinary hash
-// table (~3x the bytes per entry). Each script
+// table (several times the bytes per entry). Each script
 // call adds its change in (digest, holder) pairs to the field "" of the
 // bucket it is routed by (one HINCRBY a call, not one a bucket): a bucket's
 // own "" means nothing, their sum is size(), which reads ~16 counters a slot
