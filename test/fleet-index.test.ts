@@ -232,6 +232,38 @@ describe('location index on Redis Cluster', () => {
     }
   });
 
+  it('forget(location) walks only the slots the location used: a few commands, not a scan of the cluster', async () => {
+    const idx = (await openLocationIndex(cluster.url, { namespace: `t${++nsCounter}` })) as RedisLocationIndex;
+    try {
+      await idx.record('big', digests(50, 100_000));
+      await idx.record('small', digests(51, 10));
+      const before = { ...idx.stats };
+      await idx.forget('small');
+      // Its bitmap (one GET), then at most 10 slots: one call per master holding one of them.
+      assert.ok(idx.stats.commands - before.commands <= 1 + 3, `${idx.stats.commands - before.commands} commands`);
+      assert.ok((await idx.locate(digests(51, 10))).every((h) => h.length === 0));
+      assert.equal(await idx.size(), 100_000);
+    } finally {
+      await idx.close();
+    }
+  });
+
+  it('the embedded default never loads ioredis; a redis:// index does', async () => {
+    const mod = new URL('../src/fleet/location-index.js', import.meta.url).href;
+    const child = `
+      import { createRequire } from 'node:module';
+      const require = createRequire(import.meta.url);
+      const loaded = () => Object.keys(require.cache).some((k) => k.includes('/node_modules/ioredis/'));
+      const { openLocationIndex } = await import(${JSON.stringify(mod)});
+      await openLocationIndex();
+      const before = loaded();
+      await openLocationIndex('redis://h:0').catch(() => {});
+      process.stdout.write(JSON.stringify([before, loaded()]));
+    `;
+    const { stdout } = await run(process.execPath, ['--input-type=module', '-e', child]);
+    assert.deepEqual(JSON.parse(stdout), [false, true]);
+  });
+
   it('two processes claiming the same 30,000 digests at once: exactly one wins each, and holds it alone', async () => {
     const ns = `t${++nsCounter}`;
     const n = 30_000;
