@@ -362,4 +362,24 @@ describe('location index on Redis Cluster', () => {
       await idx.close();
     }
   });
+
+  // After the one above: the master that took over has no replica; killing it leaves its slots
+  // uncovered for good, and a write gives up with ERR_BF_INDEX at its deadline instead of hanging.
+  it('a cluster that never recovers: ERR_BF_INDEX once the deadline has passed, no hang', async () => {
+    let alone: number | undefined;
+    for (const port of await cluster.masters()) {
+      if (/connected_slaves:0/.test(await cluster.cli(port, 'info', 'replication'))) alone = port;
+    }
+    assert.ok(alone !== undefined, 'a master without replica after the failover');
+    cluster.kill(alone);
+    const code = await codeOf((async () => {
+      const idx = await openLocationIndex(cluster.url, { namespace: `t${++nsCounter}`, deadlineMs: 4000 });
+      try {
+        await idx.record('dst', digests(300, 5000)); // a third of these digests' slots have no master now
+      } finally {
+        await idx.close();
+      }
+    })());
+    assert.equal(code, ErrorCode.INDEX);
+  });
 });
