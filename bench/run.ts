@@ -1,4 +1,4 @@
-// npm run bench [-- --only hash,zero,qcow2,bitmap,native,scan,cache,transfer,scale,codec,index,live,postcopy] [-- --json [FILE]]
+// npm run bench [-- --only hash,zero,qcow2,bitmap,native,scan,cache,transfer,scale,codec,index,live,postcopy,fleet-index] [-- --json [FILE]]
 // Every group checks its results against the reference before timing, runs
 // the peers in this one process, and prints ratios against the goals.
 import { writeFileSync } from 'node:fs';
@@ -17,6 +17,7 @@ import { benchScale } from './scale.js';
 import { benchLive } from './live.js';
 import { benchPostcopy } from './postcopy.js';
 import { benchQcow2 } from './qcow2.js';
+import { benchFleetIndex } from './fleet-index.js';
 
 // `--json` alone writes bench-results.json; `--json FILE` or `--json=FILE` names the file.
 const argv = process.argv.slice(2);
@@ -59,6 +60,12 @@ if (want('live')) {
 if (want('postcopy')) {
   const r = await benchPostcopy();
   if (r) extra.postcopy = r;
+}
+if (want('fleet-index')) {
+  // Starts its own Redis Cluster (redis-server) on loopback.
+  const r = await benchFleetIndex();
+  groups.push(...r.groups);
+  extra.fleetIndex = r.figures;
 }
 if (values.json) {
   writeFileSync(values.json, JSON.stringify({ machine, date: new Date().toISOString(), groups, ...extra }, null, 2) + '\n');

@@ -96,6 +96,8 @@ export const ErrorCode = {
   UNSUPPORTED_FEATURE: 'ERR_BF_UNSUPPORTED_FEATURE',
   /** A live migration's rounds could not bring the predicted downtime within its budget before the time limit (--on-stall wait). */
   NO_CONVERGENCE: 'ERR_BF_NO_CONVERGENCE',
+  /** The fleet's location index (a Redis Cluster) could not be reached, or kept failing past its deadline (no failover completed), or holds another layout. */
+  INDEX: 'ERR_BF_INDEX',
 } as const;
 
 export type ErrorCodeValue = (typeof ErrorCode)[keyof typeof ErrorCode];

@@ -76,3 +76,7 @@ export { similarity } from './similarity/images.js';
 export { buildIndex, type IndexOptions } from './blockindex/build.js';
 // Pages a person looks at (issue 14): similarity heatmaps and the migration report, self-contained HTML.
 export { similarityPage, migrationReport, timelineRounds, TimelineRecorder, DEFAULT_SAMPLE_MS, writePage, PAGE_CSP, type SimilarityPageOptions, type MigrationReportOptions, type ReportRound, type Timeline, type TimelineEvent, type TimelineSample, type RecordableOptions } from './report/index.js';
+// The fleet's location index (issue 12): embedded by default, Redis Cluster for redis://HOST:PORT
+// (src/fleet/redis-index.ts, loaded on demand: importing blockferry never loads ioredis).
+export { openLocationIndex, EmbeddedLocationIndex, type LocationIndex } from './fleet/location-index.js';
+export type { RedisIndexOptions, RedisLocationIndex } from './fleet/redis-index.js';

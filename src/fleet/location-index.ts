@@ -12,6 +12,7 @@
 // embedded implementation below is the default; `redis://HOST:PORT` names a
 // Redis Cluster (src/fleet/redis-index.ts).
 import { BlockferryError, ErrorCode } from '../errors.js';
+import type { RedisIndexOptions } from './redis-index.js';
 
 export const DIGEST_BYTES = 20;
 
@@ -130,11 +131,12 @@ export class EmbeddedLocationIndex implements LocationIndex {
 }
 
 /** The index a spec names: none → embedded; `redis://HOST:PORT[,HOST:PORT...]` → Redis Cluster. */
-export async function openLocationIndex(spec?: string): Promise<LocationIndex> {
+export async function openLocationIndex(spec?: string, options?: RedisIndexOptions): Promise<LocationIndex> {
   if (!spec) return new EmbeddedLocationIndex();
-  if (/^rediss?:\/\//.test(spec)) {
-    // Filled in by src/fleet/redis-index.ts.
-    throw new BlockferryError(ErrorCode.INVALID_ARGUMENT, `the Redis Cluster index is not built yet: ${spec}`);
+  if (/^rediss?:\/\//i.test(spec)) {
+    // Loaded only here, so that the embedded default never loads ioredis.
+    const { RedisLocationIndex } = await import('./redis-index.js');
+    return RedisLocationIndex.open(spec, options);
   }
   throw new BlockferryError(ErrorCode.INVALID_ARGUMENT, `--index takes redis://HOST:PORT, not ${JSON.stringify(spec)}`);
 }
