@@ -447,8 +447,12 @@ function backingPath(overlay: string, name: string): string {
   return isAbsolute(plain) ? plain : resolve(dirname(overlay), plain);
 }
 
-/** The files of a chain, top first, opened and checked: loops, depth, formats. */
-function openChain(path: string, native: NativeAddon | null, openRaw: RawOpener): Layer[] {
+/**
+ * The files of a chain, top first, opened and checked: loops, depth, formats.
+ * With `depth`, only the top `depth` files are opened (a stack of layers:
+ * below it reads as zeros), so a layer is readable without its backing file.
+ */
+function openChain(path: string, native: NativeAddon | null, openRaw: RawOpener, depth = MAX_CHAIN_DEPTH): Layer[] {
   const layers: Layer[] = [];
   const seen = new Set<string>();
   try {
@@ -475,7 +479,7 @@ function openChain(path: string, native: NativeAddon | null, openRaw: RawOpener)
       const layer: Qcow2Layer = new Qcow2Layer(next.path);
       layers.push(layer);
       const b: Header['backing'] = layer.header.backing;
-      next = b ? { path: backingPath(next.path, b.name), format: b.format, of: next.path } : undefined;
+      next = b && layers.length < depth ? { path: backingPath(next.path, b.name), format: b.format, of: next.path } : undefined;
     }
     return layers;
   } catch (e) {
@@ -495,9 +499,10 @@ export class Qcow2ImageSource implements ImageSource {
   readonly size: number;
   private layerList: Layer[] | undefined;
 
-  constructor(path: string, native: NativeAddon | null, openRaw: RawOpener) {
+  /** With `depth`, only the top `depth` layers: what lies below them reads as zeros (image/source.ts, format `qcow2-stack:N`). */
+  constructor(path: string, native: NativeAddon | null, openRaw: RawOpener, depth?: number) {
     this.path = path;
-    this.layerList = openChain(path, native, openRaw);
+    this.layerList = openChain(path, native, openRaw, depth);
     this.size = this.layerList[0]!.size;
   }
 
@@ -624,8 +629,8 @@ function push(out: Extent[], offset: number, length: number): void {
  * stale as soon as any layer changes (or the chain is re-pointed), not only
  * the top file.
  */
-export function qcow2Identity(path: string, native: NativeAddon | null, openRaw: RawOpener): ImageIdentity {
-  const src = new Qcow2ImageSource(path, native, openRaw);
+export function qcow2Identity(path: string, native: NativeAddon | null, openRaw: RawOpener, depth?: number): ImageIdentity {
+  const src = new Qcow2ImageSource(path, native, openRaw, depth);
   let layers: LayerInfo[];
   try {
     layers = src.layers;
