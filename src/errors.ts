@@ -96,6 +96,10 @@ export const ErrorCode = {
   UNSUPPORTED_FEATURE: 'ERR_BF_UNSUPPORTED_FEATURE',
   /** A live migration's rounds could not bring the predicted downtime within its budget before the time limit (--on-stall wait). */
   NO_CONVERGENCE: 'ERR_BF_NO_CONVERGENCE',
+  /** SnapMig: a backup server was asked for a layer (by identity) it does not hold. */
+  LAYER_NOT_HELD: 'ERR_BF_LAYER_NOT_HELD',
+  /** SnapMig: a layer at the destination is not the layer its identity names (a backup server sent other content), or is not there. */
+  LAYER_MISMATCH: 'ERR_BF_LAYER_MISMATCH',
 } as const;
 
 export type ErrorCodeValue = (typeof ErrorCode)[keyof typeof ErrorCode];

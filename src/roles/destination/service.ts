@@ -8,9 +8,11 @@ import type { Interval } from '../../blocks/intervals.js';
 import { escapeForLog, LOG_LINE_MAX } from '../../util/sanitize.js';
 import { DEFAULT_PARTIAL_TTL_MS, NAME_RE, prunePartials } from './partials.js';
 import { Channel } from '../../protocol/channel.js';
-import { CAPABILITIES, CAP_ZSTD, serverHandshake, type AuthOptions } from '../../protocol/handshake.js';
+import { CAPABILITIES, CAP_SNAPMIG, CAP_ZSTD, serverHandshake, type AuthOptions } from '../../protocol/handshake.js';
 import { serverTls, securityFrom, type ServerTls, type TlsOptions } from '../../transport/tls.js';
-import { BEGIN, BEGIN_OVERWRITE, type Begin } from '../../protocol/messages.js';
+import { BEGIN, BEGIN_OVERWRITE, decode, type Begin } from '../../protocol/messages.js';
+import { Msg, msgName } from '../../protocol/frame.js';
+import { serveChain } from './chain.js';
 import { listen, parseTarget, type Listener } from '../../transport/tcp.js';
 import { Neighbourhood } from '../../blockindex/neighbourhood.js';
 import { Scanner } from '../../scan/scanner.js';
@@ -237,9 +239,16 @@ export class DestinationService implements Role {
   async serve(ch: Channel, authenticated?: () => void): Promise<void> {
     ch.setIdleTimeout(this.options.idleTimeout ?? DEFAULT_IDLE_TIMEOUT_MS);
     const auth = { ...this.options.auth, certificates: !!this.options.tls };
-    const caps = await serverHandshake(ch, auth, this.options.compression === false ? CAPABILITIES & ~CAP_ZSTD : CAPABILITIES);
+    const offered = CAPABILITIES | CAP_SNAPMIG;
+    const caps = await serverHandshake(ch, auth, this.options.compression === false ? offered & ~CAP_ZSTD : offered);
     authenticated?.();
-    const begin = await ch.recv(BEGIN);
+    const first = await ch.next();
+    // SnapMig: a coordinator's connection says what chain the layers (each an ordinary migration) make (roles/destination/chain.ts).
+    if ((first.type === Msg.CHAIN_BEGIN || first.type === Msg.CHAIN_COMMIT) && caps & CAP_SNAPMIG) {
+      return serveChain(ch, first, { dataDir: this.options.dataDir, scanner: this.scanner, busy: (image) => this.active.has(image), log: (l) => this.log(l) });
+    }
+    if (first.type !== Msg.BEGIN) throw new ProtocolError(ErrorCode.PROTOCOL, `expected BEGIN, got ${msgName(first.type)}`);
+    const begin = decode(BEGIN, first.payload);
     this.log(`migration into ${escapeForLog(begin.name)} from ${ch.socket.remoteAddress}: ${begin.size} bytes, strategy ${escapeForLog(begin.strategy)}`);
     this.check(begin);
     await this.claim(begin.name);
