@@ -66,3 +66,9 @@ export type { Traffic, TrafficKind } from './protocol/channel.js';
 export { NbdServer, nbdUri, type NbdServerOptions, type NbdExports, type NbdAddress } from './nbd/server.js';
 export { FileExport, type FileExportOptions } from './nbd/file-export.js';
 export { NbdExportError, type NbdExport, type StatusExtent } from './nbd/protocol.js';
+// SnapMig (paper 000): backup servers send the base and older snapshots, the source only its newest changes.
+export { BackupService, type BackupOptions } from './roles/backup/service.js';
+export { migrateChain, chainFiles, type ChainMigrateOptions, type ChainMigrationResult, type LayerSendReport } from './snapmig/migrate-chain.js';
+export { planMigration, replan, SnapshotIndex, SNAP_STRATEGIES, type SnapStrategy, type Plan, type PlannedSend, type ChainLayer, type Holding, type MergedPrefix } from './snapmig/plan.js';
+export { layerIdentity, stackMap, digestLayer, IDENTITY_BLOCK, type LayerIdentity, type StackMap } from './snapmig/identity.js';
+export { LAYER_SINKS, chainSink, flatSink, copyCovered, type LayerSink, type LayerSinkFactory, type ReceivedLayer } from './roles/destination/chain.js';

@@ -15,6 +15,7 @@ import { BackupService } from '../src/roles/backup/service.js';
 import { migrateChain, type ChainMigrationResult } from '../src/snapmig/migrate-chain.js';
 import { stackMap } from '../src/snapmig/identity.js';
 import { Scanner } from '../src/scan/scanner.js';
+import { spawn } from 'node:child_process';
 import { haveTools, io, makeChain, qemuRaw, run } from './snapmig-fixtures.js';
 
 const auth = { key: randomBytes(32) };
@@ -85,7 +86,8 @@ function rebuildQcow2(dataDir: string, name: string): string[] {
   return out;
 }
 
-function checkChainAtDestination(dataDir: string, name: string): void {
+function checkChainAtDestination(dataDir: string, name: string, chain = files): void {
+  const files = chain;
   for (let k = 0; k < files.length; k++) assert.ok(destinationState(dataDir, name, k).equals(qemuRaw(files[k]!)), `layer ${k} as the destination holds it reads as the source's`);
   const rebuilt = rebuildQcow2(dataDir, name);
   run('qemu-img', ['check', '-q', rebuilt[rebuilt.length - 1]!]);
@@ -195,6 +197,44 @@ describe('SnapMig on loopback', { skip }, () => {
       checkChainAtDestination(join(dir, 'd6'), 'vm');
     } finally {
       await bk.close().catch(() => {});
+      await dst.close();
+    }
+  });
+
+  it('live: qemu-io keeps writing the active layer during the migration; rescan rounds, pause at the cutover, the chain arrives as it was at the pause', async () => {
+    const live = makeChain(dir, 'live-');
+    const dst = await destination('d7');
+    const copies = join(dir, 'bk7-img');
+    mkdirSync(copies, { recursive: true });
+    const held = live.slice(0, 3).map((f, i) => { const c = join(copies, `n${i}.qcow2`); copyFileSync(f, c); return c; });
+    for (let i = 1; i < 3; i++) run('qemu-img', ['rebase', '-u', '-f', 'qcow2', '-b', held[i - 1]!, '-F', 'qcow2', held[i]!]);
+    const bk = await BackupService.start({ dataDir: join(dir, 'bk7'), images: held, auth });
+    const stop = join(dir, 'live-STOP'), stopped = join(dir, 'live-STOPPED'), count = join(dir, 'live-COUNT');
+    // A writer in its own process: 64 KiB writes of changing patterns all over the active layer until told to stop.
+    const writer = spawn('sh', ['-c', `i=0; while [ ! -e ${stop} ]; do qemu-io -c "write -P $((i % 200 + 1)) $(( (i * 7919 % 700) * 65536 )) 64k" ${live[3]} >/dev/null || exit 1; i=$((i+1)); echo $i > ${count}; done; touch ${stopped}`], { stdio: 'ignore' });
+    try {
+      let writesAtPause = 0;
+      const r = await migrateChain(live[3]!, {
+        to: `127.0.0.1:${dst.address.port}`, backups: [`127.0.0.1:${bk.address.port}`], strategy: 'snapmig', auth, scanner, name: 'vm',
+        live: {
+          rescan: true, maxDowntime: 2000, maxRounds: 4,
+          pause: async () => {
+            writeFileSync(stop, '');
+            while (!existsSync(stopped)) await new Promise((res) => setTimeout(res, 20));
+            writesAtPause = Number(readFileSync(count, 'utf8'));
+          },
+        },
+      });
+      assert.ok(writesAtPause > 0, 'the writer wrote during the migration');
+      const act = r.sends.find((s) => s.reason === 'active')!;
+      assert.equal(act.sender, 'source');
+      assert.ok(act.rounds! >= 1, 'the active layer went through rescan rounds');
+      assert.ok(r.downtimeSeconds > 0);
+      checkChainAtDestination(join(dir, 'd7'), 'vm', live);
+    } finally {
+      writeFileSync(stop, '');
+      if (writer.exitCode === null) await new Promise((res) => writer.once('exit', res));
+      await bk.close();
       await dst.close();
     }
   });

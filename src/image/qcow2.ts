@@ -226,6 +226,8 @@ class Qcow2Layer {
   private readonly l2CacheMax: number;
   private compressed: { desc: string; data: Buffer } | undefined;
   private dctx: InstanceType<typeof ZstdBinding.DCtx> | undefined;
+  /** Size and mtime (ns) of the file when its metadata was read: a writer changing them makes the cached L1 and L2 tables stale. */
+  stamp = '';
 
   constructor(path: string) {
     this.path = path;
@@ -237,7 +239,9 @@ class Qcow2Layer {
       fail(ErrorCode.IMAGE_UNREADABLE, path, `cannot open for reading (${code ?? 'error'})`, cause);
     }
     try {
-      this.fileSize = fstatSync(this.fd).size;
+      const st = fstatSync(this.fd, { bigint: true });
+      this.stamp = `${st.size}:${st.mtimeNs}`;
+      this.fileSize = Number(st.size);
       this.header = parseHeader(this.fd, path, this.fileSize);
       this.size = this.header.size;
       this.clusterSize = 2 ** this.header.clusterBits;
@@ -508,6 +512,18 @@ export class Qcow2ImageSource implements ImageSource {
 
   private get chain(): Layer[] {
     if (!this.layerList) throw new InvalidArgumentError('source', 'an open source', 'a closed one');
+    const top = this.layerList[0];
+    // A live migration reads the active layer while a writer (qemu-io, a VM) changes it: when its file
+    // changed since its metadata was read, the top file is opened again (one fstat per call otherwise).
+    if (top instanceof Qcow2Layer) {
+      const st = statSync(top.path, { bigint: true });
+      if (`${st.size}:${st.mtimeNs}` !== top.stamp) {
+        const fresh = new Qcow2Layer(top.path);
+        if (fresh.size !== top.size) { fresh.close(); fail(ErrorCode.IMAGE_CHANGED, top.path, `virtual size changed from ${top.size} to ${fresh.size} while open`); }
+        top.close();
+        this.layerList[0] = fresh;
+      }
+    }
     return this.layerList;
   }
 

@@ -65,6 +65,8 @@ export interface LayerSendReport {
   skipped: boolean;
   /** Blocks the destination kept from an earlier attempt at this layer (a sender that was interrupted), source sends only. */
   resumedBlocks?: number;
+  /** Pre-copy rounds of its migration (source sends; the active layer's live rounds). */
+  rounds?: number;
   /** The planned sender failed; the source sent it instead (why). */
   fallbackFrom?: string;
   fallbackReason?: string;
@@ -191,7 +193,7 @@ export async function migrateChain(top: string, o: ChainMigrateOptions): Promise
     const fromSource = async (s: PlannedSend, extra: Partial<LayerSendReport> = {}, live = false, overwrite = !!o.overwrite): Promise<MigrationResult> => {
       const f = files[s.layers[s.layers.length - 1]!]!;
       const r = await migrate(f, { ...common, ...(live ? liveOpts : {}), name: imageOf(s), strategy: 'full', format: `qcow2-stack:${s.layers.length}`, overwrite });
-      account({ layers: s.layers, image: imageOf(s), sender: SOURCE, reason: s.reason, dataBytes: s.dataBytes, wireBytes: trafficTotal(r.wire.sent), seconds: r.seconds, skipped: false, resumedBlocks: r.blocks.resumed, ...extra });
+      account({ layers: s.layers, image: imageOf(s), sender: SOURCE, reason: s.reason, dataBytes: s.dataBytes, wireBytes: trafficTotal(r.wire.sent), seconds: r.seconds, skipped: false, resumedBlocks: r.blocks.resumed, rounds: r.rounds, ...extra });
       return r;
     };
     const skip = (s: PlannedSend) => account({ layers: s.layers, image: imageOf(s), sender: s.sender, reason: s.reason, dataBytes: s.dataBytes, wireBytes: 0, seconds: 0, skipped: true });

@@ -163,9 +163,10 @@ export class BackupService implements Role {
   }
 
   async close(): Promise<void> {
-    await this.listener?.close();
+    // Sends in flight end first (a listener's close waits for its connections).
     for (const a of this.sends) a.abort(new Error('the backup server is closing'));
     this.gate.destroyAll();
+    await this.listener?.close();
     await this.scanner.close();
   }
 }
