@@ -52,3 +52,14 @@ export function qemuRaw(file: string): Buffer {
   run('qemu-img', ['convert', '-O', 'raw', file, out]);
   return readFileSync(out);
 }
+
+/** Layer k of a destination's chain read through layers 0..k (the manifest's covered ranges over each raw file). */
+export function destinationState(dataDir: string, name: string, k: number): Buffer {
+  const m = JSON.parse(readFileSync(join(dataDir, `${name}.chain.json`), 'utf8')) as { size: number; layers: { file: string; covered: { offset: number; length: number }[] }[] };
+  const out = Buffer.alloc(m.size);
+  for (const l of m.layers.slice(0, k + 1)) {
+    const b = readFileSync(join(dataDir, l.file));
+    for (const c of l.covered) b.copy(out, c.offset, c.offset, c.offset + c.length);
+  }
+  return out;
+}
