@@ -1,7 +1,7 @@
 // Chains for the SnapMig tests: a base ext4 file system (mkfs.ext4 -d of a
 // file tree) and three snapshots, each the file system after files were
 // written into it (debugfs -w), turned into qcow2 overlays holding only what
-// changed (qemu-img rebase against the layer below), plus patterns and zero
+// changed (qemu-img convert -B against the layer below), plus patterns and zero
 // clusters written through qemu-io.
 import { execFileSync } from 'node:child_process';
 import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
@@ -37,8 +37,8 @@ export function makeChain(dir: string, prefix = '', activeMiB = 2): string[] {
     writeFileSync(p(`${name}.file`), seededBytes(1000 + seed, bytes));
     run('debugfs', ['-w', '-R', `write ${p(`${name}.file`)} ${name}.dat`, p(`${name}.raw`)]);
     if (name === 's2') run('debugfs', ['-w', '-R', 'rm usr/lib/lib3.so', p(`${name}.raw`)]);
-    run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', p(`${name}.raw`), p(`${name}.qcow2`)]);
-    run('qemu-img', ['rebase', '-f', 'qcow2', '-b', p(`${prev}.qcow2`), '-F', 'qcow2', p(`${name}.qcow2`)]);
+    // An overlay holding only the clusters that differ from the chain below (qemu-img convert -B).
+    run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-B', p(`${prev}.qcow2`), '-F', 'qcow2', p(`${name}.raw`), p(`${name}.qcow2`)]);
     if (name === 's2') io(p('s2.qcow2'), 'write -z 40M 128k');
     prev = name;
   }
