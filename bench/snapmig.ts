@@ -15,6 +15,7 @@ import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import Table from 'cli-table3';
 import { benchCorpus } from './corpus.js';
+import { overlayOf } from '../test/snapmig-fixtures.js';
 import { snapHosts, type SnapHosts } from './snapmig-hosts.js';
 import { Scanner } from '../src/scan/scanner.js';
 import { layerIdentity, rawLayerDigest, stackMap } from '../src/snapmig/identity.js';
@@ -48,13 +49,13 @@ const run = (cmd: string, args: string[]) => {
 function buildChain(older: string, newer: string): string[] {
   const f = (n: string) => join(WORK, n);
   const files = ['base', 's1', 's2', 'act'].map((n) => f(`${n}.qcow2`));
-  const stamp = f('CHAIN-v2');
+  const stamp = f('CHAIN-v3');
   if (existsSync(stamp) && files.every(existsSync)) return files;
   rmSync(WORK, { recursive: true, force: true });
   mkdirSync(WORK, { recursive: true });
   run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', older, files[0]!]);
-  // Each snapshot holds only the clusters that differ from the chain below it (qemu-img convert -B).
-  run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-B', files[0]!, '-F', 'qcow2', newer, files[1]!]);
+  // Each snapshot holds only the clusters that differ from the chain below it.
+  overlayOf(newer, files[0]!, files[1]!);
   // Snapshots 2 and 3: real files of the newer root written into it again under new names (a package cache, a build tree).
   const big = ['/usr/lib/x86_64-linux-gnu/libasan.so.8.0.0', '/usr/lib/x86_64-linux-gnu/libtsan.so.2.0.0', '/usr/lib/x86_64-linux-gnu/libc.a', '/usr/lib/x86_64-linux-gnu/libcrypto.so.3', '/usr/lib/x86_64-linux-gnu/libperl.so.5.36.0'];
   let raw = f('state.raw');
@@ -68,7 +69,7 @@ function buildChain(older: string, newer: string): string[] {
       writeFileSync(out, b);
       for (let copy = 0; copy < (k === 2 ? 2 : 1); copy++) run('debugfs', ['-w', '-R', `write ${out} snap${k}-${i}-${copy}`, raw]);
     }
-    run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-B', files[k - 1]!, '-F', 'qcow2', raw, f(`${name}.qcow2`)]);
+    overlayOf(raw, files[k - 1]!, f(`${name}.qcow2`));
   }
   rmSync(raw, { force: true });
   raw = '';
@@ -78,7 +79,7 @@ function buildChain(older: string, newer: string): string[] {
     run('cp', ['--sparse=always', files[i]!, f(`backup/nightly-${i}.qcow2`)]);
     if (i) run('qemu-img', ['rebase', '-u', '-f', 'qcow2', '-b', f(`backup/nightly-${i - 1}.qcow2`), '-F', 'qcow2', f(`backup/nightly-${i}.qcow2`)]);
   }
-  writeFileSync(stamp, 'v2\n');
+  writeFileSync(stamp, 'v3\n');
   return files;
 }
 

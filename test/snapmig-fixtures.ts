@@ -1,10 +1,10 @@
 // Chains for the SnapMig tests: a base ext4 file system (mkfs.ext4 -d of a
 // file tree) and three snapshots, each the file system after files were
 // written into it (debugfs -w), turned into qcow2 overlays holding only what
-// changed (qemu-img convert -B against the layer below), plus patterns and zero
+// changed (overlayOf: qemu-img rebase against the layer below), plus patterns and zero
 // clusters written through qemu-io.
 import { execFileSync } from 'node:child_process';
-import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { seededBytes } from './util.js';
 
@@ -19,6 +19,19 @@ export const haveTools = (() => {
     return false;
   }
 })();
+
+/**
+ * A qcow2 overlay over `below` holding exactly the clusters where the raw
+ * state differs from it: an empty overlay over the state converted whole,
+ * rebased (safe mode) onto `below`, which writes the clusters that differ.
+ */
+export function overlayOf(state: string, below: string, out: string): void {
+  const full = `${out}.full.qcow2`;
+  run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', state, full]);
+  run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', full, '-F', 'qcow2', out]);
+  run('qemu-img', ['rebase', '-f', 'qcow2', '-b', below, '-F', 'qcow2', out]);
+  rmSync(full);
+}
 
 /** base ← s1 ← s2 ← act in dir (qcow2, 48 MiB guests); returns the files base first. `activeMiB`: data the active layer adds. */
 export function makeChain(dir: string, prefix = '', activeMiB = 2): string[] {
@@ -37,8 +50,7 @@ export function makeChain(dir: string, prefix = '', activeMiB = 2): string[] {
     writeFileSync(p(`${name}.file`), seededBytes(1000 + seed, bytes));
     run('debugfs', ['-w', '-R', `write ${p(`${name}.file`)} ${name}.dat`, p(`${name}.raw`)]);
     if (name === 's2') run('debugfs', ['-w', '-R', 'rm usr/lib/lib3.so', p(`${name}.raw`)]);
-    // An overlay holding only the clusters that differ from the chain below (qemu-img convert -B).
-    run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-B', p(`${prev}.qcow2`), '-F', 'qcow2', p(`${name}.raw`), p(`${name}.qcow2`)]);
+    overlayOf(p(`${name}.raw`), p(`${prev}.qcow2`), p(`${name}.qcow2`));
     if (name === 's2') io(p('s2.qcow2'), 'write -z 40M 128k');
     prev = name;
   }

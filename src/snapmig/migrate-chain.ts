@@ -12,7 +12,7 @@ import { Channel } from '../protocol/channel.js';
 import { CAP_SNAPMIG, clientHandshake, type AuthOptions } from '../protocol/handshake.js';
 import {
   CHAIN_BEGIN, CHAIN_BEGIN_OK, CHAIN_CHECK_ONLY, CHAIN_COMMIT, CHAIN_DONE, CHAIN_FLATTEN, CHAIN_OVERWRITE, LAYERS, LAYERS_RESULT, LAYER_ABSENT,
-  SEND_LAYER, SEND_LAYER_RESULT, SEND_OVERWRITE, VERDICT_OK, trafficTotal, type ChainLayerCommit,
+  SEND_LAYER, SEND_LAYER_RESULT, SEND_OVERWRITE, VERDICT_OK, trafficTotal, type ChainLayerCommit, type MessageDef,
 } from '../protocol/messages.js';
 import { connect } from '../transport/tcp.js';
 import { connect as connectTls, securityFrom, type TlsOptions } from '../transport/tls.js';
@@ -185,8 +185,17 @@ export async function migrateChain(top: string, o: ChainMigrateOptions): Promise
     }
 
     const imageOf = (s: PlannedSend) => s.layers.length === 1 ? `${name}.L${s.layers[0]}` : `${name}.L${s.layers[0]}-${s.layers[s.layers.length - 1]}`;
-    dst = await link(o.to, o.auth, o.tls);
-    const states = await dst.ch.request(CHAIN_BEGIN, { name, layers: plan.sends.map((s) => ({ image: imageOf(s), identity: s.identity ?? NO_IDENTITY })) }, CHAIN_BEGIN_OK);
+    // One short connection per request: layers take longer than the destination's idle deadline.
+    const toDst = async <Q, A>(d: MessageDef<Q>, m: Q, answer: MessageDef<A>): Promise<A> => {
+      dst = await link(o.to, o.auth, o.tls);
+      try {
+        return await dst.ch.request(d, m, answer);
+      } finally {
+        dst.close();
+        dst = undefined;
+      }
+    };
+    const states = await toDst(CHAIN_BEGIN, { name, layers: plan.sends.map((s) => ({ image: imageOf(s), identity: s.identity ?? NO_IDENTITY })) }, CHAIN_BEGIN_OK);
     const held = new Set(plan.sends.filter((_, i) => states[i] !== LAYER_ABSENT).map(imageOf));
 
     // The source sends a layer: an ordinary migration of the layer's own view.
@@ -238,7 +247,7 @@ export async function migrateChain(top: string, o: ChainMigrateOptions): Promise
     const older = finalSends.filter((s) => s.reason !== 'active');
     // Check what the backup servers sent before the cutover: a layer that is not what the source's chain says is sent again by the source.
     if (older.length) {
-      const checked = await dst.ch.request(CHAIN_COMMIT, { name, size: stackMap(top, 1).size, flags: CHAIN_CHECK_ONLY, layers: older.map(commitOf) }, CHAIN_DONE);
+      const checked = await toDst(CHAIN_COMMIT, { name, size: stackMap(top, 1).size, flags: CHAIN_CHECK_ONLY, layers: older.map(commitOf) }, CHAIN_DONE);
       for (const [i, v] of checked.verdicts.entries()) {
         if (v === VERDICT_OK) continue;
         const s = older[i]!;
@@ -254,7 +263,7 @@ export async function migrateChain(top: string, o: ChainMigrateOptions): Promise
     // Sent every time: it may have changed since an earlier attempt committed it (that image is this chain's: replaced).
     downtime = (await fromSource(act, {}, true, !!o.overwrite || held.has(imageOf(act)))).downtimeSeconds;
     const tCommit = performance.now();
-    const done = await dst.ch.request(CHAIN_COMMIT, { name, size: stackMap(top, 1).size, flags, layers: finalSends.map(commitOf) }, CHAIN_DONE);
+    const done = await toDst(CHAIN_COMMIT, { name, size: stackMap(top, 1).size, flags, layers: finalSends.map(commitOf) }, CHAIN_DONE);
     if (!done.written) throw new BlockferryError(ErrorCode.LAYER_MISMATCH, `the destination did not write chain ${name}: layer verdicts ${done.verdicts.join(',')}`);
     if (resume) await resume();
     if (o.live) downtime += (performance.now() - tCommit) / 1000;
