@@ -28,6 +28,8 @@ const KEY = 'snapmig-bench-key-0123456789abcdef';
 
 export interface SnapmigRow {
   strategy: string;
+  /** The run with the co-located writer (its slowdown), or without (the clean time and bytes). */
+  writer: boolean;
   seconds: number;
   sourceSentBytes: number;
   activeLayerBytes: number;
@@ -135,21 +137,25 @@ export async function benchSnapmig(): Promise<{ rows: SnapmigRow[]; chain: { lay
     console.log(`backup server indexed its layers in ${((performance.now() - t) / 1000).toFixed(1)} s (cached in its data directory after the first run)`);
     const wfile = join(WORK, 'colocated.img');
     const measure = (w: ChildProcess, seconds: number) => new Promise<number>((res) => { const a = wchar(w.pid!); setTimeout(() => res((wchar(w.pid!) - a) / seconds / MB), seconds * 1000); });
-    for (const strategy of ['snapmig', 'fullmig', 'selectivemig']) {
+    // Two passes: without a writer (time and bytes), then with the co-located writer (its slowdown).
+    for (const withWriter of [false, true]) for (const strategy of ['snapmig', 'fullmig', 'selectivemig']) {
       const data = join(WORK, `dst-${strategy}`);
       rmSync(data, { recursive: true, force: true });
       const dst = await serveIn(hosts.inDst, ['--listen', `${hosts.dst}:0`, '--data-dir', data], keyFile);
-      const w = writer(wfile);
+      const w = withWriter ? writer(wfile) : undefined;
       try {
-        await new Promise((r) => setTimeout(r, 1000));
-        const alone = await measure(w, 4);
+        let alone = 0;
+        if (w) {
+          await new Promise((r) => setTimeout(r, 1000));
+          alone = await measure(w, 4);
+        }
         const before = hosts.bytes();
-        const a0 = wchar(w.pid!);
+        const a0 = w ? wchar(w.pid!) : 0;
         const t0 = performance.now();
         const args = [files[3]!, '--strategy', strategy, '--to', `${hosts.dst}:${dst.port}`, '--name', 'vm', '--cache-dir', cache, '--json', '--key-file', keyFile, ...(strategy === 'snapmig' ? ['--backup', `${hosts.bak}:${bk.port}`] : [])];
         const out = run(hosts.inSrc[0]!, [...hosts.inSrc.slice(1), process.execPath, bin, 'migrate', ...args]);
         const seconds = (performance.now() - t0) / 1000;
-        const during = (wchar(w.pid!) - a0) / seconds / MB;
+        const during = w ? (wchar(w.pid!) - a0) / seconds / MB : 0;
         const after = hosts.bytes();
         const r = JSON.parse(out) as ChainMigrationResult;
         // Check before reporting.
@@ -166,12 +172,12 @@ export async function benchSnapmig(): Promise<{ rows: SnapmigRow[]; chain: { lay
         }
         if (!checked) throw new Error(`${strategy}: the destination's result is not the source's chain`);
         rows.push({
-          strategy, seconds, sourceSentBytes: r.bytesBySender.source ?? 0, activeLayerBytes: r.activeLayerBytes,
+          strategy, writer: withWriter, seconds, sourceSentBytes: r.bytesBySender.source ?? 0, activeLayerBytes: r.activeLayerBytes,
           links: { srcToDst: after.srcToDst - before.srcToDst, bakToDst: after.bakToDst - before.bakToDst, srcToBak: after.srcToBak - before.srcToBak },
-          bySender: r.bytesBySender, writerAloneMBs: alone, writerDuringMBs: during, writerSlowdownPercent: 100 * (1 - during / alone), checked,
+          bySender: r.bytesBySender, writerAloneMBs: alone, writerDuringMBs: during, writerSlowdownPercent: w ? 100 * (1 - during / alone) : 0, checked,
         });
       } finally {
-        w.kill('SIGKILL');
+        w?.kill('SIGKILL');
         await dst.stop();
         rmSync(data, { recursive: true, force: true });
       }
@@ -181,13 +187,14 @@ export async function benchSnapmig(): Promise<{ rows: SnapmigRow[]; chain: { lay
     await scanner.close();
     hosts.drop();
   }
-  const table = new Table({ head: ['strategy', 'total s', 'source sent MB', 'src→dst link MB', 'backup→dst link MB', 'src→backup MB', 'writer MB/s alone → during', 'writer slowdown'] });
+  const table = new Table({ head: ['strategy', 'writer', 'total s', 'source sent MB', 'src→dst link MB', 'backup→dst link MB', 'src→backup MB', 'writer MB/s alone → during', 'writer slowdown'] });
   for (const r of rows) {
-    table.push([r.strategy, r.seconds.toFixed(1), (r.sourceSentBytes / MB).toFixed(1), (r.links.srcToDst / MB).toFixed(1), (r.links.bakToDst / MB).toFixed(1), (r.links.srcToBak / MB).toFixed(3),
-      `${r.writerAloneMBs.toFixed(0)} → ${r.writerDuringMBs.toFixed(0)}`, `${r.writerSlowdownPercent.toFixed(0)} %`]);
+    table.push([r.strategy, r.writer ? 'yes' : 'no', r.seconds.toFixed(1), (r.sourceSentBytes / MB).toFixed(1), (r.links.srcToDst / MB).toFixed(1), (r.links.bakToDst / MB).toFixed(1), (r.links.srcToBak / MB).toFixed(3),
+      r.writer ? `${r.writerAloneMBs.toFixed(0)} → ${r.writerDuringMBs.toFixed(0)}` : '—', r.writer ? `${r.writerSlowdownPercent.toFixed(0)} %` : '—']);
   }
   console.log(table.toString());
-  const snap = rows.find((r) => r.strategy === 'snapmig')!, full = rows.find((r) => r.strategy === 'fullmig')!, sel = rows.find((r) => r.strategy === 'selectivemig')!;
+  const clean = rows.filter((r) => !r.writer);
+  const snap = clean.find((r) => r.strategy === 'snapmig')!, full = clean.find((r) => r.strategy === 'fullmig')!, sel = clean.find((r) => r.strategy === 'selectivemig')!;
   const ratio = snap.sourceSentBytes / snap.activeLayerBytes;
   console.log(`goal: SnapMig's source sends ≤ 1.05 × its active layer's changes: ${ratio.toFixed(3)} × (${(snap.sourceSentBytes / MB).toFixed(1)} MB for ${(snap.activeLayerBytes / MB).toFixed(1)} MB) ${ratio <= 1.05 ? 'met' : 'NOT met'}`);
   const tr = snap.seconds / full.seconds;

@@ -128,7 +128,8 @@ describe('SnapMig on loopback', { skip }, () => {
       const r = await migrateChain(files[3]!, { to: `127.0.0.1:${dst.address.port}`, strategy: 'fullmig', auth, scanner, name: 'vm' });
       assert.deepEqual(senders(r), ['0:source', '1:source', '2:source', '3:source']);
       const all = files.reduce((n, f) => n + stackMap(f, 1).dataBytes, 0);
-      assert.ok(r.bytesBySender.source! > 0.9 * all);
+      // Every layer crossed from the source (block data compressed where it pays: patterns shrink).
+      assert.ok(r.bytesBySender.source! > 0.3 * all, `source sent ${r.bytesBySender.source} of ${all}`);
       checkChainAtDestination(join(dir, 'd2'), 'vm');
     } finally {
       await dst.close();
