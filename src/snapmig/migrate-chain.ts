@@ -7,7 +7,10 @@
 // the same command with another plan. A backup server that fails or
 // vanishes mid-send costs the source its layers (the destination resumes
 // the partial image the backup server left: only what is missing crosses).
-import { BlockferryError, ErrorCode, InvalidArgumentError } from '../errors.js';
+import { BlockferryError, ErrorCode, InvalidArgumentError, ProtocolError } from '../errors.js';
+
+/** Seconds a source send retries a name the destination says is busy (a vanished sender's session not yet taken over). */
+const BUSY_RETRIES = 30;
 import { Channel } from '../protocol/channel.js';
 import { CAP_SNAPMIG, clientHandshake, type AuthOptions } from '../protocol/handshake.js';
 import {
@@ -201,7 +204,18 @@ export async function migrateChain(top: string, o: ChainMigrateOptions): Promise
     // The source sends a layer: an ordinary migration of the layer's own view.
     const fromSource = async (s: PlannedSend, extra: Partial<LayerSendReport> = {}, live = false, overwrite = !!o.overwrite): Promise<MigrationResult> => {
       const f = files[s.layers[s.layers.length - 1]!]!;
-      const r = await migrate(f, { ...common, ...(live ? liveOpts : {}), name: imageOf(s), strategy: 'full', format: `qcow2-stack:${s.layers.length}`, overwrite });
+      // A layer a vanished backup server was sending may still be held by its session at the destination:
+      // that session is taken over once silent for the destination's grace (5 s by default), so BUSY is retried a while.
+      let r: MigrationResult | undefined;
+      for (let attempt = 0; !r; attempt++) {
+        try {
+          r = await migrate(f, { ...common, ...(live ? liveOpts : {}), name: imageOf(s), strategy: 'full', format: `qcow2-stack:${s.layers.length}`, overwrite });
+        } catch (e) {
+          if (!(e instanceof ProtocolError && e.remoteCode === ErrorCode.BUSY) || attempt >= BUSY_RETRIES) throw e;
+          event('busy-retry', { layer: imageOf(s), attempt });
+          await new Promise((res) => setTimeout(res, 1000));
+        }
+      }
       account({ layers: s.layers, image: imageOf(s), sender: SOURCE, reason: s.reason, dataBytes: s.dataBytes, wireBytes: trafficTotal(r.wire.sent), seconds: r.seconds, skipped: false, resumedBlocks: r.blocks.resumed, rounds: r.rounds, ...extra });
       return r;
     };
