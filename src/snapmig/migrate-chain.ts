@@ -275,12 +275,14 @@ export async function migrateChain(top: string, o: ChainMigrateOptions): Promise
     const act = finalSends.find((s) => s.reason === 'active')!;
     let downtime = 0;
     // Sent every time: it may have changed since an earlier attempt committed it (that image is this chain's: replaced).
-    downtime = (await fromSource(act, {}, true, !!o.overwrite || held.has(imageOf(act)))).downtimeSeconds;
+    const isLive = !!(o.live?.rescan || o.live?.tracked || o.live?.qmp || o.live?.pause);
+    const actResult = await fromSource(act, {}, true, !!o.overwrite || held.has(imageOf(act)));
+    if (isLive) downtime = actResult.downtimeSeconds; // nothing paused: no downtime
     const tCommit = performance.now();
     const done = await toDst(CHAIN_COMMIT, { name, size: stackMap(top, 1).size, flags, layers: finalSends.map(commitOf) }, CHAIN_DONE);
     if (!done.written) throw new BlockferryError(ErrorCode.LAYER_MISMATCH, `the destination did not write chain ${name}: layer verdicts ${done.verdicts.join(',')}`);
     if (resume) await resume();
-    if (o.live) downtime += (performance.now() - tCommit) / 1000;
+    if (isLive) downtime += (performance.now() - tCommit) / 1000;
     event('done');
     return {
       name, strategy: o.strategy, flatten: !!o.flatten, seconds: (performance.now() - t0) / 1000, downtimeSeconds: downtime, identitySeconds, plan, sends,
