@@ -456,7 +456,7 @@ function backingPath(overlay: string, name: string): string {
  * With `depth`, only the top `depth` files are opened (a stack of layers:
  * below it reads as zeros), so a layer is readable without its backing file.
  */
-function openChain(path: string, native: NativeAddon | null, openRaw: RawOpener, depth = MAX_CHAIN_DEPTH): Layer[] {
+function openChain(path: string, native: NativeAddon | null, openRaw: RawOpener, depth?: number): Layer[] {
   const layers: Layer[] = [];
   const seen = new Set<string>();
   try {
@@ -483,7 +483,7 @@ function openChain(path: string, native: NativeAddon | null, openRaw: RawOpener,
       const layer: Qcow2Layer = new Qcow2Layer(next.path);
       layers.push(layer);
       const b: Header['backing'] = layer.header.backing;
-      next = b && layers.length < depth ? { path: backingPath(next.path, b.name), format: b.format, of: next.path } : undefined;
+      next = b && (depth === undefined || layers.length < depth) ? { path: backingPath(next.path, b.name), format: b.format, of: next.path } : undefined;
     }
     return layers;
   } catch (e) {
