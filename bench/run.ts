@@ -1,4 +1,4 @@
-// npm run bench [-- --only hash,zero,qcow2,bitmap,native,scan,cache,transfer,scale,codec,index,live,postcopy,fleet-index] [-- --json [FILE]]
+// npm run bench [-- --only hash,zero,qcow2,bitmap,native,scan,cache,transfer,scale,codec,index,live,postcopy,fleet-index,snapmig] [-- --json [FILE]]
 // Every group checks its results against the reference before timing, runs
 // the peers in this one process, and prints ratios against the goals.
 import { writeFileSync } from 'node:fs';
@@ -18,6 +18,7 @@ import { benchLive } from './live.js';
 import { benchPostcopy } from './postcopy.js';
 import { benchQcow2 } from './qcow2.js';
 import { benchFleetIndex } from './fleet-index.js';
+import { benchSnapmig } from './snapmig.js';
 
 // `--json` alone writes bench-results.json; `--json FILE` or `--json=FILE` names the file.
 const argv = process.argv.slice(2);
@@ -66,6 +67,10 @@ if (want('fleet-index')) {
   const r = await benchFleetIndex();
   groups.push(...r.groups);
   extra.fleetIndex = r.figures;
+}
+if (want('snapmig')) {
+  const r = await benchSnapmig();
+  if (r) extra.snapmig = r;
 }
 if (values.json) {
   writeFileSync(values.json, JSON.stringify({ machine, date: new Date().toISOString(), groups, ...extra }, null, 2) + '\n');

@@ -98,6 +98,10 @@ export const ErrorCode = {
   NO_CONVERGENCE: 'ERR_BF_NO_CONVERGENCE',
   /** The fleet's location index (a Redis Cluster) could not be reached, or kept failing past its deadline (no failover completed), or holds another layout. */
   INDEX: 'ERR_BF_INDEX',
+  /** SnapMig: a backup server was asked for a layer (by identity) it does not hold. */
+  LAYER_NOT_HELD: 'ERR_BF_LAYER_NOT_HELD',
+  /** SnapMig: a layer at the destination is not the layer its identity names (a backup server sent other content), or is not there. */
+  LAYER_MISMATCH: 'ERR_BF_LAYER_MISMATCH',
 } as const;
 
 export type ErrorCodeValue = (typeof ErrorCode)[keyof typeof ErrorCode];

@@ -80,3 +80,9 @@ export { similarityPage, migrationReport, timelineRounds, TimelineRecorder, DEFA
 // (src/fleet/redis-index.ts, loaded on demand: importing blockferry never loads ioredis).
 export { openLocationIndex, EmbeddedLocationIndex, type LocationIndex } from './fleet/location-index.js';
 export type { RedisIndexOptions, RedisLocationIndex } from './fleet/redis-index.js';
+// SnapMig (paper 000): backup servers send the base and older snapshots, the source only its newest changes.
+export { BackupService, type BackupOptions } from './roles/backup/service.js';
+export { migrateChain, chainFiles, type ChainMigrateOptions, type ChainMigrationResult, type LayerSendReport } from './snapmig/migrate-chain.js';
+export { planMigration, replan, SnapshotIndex, SNAP_STRATEGIES, type SnapStrategy, type Plan, type PlannedSend, type ChainLayer, type Holding, type MergedPrefix } from './snapmig/plan.js';
+export { layerIdentity, stackMap, digestLayer, IDENTITY_BLOCK, type LayerIdentity, type StackMap } from './snapmig/identity.js';
+export { LAYER_SINKS, chainSink, flatSink, copyCovered, type LayerSink, type LayerSinkFactory, type ReceivedLayer } from './roles/destination/chain.js';

@@ -16,6 +16,9 @@ import { parseCompress } from '../protocol/codec.js';
 import { describeMigration } from './describe.js';
 import { DestinationService } from '../roles/destination/service.js';
 import { RepositoryService } from '../roles/repository/service.js';
+import { BackupService } from '../roles/backup/service.js';
+import { migrateChain, type ChainMigrationResult } from '../snapmig/migrate-chain.js';
+import { SNAP_STRATEGIES, type SnapStrategy } from '../snapmig/plan.js';
 import { parseTarget } from '../transport/tcp.js';
 import { DEFAULT_PARTIAL_TTL_MS, listPartials, prunePartials, removePartial } from '../roles/destination/partials.js';
 import { migrate } from '../migrate/migrate.js';
@@ -401,11 +404,11 @@ export function buildProgram(): Command {
   secureFlags(program
     .command('serve')
     .description('run a service: the destination (receives migrations into a data directory), or a base-image repository destinations fill from')
-    .addOption(new Option('--role <role>', 'which service').choices(['destination', 'repository']).default('destination'))
+    .addOption(new Option('--role <role>', 'which service (backup: holds base images and snapshots and sends them to destinations for SnapMig)').choices(['destination', 'repository', 'backup']).default('destination'))
     .requiredOption('--listen <addr>', 'HOST:PORT to listen on (port 0: any free port)')
     .requiredOption('--data-dir <dir>', 'where migrated images (NAME.img, or NAME.qcow2 with --image-format qcow2) and the neighbourhood index live')
     .option('--neighbour <image>', 'an image whose blocks migrations may reuse (repeatable)', (v: string, acc: string[]) => acc.concat(v), [] as string[])
-    .option('--image <image>', 'repository: an image (a base) whose blocks destinations may fetch (repeatable)', (v: string, acc: string[]) => acc.concat(v), [] as string[])
+    .option('--image <image>', 'repository: an image (a base) whose blocks destinations may fetch; backup: a layer it holds (a base or a qcow2 snapshot) (repeatable)', (v: string, acc: string[]) => acc.concat(v), [] as string[])
     .option('--repository <addr>', 'destination: HOST:PORT of a base-image repository to fill from (after the neighbours), with this service\'s key or certificates')
     .option('--block-size <size>', 'block size of the neighbourhood index', '4096')
     .option('--key-file <file>', 'pre-shared key (default: BLOCKFERRY_KEY)')
@@ -422,12 +425,30 @@ export function buildProgram(): Command {
     .addOption(new Option('--log-level <level>', 'least severe entries logged').choices([...LOG_LEVELS]).default('info'))
     .addOption(new Option('--progress <mode>', 'progress of the migrations received, on stderr: a bar on a terminal, JSON lines, or nothing').choices(['auto', 'json', 'none']).default('auto'))
     .addOption(new Option('--image-format <format>', 'destination: write received images as raw (NAME.img) or as standalone qcow2 v3 (NAME.qcow2)').choices(['raw', 'qcow2']).default('raw')), false)
-    .action(async (o: { progress: ProgressMode; logFormat: LogFormat; logLevel: LogLevel; role: 'destination' | 'repository'; imageFormat: 'raw' | 'qcow2'; image: string[]; repository?: string; nbd?: string; nbdSocket?: string; listen: string; dataDir: string; neighbour: string[]; blockSize: string; keyFile?: string; insecure?: boolean; compress: 'auto' | 'none'; maxImageSize?: string; reserve: string; idleTimeout: string; partialTtl: string; cert?: string; key?: string; ca?: string; handshakeTimeout: number }) => {
+    .action(async (o: { progress: ProgressMode; logFormat: LogFormat; logLevel: LogLevel; role: 'destination' | 'repository' | 'backup'; imageFormat: 'raw' | 'qcow2'; image: string[]; repository?: string; nbd?: string; nbdSocket?: string; listen: string; dataDir: string; neighbour: string[]; blockSize: string; keyFile?: string; insecure?: boolean; compress: 'auto' | 'none'; maxImageSize?: string; reserve: string; idleTimeout: string; partialTtl: string; cert?: string; key?: string; ca?: string; handshakeTimeout: number }) => {
       const m = /^\[?([^\]]*?)\]?:(\d{1,5})$/.exec(o.listen);
       if (!m || Number(m[2]) > 65535) throw new UsageError(`--listen ${o.listen}: expected HOST:PORT`);
       const [bs, ...rest] = parseBlockSizes(o.blockSize);
       if (rest.length) throw new UsageError('one block size');
       const logger = cliLogger(o.logFormat, o.logLevel, 'blockferry serve');
+      if (o.role === 'backup') {
+        // SnapMig's backup server (paper 000): src/roles/backup/service.ts.
+        if (!o.image.length) throw new UsageError('--role backup needs at least one --image (the base images and snapshots it holds)');
+        if (o.neighbour.length || o.repository || o.nbd || o.nbdSocket) throw new UsageError('--neighbour, --repository and --nbd are options of the destination role');
+        const bk = await BackupService.start({
+          dataDir: o.dataDir, host: m[1] || '0.0.0.0', port: Number(m[2]), ...securityOptions(o, o.logFormat === 'json' ? (l) => logger.warn(l) : undefined), handshakeTimeout: o.handshakeTimeout, images: o.image,
+          idleTimeout: parseDuration('--idle-timeout', o.idleTimeout), logger,
+        });
+        const ba = bk.address;
+        print(JSON.stringify({ event: 'listening', role: 'backup', host: ba.host, port: ba.port, dataDir: o.dataDir, images: o.image.length, layers: bk.layers.length }));
+        await new Promise<void>((res) => {
+          process.once('SIGINT', res);
+          process.once('SIGTERM', res);
+        });
+        logger.info({ ...bk.stats }, `backup: ${bk.stats.sent} of ${bk.stats.asked} layers asked for sent (${bk.stats.failed} failed)`);
+        await bk.close();
+        return;
+      }
       if (o.role === 'repository') {
         if (!o.image.length) throw new UsageError('--role repository needs at least one --image (the base images it serves)');
         if (o.neighbour.length || o.repository || o.nbd || o.nbdSocket || o.imageFormat !== 'raw') throw new UsageError('--neighbour, --repository, --nbd and --image-format are options of the destination role');
@@ -548,7 +569,10 @@ export function buildProgram(): Command {
     .argument('<image>', 'the source image: a raw file, a block device, or an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH)')
     .requiredOption('--to <addr>', 'HOST:PORT of the destination service')
     .option('--name <name>', 'name at the destination (default: the file name without extension)')
-    .addOption(new Option('--strategy <s>', 'what to send and when: full, similarity (pre-copy), postcopy (the destination takes over at once), hybrid (pre-copy of cold blocks, then post-copy)').choices(['full', 'similarity', 'postcopy', 'hybrid']).default('similarity'))
+    .addOption(new Option('--strategy <s>', 'what to send and when: full, similarity (pre-copy), postcopy (the destination takes over at once), hybrid (pre-copy of cold blocks, then post-copy); for a qcow2 chain with its snapshots: snapmig (backup servers send what they hold), fullmig (the source sends every layer), selectivemig (the latest state only)').choices(['full', 'similarity', 'postcopy', 'hybrid', ...SNAP_STRATEGIES]).default('similarity'))
+    .option('--backup <addr>', 'snapmig: HOST:PORT of a backup server (serve --role backup) (repeatable)', (v: string, acc: string[]) => acc.concat(v), [] as string[])
+    .option('--flatten', 'snapmig, fullmig: the destination writes the chain merged into NAME.img instead of one image per layer')
+    .option('--cache-dir <dir>', 'snapmig: where layer identities are cached (default: none)')
     .option('--hot-threshold <n>', 'hybrid: blocks written this many times or more wait for the post-copy phase', intArg('--hot-threshold', 1, 2 ** 31), 2)
     .option('--key-file <file>', 'pre-shared key (default: BLOCKFERRY_KEY)')
     .option('--insecure', 'plain TCP without authentication (loopback demos only)')
@@ -573,8 +597,25 @@ export function buildProgram(): Command {
     .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a terminal, JSON lines, or nothing').choices(['auto', 'json', 'none']).default('auto'))
     .option('--report <file>', 'write a page with the migration\'s timeline (also when it fails)')
     .option('--json', 'print the result as JSON'), true)
-    .action(async (image: string, o: { report?: string; cert?: string; key?: string; ca?: string; servername?: string; compress: string; memory: string; to: string; name?: string; strategy: StrategyName; hotThreshold: number; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; qmp?: string; qmpNode?: string; maxRounds?: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean; progress: ProgressMode; maxDowntime: string; onStall: 'wait' | 'force' | 'throttle' | 'postcopy'; stallTimeout: string; throttleCmd?: string; order: 'hot-last' | 'address'; delta: boolean; format: ImageFormat }) => {
+    .action(async (image: string, o: { report?: string; backup: string[]; flatten?: boolean; cacheDir?: string; cert?: string; key?: string; ca?: string; servername?: string; compress: string; memory: string; to: string; name?: string; strategy: StrategyName; hotThreshold: number; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; qmp?: string; qmpNode?: string; maxRounds?: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean; progress: ProgressMode; maxDowntime: string; onStall: 'wait' | 'force' | 'throttle' | 'postcopy'; stallTimeout: string; throttleCmd?: string; order: 'hot-last' | 'address'; delta: boolean; format: ImageFormat }) => {
       if (!o.qmp !== !o.qmpNode) throw new UsageError('--qmp and --qmp-node go together');
+      if ((SNAP_STRATEGIES as readonly string[]).includes(o.strategy)) {
+        // SnapMig and its baselines (paper 000): src/snapmig/migrate-chain.ts.
+        if (o.qmp) throw new UsageError(`--qmp is not supported with --strategy ${o.strategy} (use --rescan)`);
+        if (o.backup.length && (o.strategy as string) !== 'snapmig') throw new UsageError('--backup is an option of --strategy snapmig');
+        const r = await migrateChain(image, {
+          to: o.to, strategy: o.strategy as SnapStrategy, backups: o.backup, flatten: !!o.flatten, ...securityOptions(o), overwrite: !!o.overwrite,
+          ...(o.name ? { name: o.name } : {}), ...(o.cacheDir ? { cacheDir: o.cacheDir } : {}), ...(o.bwlimit ? { bwlimit: parseRate(o.bwlimit) } : {}),
+          live: {
+            rescan: !!o.rescan, maxDowntime: parseDuration('--max-downtime', o.maxDowntime), onStall: o.onStall === 'postcopy' ? 'wait' : o.onStall, stallTimeout: parseDuration('--stall-timeout', o.stallTimeout),
+            ...(o.maxRounds !== undefined ? { maxRounds: o.maxRounds } : {}), dirtyThreshold: o.dirtyThreshold, order: o.order, delta: o.delta,
+            ...(o.pauseCmd ? { pause: () => runCmd('--pause-cmd', o.pauseCmd!) } : {}),
+            ...(o.resumeCmd ? { resume: () => runCmd('--resume-cmd', o.resumeCmd!) } : {}),
+          },
+        });
+        print(o.json ? JSON.stringify(r, null, 2) : describeChainMigration(r));
+        return;
+      }
       if (o.onStall === 'postcopy' && !STRATEGIES[o.strategy]?.postcopyOnStall) throw new UsageError(`--on-stall postcopy needs a strategy that can switch to post-copy (--strategy hybrid), not ${o.strategy}`);
       if (o.onStall === 'throttle' && !o.throttleCmd) throw new UsageError('--on-stall throttle needs --throttle-cmd CMD (run with the rate wanted in BLOCKFERRY_THROTTLE_RATE)');
       const progress = createProgress(o.progress);
@@ -717,4 +758,16 @@ export async function main(argv: string[]): Promise<number> {
 
 function oneLine(s: string): string {
   return s.replace(/[\r\n]+/g, ' ');
+}
+
+/** A SnapMig (or FullMig, SelectiveMig) result for people: per send who sent it, then bytes per sender. */
+function describeChainMigration(r: ChainMigrationResult): string {
+  const mb = (b: number) => `${(b / 1e6).toFixed(1)} MB`;
+  const lines = [`${r.strategy} of ${r.name}${r.flatten ? ' (flattened)' : ''}: ${r.seconds.toFixed(2)} s, downtime ${(r.downtimeSeconds * 1000).toFixed(0)} ms`];
+  for (const s of r.sends.slice().sort((a, b) => a.layers[0]! - b.layers[0]!)) {
+    const what = s.layers.length > 1 ? `layers ${s.layers[0]}-${s.layers[s.layers.length - 1]}` : `layer ${s.layers[0]}`;
+    lines.push(`  ${what.padEnd(11)} ${s.reason.padEnd(12)} ${s.sender.padEnd(21)} ${s.skipped ? 'held already' : `${mb(s.wireBytes)} in ${s.seconds.toFixed(2)} s`}${s.fallbackFrom ? ` (instead of ${s.fallbackFrom}: ${s.fallbackReason})` : ''}`);
+  }
+  lines.push(`  sent: ${Object.entries(r.bytesBySender).map(([k, v]) => `${k} ${mb(v)}`).join(', ')}; active layer ${mb(r.activeLayerBytes)}${r.backupsLost.length ? `; lost: ${r.backupsLost.join(', ')}` : ''}`);
+  return lines.join('\n');
 }

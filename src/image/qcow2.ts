@@ -226,6 +226,8 @@ class Qcow2Layer {
   private readonly l2CacheMax: number;
   private compressed: { desc: string; data: Buffer } | undefined;
   private dctx: InstanceType<typeof ZstdBinding.DCtx> | undefined;
+  /** Size and mtime (ns) of the file when its metadata was read: a writer changing them makes the cached L1 and L2 tables stale. */
+  stamp = '';
 
   constructor(path: string) {
     this.path = path;
@@ -237,7 +239,9 @@ class Qcow2Layer {
       fail(ErrorCode.IMAGE_UNREADABLE, path, `cannot open for reading (${code ?? 'error'})`, cause);
     }
     try {
-      this.fileSize = fstatSync(this.fd).size;
+      const st = fstatSync(this.fd, { bigint: true });
+      this.stamp = `${st.size}:${st.mtimeNs}`;
+      this.fileSize = Number(st.size);
       this.header = parseHeader(this.fd, path, this.fileSize);
       this.size = this.header.size;
       this.clusterSize = 2 ** this.header.clusterBits;
@@ -447,8 +451,12 @@ function backingPath(overlay: string, name: string): string {
   return isAbsolute(plain) ? plain : resolve(dirname(overlay), plain);
 }
 
-/** The files of a chain, top first, opened and checked: loops, depth, formats. */
-function openChain(path: string, native: NativeAddon | null, openRaw: RawOpener): Layer[] {
+/**
+ * The files of a chain, top first, opened and checked: loops, depth, formats.
+ * With `depth`, only the top `depth` files are opened (a stack of layers:
+ * below it reads as zeros), so a layer is readable without its backing file.
+ */
+function openChain(path: string, native: NativeAddon | null, openRaw: RawOpener, depth?: number): Layer[] {
   const layers: Layer[] = [];
   const seen = new Set<string>();
   try {
@@ -475,7 +483,7 @@ function openChain(path: string, native: NativeAddon | null, openRaw: RawOpener)
       const layer: Qcow2Layer = new Qcow2Layer(next.path);
       layers.push(layer);
       const b: Header['backing'] = layer.header.backing;
-      next = b ? { path: backingPath(next.path, b.name), format: b.format, of: next.path } : undefined;
+      next = b && (depth === undefined || layers.length < depth) ? { path: backingPath(next.path, b.name), format: b.format, of: next.path } : undefined;
     }
     return layers;
   } catch (e) {
@@ -495,14 +503,27 @@ export class Qcow2ImageSource implements ImageSource {
   readonly size: number;
   private layerList: Layer[] | undefined;
 
-  constructor(path: string, native: NativeAddon | null, openRaw: RawOpener) {
+  /** With `depth`, only the top `depth` layers: what lies below them reads as zeros (image/source.ts, format `qcow2-stack:N`). */
+  constructor(path: string, native: NativeAddon | null, openRaw: RawOpener, depth?: number) {
     this.path = path;
-    this.layerList = openChain(path, native, openRaw);
+    this.layerList = openChain(path, native, openRaw, depth);
     this.size = this.layerList[0]!.size;
   }
 
   private get chain(): Layer[] {
     if (!this.layerList) throw new InvalidArgumentError('source', 'an open source', 'a closed one');
+    const top = this.layerList[0];
+    // A live migration reads the active layer while a writer (qemu-io, a VM) changes it: when its file
+    // changed since its metadata was read, the top file is opened again (one fstat per call otherwise).
+    if (top instanceof Qcow2Layer) {
+      const st = statSync(top.path, { bigint: true });
+      if (`${st.size}:${st.mtimeNs}` !== top.stamp) {
+        const fresh = new Qcow2Layer(top.path);
+        if (fresh.size !== top.size) { fresh.close(); fail(ErrorCode.IMAGE_CHANGED, top.path, `virtual size changed from ${top.size} to ${fresh.size} while open`); }
+        top.close();
+        this.layerList[0] = fresh;
+      }
+    }
     return this.layerList;
   }
 
@@ -624,8 +645,8 @@ function push(out: Extent[], offset: number, length: number): void {
  * stale as soon as any layer changes (or the chain is re-pointed), not only
  * the top file.
  */
-export function qcow2Identity(path: string, native: NativeAddon | null, openRaw: RawOpener): ImageIdentity {
-  const src = new Qcow2ImageSource(path, native, openRaw);
+export function qcow2Identity(path: string, native: NativeAddon | null, openRaw: RawOpener, depth?: number): ImageIdentity {
+  const src = new Qcow2ImageSource(path, native, openRaw, depth);
   let layers: LayerInfo[];
   try {
     layers = src.layers;

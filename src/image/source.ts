@@ -5,7 +5,7 @@ import { chooseBackend } from '../engine/backend.js';
 import type { NativeAddon } from 'blockferry/native';
 import { isUri, parseNbdUri } from '../nbd/uri.js';
 import { NbdImageSource } from './nbd.js';
-import { Qcow2ImageSource, isQcow2File, qcow2Identity } from './qcow2.js';
+import { MAX_CHAIN_DEPTH, Qcow2ImageSource, isQcow2File, qcow2Identity } from './qcow2.js';
 
 export type { Extent, ImageIdentity, ImageSource } from './image.js';
 import type { Extent, ImageIdentity, ImageSource } from './image.js';
@@ -140,7 +140,7 @@ export class FileImageSource implements ImageSource {
  * kind per source implementation; a new one adds a kind here and a line in
  * OPENERS.
  */
-export type SourceSpec = { kind: 'file'; path: string } | { kind: 'nbd'; uri: string } | { kind: 'qcow2'; path: string };
+export type SourceSpec = { kind: 'file'; path: string } | { kind: 'nbd'; uri: string } | { kind: 'qcow2'; path: string; depth?: number };
 
 /** A qcow2 chain's raw backing file is read like any raw image. */
 const openRaw = (path: string, native: NativeAddon | null) => new FileImageSource(path, native);
@@ -150,7 +150,7 @@ type Opener<K extends SourceSpec['kind']> = (spec: Extract<SourceSpec, { kind: K
 const OPENERS: { [K in SourceSpec['kind']]: Opener<K> } = {
   file: (spec, native) => new FileImageSource(spec.path, native),
   nbd: (spec) => new NbdImageSource(spec.uri),
-  qcow2: (spec, native) => new Qcow2ImageSource(spec.path, native, openRaw),
+  qcow2: (spec, native) => new Qcow2ImageSource(spec.path, native, openRaw, spec.depth),
 };
 
 /**
@@ -160,7 +160,23 @@ const OPENERS: { [K in SourceSpec['kind']]: Opener<K> } = {
  * Whoever knows a file is raw (a destination's own images, say) passes
  * 'raw'; a file given as 'qcow2' without the magic fails with BAD_MAGIC.
  */
-export type ImageFormat = 'auto' | 'raw' | 'qcow2';
+export type ImageFormat = 'auto' | 'raw' | 'qcow2' | StackFormat;
+
+/**
+ * `qcow2-stack:N`: the file's own top N layers of its qcow2 chain and nothing
+ * below (what they leave unallocated reads as zeros; the files further down
+ * are never opened). `qcow2-stack:1` is one layer's own clusters: how
+ * SnapMig (src/snapmig/) sends one snapshot, or several merged.
+ */
+export type StackFormat = `qcow2-stack:${number}`;
+
+/** The depth of a `qcow2-stack:N` format, or undefined for any other format. */
+export function stackDepth(format: ImageFormat | undefined): number | undefined {
+  if (typeof format !== 'string' || !format.startsWith('qcow2-stack:')) return undefined;
+  const n = Number(format.slice('qcow2-stack:'.length));
+  if (!Number.isInteger(n) || n < 1 || n > MAX_CHAIN_DEPTH) throw new InvalidArgumentError('format', `qcow2-stack:N with N from 1 to ${MAX_CHAIN_DEPTH}`, format);
+  return n;
+}
 
 /**
  * Where an image is, as given on a command line or to migrate(): a URI
@@ -172,6 +188,8 @@ export function specFor(location: string, options: { format?: ImageFormat } = {}
   const format = options.format ?? 'auto';
   if (!isUri(location)) {
     if (format === 'raw') return { kind: 'file', path: location };
+    const depth = stackDepth(format);
+    if (depth !== undefined) return isQcow2File(location) ? { kind: 'qcow2', path: location, depth } : { kind: 'file', path: location };
     if (format === 'qcow2' || isQcow2File(location)) return { kind: 'qcow2', path: location };
     return { kind: 'file', path: location };
   }
@@ -189,7 +207,7 @@ export function specFor(location: string, options: { format?: ImageFormat } = {}
  */
 export function sourceIdentity(spec: SourceSpec, native: NativeAddon | null = chooseBackend().native): ImageIdentity | undefined {
   if (spec.kind === 'file') return currentIdentity(spec.path);
-  if (spec.kind === 'qcow2') return qcow2Identity(spec.path, native, openRaw);
+  if (spec.kind === 'qcow2') return qcow2Identity(spec.path, native, openRaw, spec.depth);
   return undefined;
 }
 

@@ -50,6 +50,15 @@ export const Msg = {
   // A base-image repository (FILL_REPOSITORY): a destination asks for blocks by content.
   FETCH: 50,
   FETCH_RESULT: 51,
+  // SnapMig (CAP_SNAPMIG, paper 000): a coordinator asks backup servers what they hold and has them send it; the destination assembles the chain.
+  LAYERS: 70,
+  LAYERS_RESULT: 71,
+  SEND_LAYER: 72,
+  SEND_LAYER_RESULT: 73,
+  CHAIN_BEGIN: 74,
+  CHAIN_BEGIN_OK: 75,
+  CHAIN_COMMIT: 76,
+  CHAIN_DONE: 77,
 } as const;
 export type MsgType = (typeof Msg)[keyof typeof Msg];
 const KNOWN = new Set<number>(Object.values(Msg));

@@ -30,6 +30,12 @@ export const CAP_DELTA = 8;
  * destination pointed at something else learns it at the handshake.
  */
 export const CAP_REPOSITORY = 32;
+/**
+ * SnapMig (paper 000): a backup server answers LAYERS and SEND_LAYER; a
+ * destination that announces it takes CHAIN_BEGIN and CHAIN_COMMIT as the
+ * first message of a connection (docs/PROTOCOL.md, "SnapMig").
+ */
+export const CAP_SNAPMIG = 128;
 export const CAPABILITIES = CAP_SIMILARITY | CAP_RESUME | CAP_ZSTD | CAP_DELTA | CAP_POSTCOPY;
 /** Largest frame before authentication: the handshake's messages are under 100 bytes. */
 export const HANDSHAKE_FRAME_LIMIT = 256;

@@ -346,10 +346,175 @@ export const FETCH_RESULT = def<FetchResult>(Msg.FETCH_RESULT, 'FETCH_RESULT', '
   },
   (m) => 4 + 4 * m.lengths.length + m.data.length);
 
+// --- SnapMig (paper 000) ----------------------------------------------------
+
+/** Bytes of a layer identity (SHA-256; src/snapmig/identity.ts). */
+export const LAYER_ID_BYTES = 32;
+/** Most stacks a backup server lists in one LAYERS_RESULT. */
+export const MAX_LAYERS_LISTED = 4096;
+/** Most layers of a chain (MAX_CHAIN_DEPTH of the qcow2 reader). */
+export const MAX_CHAIN_LAYERS = 64;
+/** Longest HOST:PORT a SEND_LAYER names. */
+export const MAX_TARGET_BYTES = 255;
+
+function layerId(r: Reader, what: string): string {
+  if (r.remaining < LAYER_ID_BYTES) throw new ProtocolError(ErrorCode.PROTOCOL, `${what}: a layer identity needs ${LAYER_ID_BYTES} bytes`);
+  return r.bytes(LAYER_ID_BYTES).toString('hex');
+}
+function writeLayerId(w: Writer, id: string): void {
+  const b = Buffer.from(id, 'hex');
+  if (b.length !== LAYER_ID_BYTES) throw new ProtocolError(ErrorCode.PROTOCOL, `a layer identity is ${LAYER_ID_BYTES} bytes of hex, not ${JSON.stringify(id.slice(0, 80))}`);
+  w.bytes(b);
+}
+function boundedStr(r: Reader, max: number, what: string): string {
+  const s = r.str();
+  if (Buffer.byteLength(s) > max || s.length === 0) throw new ProtocolError(ErrorCode.PROTOCOL, `${what}: ${Buffer.byteLength(s)} bytes (1 to ${max})`);
+  return s;
+}
+function chainCount(r: Reader, bytesEach: number, what: string): number {
+  const n = counted(r, bytesEach, what);
+  if (n < 1 || n > MAX_CHAIN_LAYERS) throw new ProtocolError(ErrorCode.PROTOCOL, `${what}: ${n} layers (1 to ${MAX_CHAIN_LAYERS})`);
+  return n;
+}
+
+/** Coordinator to backup server: what do you hold? (a request, empty). */
+export const LAYERS = emptyOf(Msg.LAYERS, 'LAYERS');
+
+/** One stack a backup server holds: the top `depth` layers of one of its files, merged, by identity. */
+export interface HeldLayer { identity: string; depth: number; dataBytes: number; size: number }
+export const LAYERS_RESULT = def<HeldLayer[]>(Msg.LAYERS_RESULT, 'LAYERS_RESULT', 'control',
+  (m, w) => { w.u32(m.length); for (const l of m) { writeLayerId(w, l.identity); w.u8(l.depth).u64(l.dataBytes).u64(l.size); } },
+  (r) => {
+    const n = counted(r, LAYER_ID_BYTES + 17, 'LAYERS_RESULT');
+    if (n > MAX_LAYERS_LISTED) throw new ProtocolError(ErrorCode.PROTOCOL, `LAYERS_RESULT: ${n} stacks (at most ${MAX_LAYERS_LISTED})`);
+    const out: HeldLayer[] = [];
+    for (let i = 0; i < n; i++) {
+      const identity = layerId(r, 'LAYERS_RESULT'), depth = r.u8(), dataBytes = r.u64(), size = r.u64();
+      if (depth < 1 || depth > MAX_CHAIN_LAYERS) throw new ProtocolError(ErrorCode.PROTOCOL, `LAYERS_RESULT: depth ${depth} (1 to ${MAX_CHAIN_LAYERS})`);
+      if (dataBytes > size) throw new ProtocolError(ErrorCode.PROTOCOL, `LAYERS_RESULT: ${dataBytes} data bytes in a layer of ${size}`);
+      out.push({ identity, depth, dataBytes, size });
+    }
+    return out;
+  },
+  (m) => 4 + (LAYER_ID_BYTES + 17) * m.length);
+
+/** SEND_LAYER flag: replace a complete image of that name at the destination. */
+export const SEND_OVERWRITE = 1;
+/** Coordinator to backup server: send the stack of this identity to a destination, under a name (a request; SEND_LAYER_RESULT when the destination committed it). */
+export interface SendLayer { identity: string; to: string; name: string; flags: number }
+export const SEND_LAYER = def<SendLayer>(Msg.SEND_LAYER, 'SEND_LAYER', 'control',
+  (m, w) => { writeLayerId(w, m.identity); w.str(m.to).str(m.name).u32(m.flags); },
+  (r) => {
+    const identity = layerId(r, 'SEND_LAYER');
+    const to = boundedStr(r, MAX_TARGET_BYTES, 'SEND_LAYER target');
+    const name = boundedStr(r, 128, 'SEND_LAYER name');
+    const flags = r.u32();
+    if (flags & ~SEND_OVERWRITE) throw new ProtocolError(ErrorCode.PROTOCOL, `SEND_LAYER: unknown flags 0x${flags.toString(16)}`);
+    return { identity, to, name, flags };
+  });
+
+/** Backup server to coordinator: the layer is at the destination, committed; what it cost the server. */
+export interface SendLayerResult { blocksSent: number; wireBytes: number; milliseconds: number }
+export const SEND_LAYER_RESULT = def<SendLayerResult>(Msg.SEND_LAYER_RESULT, 'SEND_LAYER_RESULT', 'control',
+  (m, w) => w.u64(m.blocksSent).u64(m.wireBytes).u32(m.milliseconds),
+  (r) => ({ blocksSent: r.u64(), wireBytes: r.u64(), milliseconds: r.u32() }), () => 20);
+
+/** A layer of a chain as the destination stores it: the image its sender migrated into, and the identity it must have (all zeros: none to check). */
+export interface ChainEntry { image: string; identity: string }
+/** Coordinator to destination, first message of a connection: the chain about to arrive; the answer says which layers it holds already (its progress log). */
+export interface ChainBegin { name: string; layers: ChainEntry[] }
+export const CHAIN_BEGIN = def<ChainBegin>(Msg.CHAIN_BEGIN, 'CHAIN_BEGIN', 'control',
+  (m, w) => { w.str(m.name).u32(m.layers.length); for (const l of m.layers) { w.str(l.image); writeLayerId(w, l.identity); } },
+  (r) => {
+    const name = boundedStr(r, 128, 'CHAIN_BEGIN name');
+    const n = chainCount(r, 2 + 1 + LAYER_ID_BYTES, 'CHAIN_BEGIN');
+    const layers: ChainEntry[] = [];
+    for (let i = 0; i < n; i++) layers.push({ image: boundedStr(r, 128, 'CHAIN_BEGIN image'), identity: layerId(r, 'CHAIN_BEGIN') });
+    return { name, layers };
+  });
+
+/** Per layer of a CHAIN_BEGIN: 0 not held, 1 held and complete (committed by its sender), 2 complete and checked. */
+export const LAYER_ABSENT = 0, LAYER_COMPLETE = 1, LAYER_CHECKED = 2;
+export const CHAIN_BEGIN_OK = def<number[]>(Msg.CHAIN_BEGIN_OK, 'CHAIN_BEGIN_OK', 'control',
+  (m, w) => { w.u32(m.length); for (const s of m) w.u8(s); },
+  (r) => {
+    const n = chainCount(r, 1, 'CHAIN_BEGIN_OK');
+    const out: number[] = [];
+    for (let i = 0; i < n; i++) {
+      const s = r.u8();
+      if (s > LAYER_CHECKED) throw new ProtocolError(ErrorCode.PROTOCOL, `CHAIN_BEGIN_OK: layer state ${s}`);
+      out.push(s);
+    }
+    return out;
+  });
+
+/** CHAIN_COMMIT flags: write the flattened image (NAME.img) instead of the chain; replace an existing NAME.img. */
+export const CHAIN_FLATTEN = 1;
+export const CHAIN_OVERWRITE = 2;
+/** CHAIN_COMMIT flag: check the layers (and record it in the progress log) but write nothing yet: done before a live cutover, so the downtime holds no checks. */
+export const CHAIN_CHECK_ONLY = 4;
+/** One layer at commit: its image, the identity the destination checks it against (check: it came from a backup server), and the guest ranges it covers. */
+export interface ChainLayerCommit { image: string; identity: string; check: boolean; bottom: boolean; size: number; covered: Interval64[] }
+/** A byte range as u64 offset and u64 length (guest bytes, not blocks: a layer covers whole clusters). */
+export interface Interval64 { offset: number; length: number }
+export interface ChainCommit { name: string; size: number; flags: number; layers: ChainLayerCommit[] }
+export const CHAIN_COMMIT = def<ChainCommit>(Msg.CHAIN_COMMIT, 'CHAIN_COMMIT', 'control',
+  (m, w) => {
+    w.str(m.name).u64(m.size).u32(m.flags).u32(m.layers.length);
+    for (const l of m.layers) {
+      w.str(l.image); writeLayerId(w, l.identity);
+      w.u8((l.check ? 1 : 0) | (l.bottom ? 2 : 0)).u64(l.size).u32(l.covered.length);
+      for (const e of l.covered) w.u64(e.offset).u64(e.length);
+    }
+  },
+  (r) => {
+    const name = boundedStr(r, 128, 'CHAIN_COMMIT name');
+    const size = r.u64(), flags = r.u32();
+    if (flags & ~(CHAIN_FLATTEN | CHAIN_OVERWRITE | CHAIN_CHECK_ONLY)) throw new ProtocolError(ErrorCode.PROTOCOL, `CHAIN_COMMIT: unknown flags 0x${flags.toString(16)}`);
+    const n = chainCount(r, 2 + 1 + LAYER_ID_BYTES + 13, 'CHAIN_COMMIT');
+    const layers: ChainLayerCommit[] = [];
+    for (let i = 0; i < n; i++) {
+      const image = boundedStr(r, 128, 'CHAIN_COMMIT image'), identity = layerId(r, 'CHAIN_COMMIT');
+      const f = r.u8();
+      if (f & ~3) throw new ProtocolError(ErrorCode.PROTOCOL, `CHAIN_COMMIT: layer flags 0x${f.toString(16)}`);
+      const lsize = r.u64();
+      const m = counted(r, 16, 'CHAIN_COMMIT covered');
+      const covered: Interval64[] = [];
+      let end = 0;
+      for (let k = 0; k < m; k++) {
+        const offset = r.u64(), length = r.u64();
+        if (length === 0 || offset < end || offset + length > lsize) throw new ProtocolError(ErrorCode.PROTOCOL, `CHAIN_COMMIT: covered range ${offset}+${length} (sorted, disjoint, non-empty, inside ${lsize} bytes)`);
+        end = offset + length;
+        covered.push({ offset, length });
+      }
+      layers.push({ image, identity, check: !!(f & 1), bottom: !!(f & 2), size: lsize, covered });
+    }
+    return { name, size, flags, layers };
+  });
+
+/** Per layer: 0 as committed, 1 its content is not the identity (re-send it from the source), 2 not there. */
+export const VERDICT_OK = 0, VERDICT_MISMATCH = 1, VERDICT_MISSING = 2;
+export interface ChainDone { verdicts: number[]; written: boolean }
+export const CHAIN_DONE = def<ChainDone>(Msg.CHAIN_DONE, 'CHAIN_DONE', 'control',
+  (m, w) => { w.u32(m.verdicts.length); for (const v of m.verdicts) w.u8(v); w.u8(m.written ? 1 : 0); },
+  (r) => {
+    const n = chainCount(r, 1, 'CHAIN_DONE');
+    const verdicts: number[] = [];
+    for (let i = 0; i < n; i++) {
+      const v = r.u8();
+      if (v > VERDICT_MISSING) throw new ProtocolError(ErrorCode.PROTOCOL, `CHAIN_DONE: verdict ${v}`);
+      verdicts.push(v);
+    }
+    const written = r.u8();
+    if (written > 1) throw new ProtocolError(ErrorCode.PROTOCOL, `CHAIN_DONE: written ${written}`);
+    return { verdicts, written: written === 1 };
+  });
+
 /** Every message by type. */
 export const MESSAGES: ReadonlyMap<number, MessageDef<unknown>> = new Map(
   [HELLO, HELLO_ACK, AUTH, READY, ERROR, BEGIN, BEGIN_OK, BLOCK_INFO, INFO_END, NEED, BLOCKS, COPY, ZERO, ROUND, VERIFY, VERIFY_RESULT, COMMIT, DONE, SYNC, SYNC_OK, BLOCKS_DELTA,
-    MISSING, SWITCH, SWITCH_OK, PULL, OWNED, PROBE, PROBE_OK, FETCH, FETCH_RESULT]
+    MISSING, SWITCH, SWITCH_OK, PULL, OWNED, PROBE, PROBE_OK, FETCH, FETCH_RESULT,
+    LAYERS, LAYERS_RESULT, SEND_LAYER, SEND_LAYER_RESULT, CHAIN_BEGIN, CHAIN_BEGIN_OK, CHAIN_COMMIT, CHAIN_DONE]
     .map((d) => [d.type, d as MessageDef<unknown>]),
 );
 

@@ -8,9 +8,11 @@ import type { Interval } from '../../blocks/intervals.js';
 import { escapeForLog } from '../../util/sanitize.js';
 import { DEFAULT_PARTIAL_TTL_MS, NAME_RE, prunePartials } from './partials.js';
 import { Channel } from '../../protocol/channel.js';
-import { CAPABILITIES, CAP_ZSTD, serverHandshake, type AuthOptions } from '../../protocol/handshake.js';
+import { CAPABILITIES, CAP_SNAPMIG, CAP_ZSTD, serverHandshake, type AuthOptions } from '../../protocol/handshake.js';
 import { serverTls, securityFrom, type ServerTls, type TlsOptions } from '../../transport/tls.js';
-import { BEGIN, BEGIN_OVERWRITE, type Begin } from '../../protocol/messages.js';
+import { BEGIN, BEGIN_OVERWRITE, decode, type Begin } from '../../protocol/messages.js';
+import { Msg, msgName } from '../../protocol/frame.js';
+import { serveChain } from './chain.js';
 import { listen, parseTarget, type Listener } from '../../transport/tcp.js';
 import { Neighbourhood } from '../../blockindex/neighbourhood.js';
 import { Scanner } from '../../scan/scanner.js';
@@ -289,9 +291,18 @@ export class DestinationService implements Role {
   async serve(ch: Channel, authenticated?: () => void): Promise<void> {
     ch.setIdleTimeout(this.options.idleTimeout ?? DEFAULT_IDLE_TIMEOUT_MS);
     const auth = { ...this.options.auth, certificates: !!this.options.tls };
-    const caps = await serverHandshake(ch, auth, this.options.compression === false ? CAPABILITIES & ~CAP_ZSTD : CAPABILITIES);
+    const offered = CAPABILITIES | CAP_SNAPMIG;
+    const caps = await serverHandshake(ch, auth, this.options.compression === false ? offered & ~CAP_ZSTD : offered);
     authenticated?.();
-    const begin = await ch.recv(BEGIN);
+    const first = await ch.next();
+    // SnapMig: a coordinator's connection says what chain the layers (each an ordinary migration) make (roles/destination/chain.ts).
+    if ((first.type === Msg.CHAIN_BEGIN || first.type === Msg.CHAIN_COMMIT) && caps & CAP_SNAPMIG) {
+      // The chain handler reads the received layers as raw files (NAME.Ln.img); a destination writing qcow2 is not wired to it yet.
+      if ((this.options.imageFormat ?? 'raw') !== 'raw') throw new BlockferryError(ErrorCode.UNSUPPORTED_FEATURE, 'SnapMig into a destination that writes qcow2 (--image-format qcow2) is not supported yet: serve it with --image-format raw');
+      return serveChain(ch, first, { dataDir: this.options.dataDir, scanner: this.scanner, busy: (image) => this.active.has(image), log: (l) => this.logger.info(l) });
+    }
+    if (first.type !== Msg.BEGIN) throw new ProtocolError(ErrorCode.PROTOCOL, `expected BEGIN, got ${msgName(first.type)}`);
+    const begin = decode(BEGIN, first.payload);
     this.logger.info({ image: begin.name, peer: ch.socket.remoteAddress, size: begin.size, strategy: begin.strategy }, `migration into ${begin.name} from ${ch.socket.remoteAddress}: ${begin.size} bytes, strategy ${begin.strategy}`);
     this.check(begin);
     await this.claim(begin.name);
