@@ -96,6 +96,8 @@ export const ErrorCode = {
   UNSUPPORTED_FEATURE: 'ERR_BF_UNSUPPORTED_FEATURE',
   /** A live migration's rounds could not bring the predicted downtime within its budget before the time limit (--on-stall wait). */
   NO_CONVERGENCE: 'ERR_BF_NO_CONVERGENCE',
+  /** A content store's segment file (an intermediary's, a destination's stage) holds bytes that are not what they are stored under: the entry is dropped, never served. */
+  STORE_CORRUPT: 'ERR_BF_STORE_CORRUPT',
 } as const;
 
 export type ErrorCodeValue = (typeof ErrorCode)[keyof typeof ErrorCode];

@@ -50,6 +50,12 @@ export const Msg = {
   // A base-image repository (FILL_REPOSITORY): a destination asks for blocks by content.
   FETCH: 50,
   FETCH_RESULT: 51,
+  // Scatter-gather (CAP_SCATTER): blocks staged by content at intermediaries and the destination.
+  STASH: 60,
+  STASH_OK: 61,
+  GATHER: 62,
+  GATHER_RESULT: 63,
+  SG_PLACE: 64,
 } as const;
 export type MsgType = (typeof Msg)[keyof typeof Msg];
 const KNOWN = new Set<number>(Object.values(Msg));

@@ -10,7 +10,11 @@ import { DEFAULT_PARTIAL_TTL_MS, NAME_RE, prunePartials } from './partials.js';
 import { Channel } from '../../protocol/channel.js';
 import { CAPABILITIES, CAP_ZSTD, serverHandshake, type AuthOptions } from '../../protocol/handshake.js';
 import { serverTls, securityFrom, type ServerTls, type TlsOptions } from '../../transport/tls.js';
-import { BEGIN, BEGIN_OVERWRITE, type Begin } from '../../protocol/messages.js';
+import { BEGIN, BEGIN_OVERWRITE, decode, type Begin } from '../../protocol/messages.js';
+import { Msg, msgName } from '../../protocol/frame.js';
+import { ContentStore } from '../intermediary/store.js';
+import { GatherPool } from '../intermediary/gather.js';
+import { newStoreStats, serveStore } from '../intermediary/serve.js';
 import { listen, parseTarget, type Listener } from '../../transport/tcp.js';
 import { Neighbourhood } from '../../blockindex/neighbourhood.js';
 import { Scanner } from '../../scan/scanner.js';
@@ -77,7 +81,18 @@ export interface DestinationOptions {
    * or certificates) unless auth/tls are given here.
    */
   repository?: { to: string; auth?: AuthOptions; tls?: TlsOptions; timeout?: number };
+  /**
+   * Scatter-gather: the stage, a content store in DATA_DIR/stage that sources
+   * STASH blocks into directly (default capacity 1 GiB; false: none, and no
+   * gathering), and the rate at which the destination gathers from
+   * intermediaries (bytes per second, 0: unlimited).
+   */
+  stage?: { capacity: number; memoryBytes?: number } | false;
+  gatherBwlimit?: number;
 }
+
+/** Default capacity of a destination's stage: 1 GiB. */
+export const DEFAULT_STAGE_CAPACITY = 1 << 30;
 
 /** An image the destination took over (post-copy): served while it arrives, and after. */
 interface Taken {
@@ -115,6 +130,10 @@ export class DestinationService implements Role {
   private indexing: Promise<void> = Promise.resolve();
   private readonly gate: Gate;
   private readonly repository: RepositoryLink | undefined;
+  /** Scatter-gather: the stage (STASH from sources) and the gather's connections to intermediaries. */
+  readonly stage: ContentStore | undefined;
+  readonly gatherPool: GatherPool | undefined;
+  readonly stageStats = newStoreStats();
 
   private constructor(readonly options: DestinationOptions, neighbourhood: Neighbourhood, scanner: Scanner, tls: ServerTls | undefined) {
     this.neighbourhood = neighbourhood;
@@ -125,6 +144,13 @@ export class DestinationService implements Role {
       to: r.to, auth: r.auth ?? options.auth, ...(r.tls ?? options.tls ? { tls: (r.tls ?? options.tls)! } : {}), ...(r.timeout !== undefined ? { timeout: r.timeout } : {}),
       log: (l) => this.log(l), state: { down: false },
     };
+    if (options.stage !== false) {
+      const st = options.stage ?? { capacity: DEFAULT_STAGE_CAPACITY };
+      this.stage = ContentStore.open(join(options.dataDir, 'stage'), st);
+      this.gatherPool = new GatherPool({
+        auth: options.auth, ...(options.tls ? { tls: options.tls } : {}), stage: this.stage, bwlimit: options.gatherBwlimit ?? 0, log: (l) => this.log(l),
+      });
+    }
   }
 
   /** The open connections (tests drop them to play a failing network). */
@@ -231,6 +257,8 @@ export class DestinationService implements Role {
     this.served.clear();
     await this.indexing;
     await this.scanner.close();
+    this.gatherPool?.close();
+    this.stage?.close();
   }
 
   /** One connection: handshake, BEGIN, the session, then the new image into the neighbourhood. */
@@ -239,7 +267,15 @@ export class DestinationService implements Role {
     const auth = { ...this.options.auth, certificates: !!this.options.tls };
     const caps = await serverHandshake(ch, auth, this.options.compression === false ? CAPABILITIES & ~CAP_ZSTD : CAPABILITIES);
     authenticated?.();
-    const begin = await ch.recv(BEGIN);
+    const first = await ch.next();
+    if (first.type === Msg.STASH || first.type === Msg.GATHER) {
+      // A source scattering into the stage (or a peer gathering from it): a content-store connection, not a migration.
+      if (!this.stage) throw new ProtocolError(ErrorCode.REFUSED, 'this destination has no stage (scatter-gather is off)');
+      await serveStore(ch, this.stage, this.stageStats, first);
+      return;
+    }
+    if (first.type !== Msg.BEGIN) throw new ProtocolError(ErrorCode.PROTOCOL, `expected BEGIN, got ${msgName(first.type)}`);
+    const begin = decode(BEGIN, first.payload);
     this.log(`migration into ${escapeForLog(begin.name)} from ${ch.socket.remoteAddress}: ${begin.size} bytes, strategy ${escapeForLog(begin.strategy)}`);
     this.check(begin);
     await this.claim(begin.name);
@@ -350,7 +386,7 @@ export class DestinationService implements Role {
     const fills: FillSource[] = [];
     for (const f of FILL_SOURCES) {
       if (!(b.fills & f.bit)) continue;
-      const src = f.open({ neighbourhood: this.neighbourhood, ...(this.repository ? { repository: this.repository } : {}) });
+      const src = f.open({ neighbourhood: this.neighbourhood, ...(this.repository ? { repository: this.repository } : {}), ...(this.gatherPool ? { gather: this.gatherPool } : {}) });
       if (src) fills.push(src);
     }
     const j = journal;
