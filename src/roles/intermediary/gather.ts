@@ -17,6 +17,8 @@ import { connect as connectTls, securityFrom, type TlsOptions } from '../../tran
 import type { FillContext, FillRequest, FillSource } from '../fill-source.js';
 import { sha1, type ContentStore } from './store.js';
 
+/** Milliseconds a failed holder is not asked again. */
+const DEAD_MS = 30_000;
 /** Milliseconds a holder has to connect, or to answer one GATHER, before it is given up for this service's life (until it answers a new connection). */
 export const DEFAULT_GATHER_TIMEOUT_MS = 10_000;
 /** GATHER requests in flight at once per fill: over a long link their round trips overlap (at most WINDOW MiB of answers). */
@@ -61,7 +63,9 @@ export interface GatherLink {
 /** Per service: connections to holders, contents being fetched, the rate limit, what came from where. */
 export class GatherPool {
   private readonly channels = new Map<string, Promise<Channel>>();
-  private readonly dead = new Set<string>();
+  /** Holders that failed, and until when they are not asked again (then a new connection is tried). */
+  private readonly deadUntil = new Map<string, number>();
+  private readonly open = new Map<string, Channel>();
   private readonly inflight = new Map<string, Promise<Buffer | undefined>>();
   private readonly limit: RateLimit;
   /** Blocks (distinct contents) gathered per holder address; `stage`: found in the own stage; `rejected`: wrong bytes. */
@@ -84,7 +88,17 @@ export class GatherPool {
     }
   }
 
+  private isDead(peer: string): boolean {
+    const until = this.deadUntil.get(peer);
+    if (until === undefined) return false;
+    if (performance.now() < until) return true;
+    this.deadUntil.delete(peer);
+    return false;
+  }
+
   private channel(peer: string): Promise<Channel> {
+    // A connection the holder closed meanwhile (its idle deadline between migrations): open a new one.
+    if (this.open.get(peer)?.failed) { this.open.delete(peer); this.channels.delete(peer); }
     let c = this.channels.get(peer);
     if (c) return c;
     c = (async () => {
@@ -95,6 +109,7 @@ export class GatherPool {
       const ch = new Channel(socket);
       const caps = await clientHandshake(ch, { ...l.auth, certificates: security.mode === 'cert' }, CAP_SCATTER);
       if (!(caps & CAP_SCATTER)) throw new ProtocolError(ErrorCode.REFUSED, `${peer} is not a blockferry intermediary`);
+      this.open.set(peer, ch);
       return ch;
     })();
     c.catch(() => {});
@@ -103,11 +118,12 @@ export class GatherPool {
   }
 
   private fail(peer: string, e: Error): void {
-    if (this.dead.has(peer)) return;
-    this.dead.add(peer);
+    if (this.isDead(peer)) return;
+    this.deadUntil.set(peer, performance.now() + DEAD_MS);
     this.counts.failedPeers++;
     void this.channels.get(peer)?.then((ch) => { ch.close(); ch.socket.destroy(); }).catch(() => {});
     this.channels.delete(peer);
+    this.open.delete(peer);
     this.link.log?.(`intermediary ${peer} unusable (${(e as { code?: string }).code ?? ErrorCode.INTERNAL}: ${e.message}); its blocks are asked from the source`);
   }
 
@@ -115,7 +131,7 @@ export class GatherPool {
   private async gather(peer: string, digests: Buffer, bs: number): Promise<(Buffer | undefined)[]> {
     const n = digests.length / DIGEST_BYTES;
     const out = new Array<Buffer | undefined>(n).fill(undefined);
-    if (this.dead.has(peer)) return out;
+    if (this.isDead(peer)) return out;
     await this.limit.take(n * bs);
     try {
       const ch = await this.bounded(this.channel(peer), `${peer} did not connect and authenticate`);
@@ -152,7 +168,7 @@ export class GatherPool {
       if (local) { out[i] = local; this.counts.stage++; continue; }
       const f = this.inflight.get(k);
       if (f) { out[i] = f; continue; }
-      if (w.peer === undefined || this.dead.has(w.peer)) { out[i] = undefined; continue; }
+      if (w.peer === undefined || this.isDead(w.peer)) { out[i] = undefined; continue; }
       let l = byPeer.get(w.peer);
       if (!l) byPeer.set(w.peer, (l = []));
       l.push(i);
@@ -189,8 +205,9 @@ export class GatherPool {
   }
 
   close(): void {
-    for (const c of this.channels.values()) void c.then((ch) => ch.close()).catch(() => {});
+    for (const c of this.channels.values()) void c.then((ch) => { ch.close(); ch.socket.destroy(); }).catch(() => {});
     this.channels.clear();
+    this.open.clear();
   }
 }
 

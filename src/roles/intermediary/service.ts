@@ -70,8 +70,9 @@ export class IntermediaryService implements Role {
   }
 
   async close(): Promise<void> {
-    await this.listener?.close();
-    this.gate.destroyAll();
+    const closing = this.listener?.close();
+    this.gate.destroyAll(); // first: a gathering destination keeps its connection open between migrations
+    await closing;
     this.store.close();
   }
 }

@@ -1,7 +1,11 @@
 // A content store: blocks keyed by the SHA-1 of their bytes, for paper 003's
 // intermediaries (and a destination's stage). Every block is appended to a
-// segment file (a log: 20-byte SHA-1, u32 length, the bytes), so what the
-// store acknowledged survives a restart; the most recent blocks, up to a
+// segment file (a log: 20-byte SHA-1, u32 length, the bytes) before it is
+// acknowledged, so what the store acknowledged survives a restart of its
+// process; the file is fsynced in the background within a second (on the
+// thread pool: an fsync per request would cap a store at a few MB/s on a
+// busy disk), so a crash of the machine itself may lose the last second,
+// which the destination then asks the source for. The most recent blocks, up to a
 // memory limit, are also kept in memory and served from there. The index
 // (SHA-1 → segment, offset, length) is rebuilt at open by reading the
 // segments' record headers; a torn last record (a crash mid-append) is cut
@@ -12,6 +16,7 @@
 // Capacity is the bytes of the segments (records included): a block that
 // would go past it is refused (STASH_FULL), and the source sends it
 // elsewhere. Cost follows the data: the index holds one entry per block held.
+import { fsync } from 'node:fs';
 import { closeSync, existsSync, fstatSync, fsyncSync, ftruncateSync, mkdirSync, openSync, readdirSync, readSync, rmSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { createHash } from 'node:crypto';
@@ -138,7 +143,6 @@ export class ContentStore {
       if (data.length === 0 || data.length > MAX_RECORD || !sha1(data).equals(d)) { out[i] = STASH_BAD; continue; }
       if (this.used + RECORD_HEADER + data.length > this.options.capacity) { out[i] = STASH_FULL; continue; }
       if (this.segSize + RECORD_HEADER + data.length > SEGMENT_BYTES && this.segSize > 0) {
-        this.sync();
         this.seg++;
         this.segSize = 0;
       }
@@ -155,8 +159,21 @@ export class ContentStore {
       this.remember(k, Buffer.from(data));
       out[i] = STASH_STORED;
     }
-    this.sync();
+    this.syncSoon();
     return out;
+  }
+
+  private syncTimer: NodeJS.Timeout | undefined;
+  /** An fsync of the segments written, within a second, on the thread pool. */
+  private syncSoon(): void {
+    if (!this.dirty || this.syncTimer) return;
+    this.syncTimer = setTimeout(() => {
+      this.syncTimer = undefined;
+      if (!this.dirty) return;
+      this.dirty = false;
+      for (const fd of this.fds.values()) fsync(fd, () => {});
+    }, 1000);
+    this.syncTimer.unref();
   }
 
   private remember(k: string, data: Buffer): void {
@@ -191,10 +208,11 @@ export class ContentStore {
     return buf;
   }
 
-  /** Makes every append durable. */
+  /** Makes every append durable now. */
   sync(): void {
+    if (this.syncTimer) { clearTimeout(this.syncTimer); this.syncTimer = undefined; }
     if (!this.dirty) return;
-    fsyncSync(this.fd(this.seg));
+    for (const fd of this.fds.values()) fsyncSync(fd);
     this.dirty = false;
   }
 
