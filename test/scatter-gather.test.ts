@@ -7,7 +7,8 @@
 // from the source, never a wrong byte; a store hands out nothing damaged.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { createInterface } from 'node:readline';
 import { createHash } from 'node:crypto';
 import { mkdtempSync, mkdirSync, openSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync, writeSync, closeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -167,5 +168,137 @@ describe('scatter-gather eviction', { skip: haveMkfs ? false : 'mkfs.ext4 is not
       for (const im of s.ims) await im.close();
       await s.dst.close();
     }
+  });
+});
+
+// --- Four hosts: source, two intermediaries, destination --------------------
+// Linux network namespaces on one bridge (in a fifth namespace, the switch);
+// the source's uplink shaped to 1 Gbit/s and the destination's downlink to
+// 50 Mbit/s with tbf, so the scatter outruns the gather. Each host runs its
+// own blockferry process. Without root the same runs on loopback, and says so.
+const bin = new URL('../../bin/blockferry.js', import.meta.url).pathname;
+const HOSTS = ['src', 'im1', 'im2', 'dst'] as const;
+const ns = (h: string) => `bfD${h}`;
+const SW = 'bfDsw';
+const NET = '10.213.251';
+const ipOf = (h: (typeof HOSTS)[number]) => `${NET}.${HOSTS.indexOf(h) + 1}`;
+
+function sh(args: string[]): boolean {
+  return spawnSync(args[0]!, args.slice(1), { stdio: 'ignore' }).status === 0;
+}
+
+function dropNet(): void {
+  for (const h of HOSTS) sh(['ip', 'netns', 'del', ns(h)]);
+  sh(['ip', 'netns', 'del', SW]);
+}
+
+function makeNet(): boolean {
+  if (process.getuid?.() !== 0) return false;
+  dropNet(); // left over from a killed run
+  if (!sh(['ip', 'netns', 'add', SW])) return false;
+  let ok = sh(['ip', '-n', SW, 'link', 'add', 'br0', 'type', 'bridge']) && sh(['ip', '-n', SW, 'link', 'set', 'br0', 'up']);
+  for (const h of HOSTS) {
+    ok = ok && sh(['ip', 'netns', 'add', ns(h)]) &&
+      sh(['ip', 'link', 'add', `bfD${h}`, 'netns', ns(h), 'type', 'veth', 'peer', 'name', `bfD${h}p`, 'netns', SW]) &&
+      sh(['ip', '-n', SW, 'link', 'set', `bfD${h}p`, 'master', 'br0']) &&
+      sh(['ip', '-n', SW, 'link', 'set', `bfD${h}p`, 'up']) &&
+      sh(['ip', '-n', ns(h), 'addr', 'add', `${ipOf(h)}/24`, 'dev', `bfD${h}`]) &&
+      sh(['ip', '-n', ns(h), 'link', 'set', `bfD${h}`, 'up']) &&
+      sh(['ip', '-n', ns(h), 'link', 'set', 'lo', 'up']);
+  }
+  ok = ok &&
+    sh(['ip', 'netns', 'exec', ns('src'), 'tc', 'qdisc', 'add', 'dev', 'bfDsrc', 'root', 'tbf', 'rate', '1gbit', 'burst', '512kb', 'latency', '100ms']) &&
+    sh(['ip', 'netns', 'exec', SW, 'tc', 'qdisc', 'add', 'dev', 'bfDdstp', 'root', 'tbf', 'rate', '50mbit', 'burst', '256kb', 'latency', '200ms']);
+  if (!ok) dropNet();
+  return ok;
+}
+
+/** Bytes the source's veth sent (everything that left the source host, headers included). */
+function srcTx(): number {
+  const r = spawnSync('ip', ['netns', 'exec', ns('src'), 'cat', '/sys/class/net/bfDsrc/statistics/tx_bytes'], { encoding: 'utf8' });
+  return Number(r.stdout.trim());
+}
+
+interface Proc { proc: ChildProcess; port: number; stop(signal?: NodeJS.Signals): Promise<void> }
+
+async function serveIn(host: (typeof HOSTS)[number], args: string[], netns: boolean): Promise<Proc> {
+  const argv = [...(netns ? ['ip', 'netns', 'exec', ns(host)] : []), process.execPath, bin, 'serve', ...args, '--insecure'];
+  const proc = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  proc.stderr!.on('data', (d) => { stderr += d; });
+  const line = await new Promise<string>((resolve, reject) => {
+    createInterface({ input: proc.stdout! }).once('line', resolve);
+    proc.once('exit', (c) => reject(new Error(`serve exited with ${c}: ${stderr}`)));
+  });
+  const { port } = JSON.parse(line) as { port: number };
+  return { proc, port, stop: (signal = 'SIGTERM') => new Promise<void>((r) => { if (proc.exitCode !== null || proc.signalCode) return r(); proc.once('exit', () => r()); proc.kill(signal); }) };
+}
+
+describe('scatter-gather between hosts', { skip: haveMkfs ? false : 'mkfs.ext4 is not installed (.ci/run installs e2fsprogs)' }, () => {
+  let netns = false;
+  before(() => {
+    netns = makeNet();
+    if (!netns) console.log('# scatter-gather: cannot create network namespaces here (not root, or no iproute2): running on loopback instead');
+  });
+  after(() => { if (netns) dropNet(); });
+
+  async function evict(tag: string, killMidGather: boolean) {
+    const imgs = images(tag);
+    const want = distinct(imgs);
+    const host = (h: (typeof HOSTS)[number]) => (netns ? ipOf(h) : '127.0.0.1');
+    const procs: Proc[] = [];
+    try {
+      const im1 = await serveIn('im1', ['--role', 'intermediary', '--listen', `${host('im1')}:0`, '--data-dir', join(dir, `${tag}-im1`), '--capacity', '64M'], netns);
+      procs.push(im1);
+      const im2 = await serveIn('im2', ['--role', 'intermediary', '--listen', `${host('im2')}:0`, '--data-dir', join(dir, `${tag}-im2`), '--capacity', '64M'], netns);
+      procs.push(im2);
+      // The destination gathers at 24 Mbit/s (its --bwlimit): slower than the scatter, whatever the link.
+      const dst = await serveIn('dst', ['--listen', `${host('dst')}:0`, '--data-dir', join(dir, `${tag}-dst`), '--stage', '4M', '--bwlimit', '24mbit'], netns);
+      procs.push(dst);
+      const tx0 = netns ? srcTx() : 0;
+      const argv = [...(netns ? ['ip', 'netns', 'exec', ns('src')] : []), process.execPath, bin, 'migrate', '--strategy', 'scatter-gather', ...imgs,
+        '--to', `${host('dst')}:${dst.port}`, '--via', `${host('im1')}:${im1.port}`, '--via', `${host('im2')}:${im2.port}`, '--insecure', '--json'];
+      const p = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
+      let out = '', err = '';
+      let killedAt: string | undefined;
+      p.stdout!.on('data', (d) => { out += d; });
+      p.stderr!.on('data', (d) => {
+        err += d;
+        if (killMidGather && !killedAt && /blockferry: evicted/.test(err)) { killedAt = 'evicted'; void im1.stop('SIGKILL'); }
+      });
+      const code = await new Promise<number | null>((r) => p.once('exit', (c) => r(c)));
+      assert.equal(code, 0, err);
+      const r = JSON.parse(out) as import('../src/migrate/scatter-gather.js').ScatterGatherResult;
+      for (let i = 0; i < imgs.length; i++) {
+        assert.ok(readFileSync(join(dir, `${tag}-dst`, `${tag}-${i}.img`)).equals(readFileSync(imgs[i]!)), `image ${i} differs`);
+      }
+      return { r, want, tx: netns ? srcTx() - tx0 : undefined, killedAt };
+    } finally {
+      for (const x of procs) await x.stop();
+    }
+  }
+
+  it('four images from one base: byte-identical; each distinct block leaves the source once; eviction before the end', async () => {
+    const { r, want, tx } = await evict('n', false);
+    assert.equal(r.dedup.distinctBlocks, want.blocks);
+    assert.equal(r.dedup.stashedBlocks, want.blocks);
+    assert.equal(r.images.reduce((a, im) => a + im.fromSource, 0), 0);
+    assert.ok(r.evictionSeconds < r.seconds, `evicted at ${r.evictionSeconds} s, done at ${r.seconds} s`);
+    const stashed = Object.values(r.links).reduce((a, l) => a + l.stashedBytes, 0);
+    assert.equal(stashed, want.bytes);
+    if (tx !== undefined) {
+      // What left the source's host: the distinct contents once, plus metadata (fingerprints, placements, checks) and headers;
+      // far less than the images' data (the blocks they share did not cross again).
+      console.log(`# source veth sent ${tx} bytes for ${want.bytes} distinct bytes (${want.dataBlocks * 4096} bytes of data in the images)`);
+      assert.ok(tx >= want.bytes, `${tx} < ${want.bytes}`);
+      assert.ok(tx < want.bytes * 1.12 + (2 << 20), `${tx} bytes left the source for ${want.bytes} distinct bytes`);
+      assert.ok(tx < want.dataBlocks * 4096 * 0.8);
+    }
+  });
+
+  it('an intermediary SIGKILLed mid-gather: its blocks come from the source; every image byte-identical', async () => {
+    const { r, killedAt } = await evict('k', true);
+    assert.equal(killedAt, 'evicted');
+    assert.ok(r.images.reduce((a, im) => a + im.fromSource, 0) > 0, 'no block came from the source although an intermediary died mid-gather');
   });
 });
