@@ -1,4 +1,4 @@
-// npm run bench [-- --only hash,zero,bitmap,native,scan,transfer,scale,codec,index,live,postcopy] [-- --json [FILE]]
+// npm run bench [-- --only hash,zero,bitmap,native,scan,transfer,scale,codec,index,live,postcopy,scatter-gather] [-- --json [FILE]]
 // Every group checks its results against the reference before timing, runs
 // the peers in this one process, and prints ratios against the goals.
 import { writeFileSync } from 'node:fs';
@@ -15,6 +15,7 @@ import { benchCodec } from './codec.js';
 import { benchScale } from './scale.js';
 import { benchLive } from './live.js';
 import { benchPostcopy } from './postcopy.js';
+import { benchScatterGather } from './scatter-gather.js';
 
 // `--json` alone writes bench-results.json; `--json FILE` or `--json=FILE` names the file.
 const argv = process.argv.slice(2);
@@ -55,6 +56,10 @@ if (want('live')) {
 if (want('postcopy')) {
   const r = await benchPostcopy();
   if (r) extra.postcopy = r;
+}
+if (want('scatter-gather')) {
+  const r = await benchScatterGather();
+  if (r) extra.scatterGather = r;
 }
 if (values.json) {
   writeFileSync(values.json, JSON.stringify({ machine, date: new Date().toISOString(), groups, ...extra }, null, 2) + '\n');

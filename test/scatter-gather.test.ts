@@ -17,7 +17,15 @@ import { ContentStore } from '../src/roles/intermediary/store.js';
 import { IntermediaryService } from '../src/roles/intermediary/service.js';
 import { DestinationService } from '../src/roles/destination/service.js';
 import { scatterGather } from '../src/migrate/scatter-gather.js';
-import { STASH_BAD, STASH_FULL, STASH_HELD, STASH_STORED } from '../src/protocol/messages.js';
+import {
+  BEGIN, BEGIN_OK, BEGIN_OVERWRITE, BLOCK_INFO, FILL_SCATTER, GATHER, GATHER_RESULT, HOLDER_STAGE, INFO_END, SG_PLACE, STASH, STASH_BAD, STASH_FULL, STASH_HELD, STASH_OK, STASH_STORED,
+  decode, encode, type MessageDef, type SgPlace,
+} from '../src/protocol/messages.js';
+import { Msg, Writer } from '../src/protocol/frame.js';
+import type { Channel } from '../src/protocol/channel.js';
+import { Engine } from '../src/engine/engine.js';
+import { ErrorCode } from '../src/errors.js';
+import { rawClient } from './raw-client.js';
 import { seededBytes } from './util.js';
 
 const haveMkfs = (() => { try { execFileSync('mkfs.ext4', ['-V'], { stdio: 'ignore' }); return true; } catch { return false; } })();
@@ -65,7 +73,8 @@ describe('content store', () => {
     const r = ContentStore.open(d, { capacity: 1 << 20, memoryBytes: 0 });
     assert.equal(r.damage.truncated, 1);
     assert.equal(statSync(seg).size, 2 * (4096 + 24));
-    assert.equal(r.get(digests.subarray(0, 20)), undefined);
+    assert.throws(() => r.read(digests.subarray(0, 20)), { code: 'ERR_BF_STORE_CORRUPT' });
+    assert.equal(r.get(digests.subarray(0, 20)), undefined); // dropped: not held any more
     assert.equal(r.damage.corrupt, 1);
     assert.equal(r.has(digests.subarray(0, 20)), false);
     assert.ok(r.get(digests.subarray(20, 40))!.equals(blocks[1]!));
@@ -300,5 +309,126 @@ describe('scatter-gather between hosts', { skip: haveMkfs ? false : 'mkfs.ext4 i
     const { r, killedAt } = await evict('k', true);
     assert.equal(killedAt, 'evicted');
     assert.ok(r.images.reduce((a, im) => a + im.fromSource, 0) > 0, 'no block came from the source although an intermediary died mid-gather');
+  });
+});
+
+// --- The new messages: strict decoding, refused where they do not belong ----
+describe('scatter-gather messages', () => {
+  const key = Buffer.from('blockferry-scatter-key-012345678');
+  const BS = 4096;
+
+  /** The next frame is an ERROR with this code (NEEDs that answer earlier frames may come first). */
+  async function expectError(ch: Channel, code: string): Promise<void> {
+    for (;;) {
+      let f;
+      try {
+        f = await ch.next();
+      } catch (e) {
+        assert.equal((e as { remoteCode?: string }).remoteCode, code, `expected ERROR ${code}, got ${(e as Error).message}`);
+        return;
+      }
+      assert.equal(f.type, Msg.NEED, `expected ERROR ${code}, got frame type ${f.type}`);
+    }
+  }
+
+  const place = (start: number, count: number, over: Partial<SgPlace> = {}): SgPlace => ({
+    start, count, peers: ['127.0.0.1:1'], digests: Buffer.alloc(20 * count, 1), holders: new Uint8Array(count), ...over,
+  });
+  const info = (start: number, count: number) => ({ start, count, ...new Engine().fingerprints(Buffer.from(seededBytes(start + 1, count * BS)), BS) });
+
+  it('a destination refuses SG_PLACE out of place with ERROR ERR_BF_PROTOCOL and keeps serving', async () => {
+    const dst = await DestinationService.start({ dataDir: join(dir, 'conf-dst'), auth: { key } });
+    const cases: Array<[string, number, (ch: Channel) => Promise<void>]> = [
+      ['SG_PLACE in a migration without fills bit 2', 0, async (ch) => { await ch.send(SG_PLACE, place(0, 2)); }],
+      ['SG_PLACE after INFO_END', FILL_SCATTER, async (ch) => { await ch.send(INFO_END, undefined); await ch.send(SG_PLACE, place(0, 2)); }],
+      ['SG_PLACE for another run than the next BLOCK_INFO', FILL_SCATTER, async (ch) => { await ch.send(SG_PLACE, place(0, 2)); await ch.send(BLOCK_INFO, info(0, 3)); }],
+      ['two SG_PLACE without a BLOCK_INFO between', FILL_SCATTER, async (ch) => { await ch.send(SG_PLACE, place(0, 2)); await ch.send(SG_PLACE, place(4, 2)); }],
+      ['SG_PLACE left without its BLOCK_INFO at INFO_END', FILL_SCATTER, async (ch) => { await ch.send(SG_PLACE, place(0, 2)); await ch.send(INFO_END, undefined); }],
+      ['SG_PLACE past the image', FILL_SCATTER, async (ch) => { await ch.send(SG_PLACE, place(15, 2)); }],
+      ['SG_PLACE naming a holder that is not a peer', FILL_SCATTER, async (ch) => { await ch.send(SG_PLACE, place(0, 2, { holders: new Uint8Array([0, 3]) })); }],
+      ['SG_PLACE with a peer address that is not HOST:PORT', FILL_SCATTER, async (ch) => { await ch.send(SG_PLACE, place(0, 2, { peers: ['evil\nhost:1'] })); }],
+      ['SG_PLACE with 17 peers', FILL_SCATTER, async (ch) => { await ch.send(SG_PLACE, place(0, 2, { peers: Array.from({ length: 17 }, (_, i) => `10.0.0.${i}:1`) })); }],
+      ['STASH inside a migration', FILL_SCATTER, async (ch) => { await ch.send(STASH, { digests: sha1(block(1)), lengths: [BS], data: block(1) }, 7); }],
+    ];
+    try {
+      for (const [rule, fills, act] of cases) {
+        const ch = await rawClient(dst.address.port, { key });
+        await ch.send(BEGIN, { name: 'conf', size: 16 * BS, blockSize: BS, flags: BEGIN_OVERWRITE, fills, strategy: 'conformance' });
+        await ch.recv(BEGIN_OK);
+        await act(ch);
+        await expectError(ch, ErrorCode.PROTOCOL).catch((e: Error) => { throw new Error(`${rule}: ${e.message}`); });
+        ch.socket.destroy();
+      }
+      // And still serves: its stage takes a block and gives it back.
+      const ch = await rawClient(dst.address.port, { key });
+      const ok = await ch.request(STASH, { digests: sha1(block(2)), lengths: [BS], data: block(2) }, STASH_OK);
+      assert.deepEqual(ok.status, [STASH_STORED]);
+      const got = await ch.request(GATHER, sha1(block(2)), GATHER_RESULT);
+      assert.ok(got.data.equals(block(2)));
+      ch.close();
+    } finally {
+      await dst.close();
+    }
+  });
+
+  it('an intermediary refuses malformed STASH and GATHER, and anything else, with ERROR ERR_BF_PROTOCOL', async () => {
+    const im = await IntermediaryService.start({ dataDir: join(dir, 'conf-im'), capacity: 1 << 20, auth: { key } });
+    const stashOf = (n: number, lens: number[], data: Buffer) => {
+      const w = new Writer().u32(n);
+      for (let i = 0; i < lens.length; i++) w.bytes(Buffer.alloc(20, i)).u32(lens[i]!);
+      return w.bytes(data).done();
+    };
+    const cases: Array<[string, (ch: Channel) => Promise<void>]> = [
+      ['BEGIN (not a destination)', async (ch) => { await ch.send(BEGIN, { name: 'x', size: BS, blockSize: BS, flags: 0, fills: 0, strategy: 'x' }); }],
+      ['STASH without a request id', async (ch) => { await ch.send(STASH, { digests: sha1(block(1)), lengths: [BS], data: block(1) }); }],
+      ['STASH whose lengths do not add up to its data', async (ch) => { await ch.sendFrame(Msg.STASH, stashOf(1, [BS], Buffer.alloc(BS - 1)), 3); }],
+      ['STASH with an empty block', async (ch) => { await ch.sendFrame(Msg.STASH, stashOf(1, [0], Buffer.alloc(0)), 3); }],
+      ['STASH of 257 blocks', async (ch) => { await ch.sendFrame(Msg.STASH, stashOf(257, Array(257).fill(1), Buffer.alloc(257)), 3); }],
+      ['STASH of more than 1 MiB', async (ch) => { await ch.sendFrame(Msg.STASH, stashOf(2, [1 << 20, 1], Buffer.alloc((1 << 20) + 1)), 3); }],
+      ['STASH whose count lies', async (ch) => { await ch.sendFrame(Msg.STASH, new Writer().u32(100000).done(), 3); }],
+      ['GATHER of nothing', async (ch) => { await ch.sendFrame(Msg.GATHER, new Writer().u32(0).done(), 3); }],
+      ['GATHER of 257 digests', async (ch) => { await ch.sendFrame(Msg.GATHER, new Writer().u32(257).bytes(Buffer.alloc(257 * 20)).done(), 3); }],
+      ['GATHER with a trailing byte', async (ch) => { await ch.sendFrame(Msg.GATHER, new Writer().u32(1).bytes(Buffer.alloc(21)).done(), 3); }],
+    ];
+    try {
+      for (const [rule, act] of cases) {
+        const ch = await rawClient(im.address.port, { key });
+        await act(ch);
+        await expectError(ch, ErrorCode.PROTOCOL).catch((e: Error) => { throw new Error(`${rule}: ${e.message}`); });
+        ch.socket.destroy();
+      }
+      const ch = await rawClient(im.address.port, { key });
+      const bad = await ch.request(STASH, { digests: sha1(block(3)), lengths: [BS], data: block(4) }, STASH_OK);
+      assert.deepEqual(bad.status, [STASH_BAD]); // bytes that are not their SHA-1 are not kept
+      const miss = await ch.request(GATHER, sha1(block(4)), GATHER_RESULT);
+      assert.deepEqual(miss.lengths, [0]);
+      ch.close();
+    } finally {
+      await im.close();
+    }
+  });
+
+  it('every new message decodes its own encoding, and any truncation or flipped byte either decodes or throws ERR_BF_PROTOCOL', () => {
+    const samples: Array<[MessageDef<any>, unknown]> = [ // eslint-disable-line @typescript-eslint/no-explicit-any
+      [STASH, { digests: Buffer.concat([sha1(block(1)), sha1(block(2))]), lengths: [BS, 100], data: Buffer.concat([block(1), block(2, 100)]) }],
+      [STASH_OK, { status: [0, 1, 2, 3], free: 12345 }],
+      [GATHER, Buffer.concat([sha1(block(1)), sha1(block(2))])],
+      [GATHER_RESULT, { lengths: [BS, 0, 3], data: Buffer.concat([block(1), Buffer.from([1, 2, 3])]) }],
+      [SG_PLACE, place(10, 3, { peers: ['10.0.0.1:7000', '[::1]:7001'], holders: new Uint8Array([1, HOLDER_STAGE, 0]) })],
+    ];
+    let x = 7;
+    const rnd = () => { x = (x * 1103515245 + 12345) >>> 0; return x; };
+    for (const [d, m] of samples) {
+      const bytes = encode(d, m);
+      assert.deepEqual(decode(d, bytes), m, d.name);
+      for (let cut = 0; cut < bytes.length; cut += Math.max(1, bytes.length >> 6)) {
+        assert.throws(() => decode(d, bytes.subarray(0, cut)), { code: ErrorCode.PROTOCOL }, `${d.name} cut at ${cut}`);
+      }
+      for (let k = 0; k < 2000; k++) {
+        const b = Buffer.from(bytes);
+        b[rnd() % b.length]! ^= 1 + (rnd() % 255);
+        try { decode(d, b); } catch (e) { assert.equal((e as { code?: string }).code, ErrorCode.PROTOCOL, `${d.name}: ${(e as Error).message}`); }
+      }
+    }
   });
 });

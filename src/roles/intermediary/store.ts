@@ -188,8 +188,22 @@ export class ContentStore {
     }
   }
 
-  /** The block with this SHA-1, checked again; undefined when not held (or found damaged, then dropped). */
+  /** The block with this SHA-1, checked again; undefined when not held (or found damaged: then dropped and counted). */
   get(digest: Uint8Array): Buffer | undefined {
+    try {
+      return this.read(digest);
+    } catch (e) {
+      if (e instanceof BlockferryError && e.code === ErrorCode.STORE_CORRUPT) return undefined;
+      throw e;
+    }
+  }
+
+  /**
+   * The block with this SHA-1, checked again; undefined when not held. Bytes
+   * on disk that no longer have their SHA-1 (or cannot be read) throw
+   * ERR_BF_STORE_CORRUPT, and the entry is dropped: never served.
+   */
+  read(digest: Uint8Array): Buffer | undefined {
     const k = keyOf(digest);
     const m = this.memory.get(k);
     if (m) return m;
@@ -203,7 +217,7 @@ export class ContentStore {
     if (got !== e.len || !sha1(buf).equals(Buffer.from(digest.buffer, digest.byteOffset, DIGEST_BYTES))) {
       this.damage.corrupt++;
       this.index.delete(k); // its bytes stay counted in `used` until the segment goes
-      return undefined;
+      throw new BlockferryError(ErrorCode.STORE_CORRUPT, `${this.path(e.seg)}: the block at offset ${e.off} (${e.len} bytes) is not what it is stored under (${Buffer.from(digest).toString('hex')}); dropped`);
     }
     return buf;
   }
