@@ -413,7 +413,7 @@ export function buildProgram(): Command {
           process.once('SIGTERM', res);
         });
         const st = im.stats;
-        log(`intermediary: ${st.stashed} blocks stored (${st.stashedBytes} bytes), ${st.held} already held, ${st.refused} refused (full); ${st.gathered} served, ${st.missed} not held`);
+        log(`intermediary: ${st.stashed} blocks stored (${st.stashedBytes} bytes), ${st.held} already held, ${st.refused} refused (full); ${st.gathered} served, ${st.missed} not held${im.store.damage.corrupt ? `; ${im.store.damage.corrupt} damaged on disk, dropped (ERR_BF_STORE_CORRUPT)` : ''}`);
         await im.close();
         return;
       }
