@@ -355,10 +355,9 @@ export async function scatterGather(paths: string[], options: ScatterGatherOptio
         const m = maps[i]!;
         const k0 = m.indexOf(start);
         const digests = m.digests!.subarray(k0 * DIGEST_BYTES, (k0 + count) * DIGEST_BYTES);
-        for (;;) {
-          let ready = true;
-          for (let x = 0; x < count && ready; x++) if (contents.get(keyAt(digests, x))!.holder === UNPLACED) ready = false;
-          if (ready) break;
+        // Blocks are placed in about the order runs need them: resume the check where the last one stopped.
+        for (let x = 0; x < count;) {
+          if (contents.get(keyAt(digests, x))!.holder !== UNPLACED) { x++; continue; }
           await changes.next();
         }
         const extra: string[] = [];

@@ -195,7 +195,7 @@ export class GatherPool {
         // Kept in the stage: another image with the same content reads it here, not over the link again.
         const keep = got.map((b, x) => (b ? x : -1)).filter((x) => x >= 0);
         if (keep.length) {
-          try { this.link.stage.put(Buffer.concat(keep.map((x) => wanted[idx[x]!]!.digest)), keep.map((x) => got[x]!)); } catch { /* a full or failing stage only costs dedup */ }
+          try { this.link.stage.put(Buffer.concat(keep.map((x) => wanted[idx[x]!]!.digest)), keep.map((x) => got[x]!), true); } catch { /* a full or failing stage only costs dedup */ }
         }
         idx.forEach((i, x) => { this.inflight.delete(wanted[i]!.digest.toString('latin1')); resolvers[j]![x]!(got[x]); });
       }

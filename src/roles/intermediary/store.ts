@@ -131,16 +131,18 @@ export class ContentStore {
   /**
    * Stores each block under its SHA-1 (digests: n × 20 bytes): STASH_STORED,
    * STASH_HELD (already here), STASH_FULL (no room) or STASH_BAD (the bytes
-   * are not that SHA-1's). Durable (fsync) before it returns.
+   * are not that SHA-1's). In the file before it returns (fsynced within a
+   * second). `hashed`: the caller checked every block's SHA-1 already (the
+   * gather keeps what it verified), so it is not hashed again.
    */
-  put(digests: Uint8Array, blocks: Uint8Array[]): number[] {
+  put(digests: Uint8Array, blocks: Uint8Array[], hashed = false): number[] {
     const out = new Array<number>(blocks.length);
     for (let i = 0; i < blocks.length; i++) {
       const d = digests.subarray(i * DIGEST_BYTES, (i + 1) * DIGEST_BYTES);
       const data = blocks[i]!;
       const k = keyOf(d);
       if (this.index.has(k)) { out[i] = STASH_HELD; continue; }
-      if (data.length === 0 || data.length > MAX_RECORD || !sha1(data).equals(d)) { out[i] = STASH_BAD; continue; }
+      if (data.length === 0 || data.length > MAX_RECORD || (!hashed && !sha1(data).equals(d))) { out[i] = STASH_BAD; continue; }
       if (this.used + RECORD_HEADER + data.length > this.options.capacity) { out[i] = STASH_FULL; continue; }
       if (this.segSize + RECORD_HEADER + data.length > SEGMENT_BYTES && this.segSize > 0) {
         this.seg++;
