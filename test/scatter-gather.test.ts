@@ -26,6 +26,8 @@ import type { Channel } from '../src/protocol/channel.js';
 import { Engine } from '../src/engine/engine.js';
 import { ErrorCode } from '../src/errors.js';
 import { rawClient } from './raw-client.js';
+import { decompressorFor } from '../src/protocol/compression.js';
+import { CAP_ZSTD } from '../src/protocol/handshake.js';
 import { seededBytes } from './util.js';
 
 const haveMkfs = (() => { try { execFileSync('mkfs.ext4', ['-V'], { stdio: 'ignore' }); return true; } catch { return false; } })();
@@ -359,8 +361,9 @@ describe('scatter-gather messages', () => {
         await expectError(ch, ErrorCode.PROTOCOL).catch((e: Error) => { throw new Error(`${rule}: ${e.message}`); });
         ch.socket.destroy();
       }
-      // And still serves: its stage takes a block and gives it back.
+      // And still serves: its stage takes a block and gives it back (compressed where it pays: zstd was agreed).
       const ch = await rawClient(dst.address.port, { key });
+      ch.setCodec(undefined, decompressorFor(CAP_ZSTD));
       const ok = await ch.request(STASH, { digests: sha1(block(2)), lengths: [BS], data: block(2) }, STASH_OK);
       assert.deepEqual(ok.status, [STASH_STORED]);
       const got = await ch.request(GATHER, sha1(block(2)), GATHER_RESULT);

@@ -20,7 +20,8 @@
 import { hostname } from 'node:os';
 import { BlockferryError, ErrorCode, InvalidArgumentError } from '../errors.js';
 import { Channel } from '../protocol/channel.js';
-import { CAP_SCATTER, clientHandshake, type AuthOptions } from '../protocol/handshake.js';
+import { CAP_SCATTER, CAP_ZSTD, clientHandshake, type AuthOptions } from '../protocol/handshake.js';
+import { compressorFor, decompressorFor } from '../protocol/compression.js';
 import {
   DIGEST_BYTES, HOLDER_SOURCE, HOLDER_STAGE, MAX_SG_PEERS, MAX_STASH_BLOCKS, MAX_STASH_BYTES, SG_PLACE, STASH, STASH_FULL, STASH_HELD, STASH_OK, STASH_STORED,
   trafficTotal, type StashOk,
@@ -285,7 +286,8 @@ export async function scatterGather(paths: string[], options: ScatterGatherOptio
         const socket = await (security.mode === 'insecure' ? connect(parseTarget(peer)) : connectTls(parseTarget(peer), security));
         ch = new Channel(socket);
         channels.push(ch);
-        const caps = await clientHandshake(ch, { ...options.auth, certificates: security.mode === 'cert' }, CAP_SCATTER);
+        const caps = await clientHandshake(ch, { ...options.auth, certificates: security.mode === 'cert' }, CAP_SCATTER | CAP_ZSTD);
+        ch.setCodec(compressorFor(caps, { mode: 'auto' }), decompressorFor(caps));
         if (!(caps & CAP_SCATTER)) throw new BlockferryError(ErrorCode.REFUSED, `${peer} takes no scattered blocks (not an intermediary, or a destination without a stage)`);
         free = (await ch.request(STASH, { digests: Buffer.alloc(0), lengths: [], data: Buffer.alloc(0) }, STASH_OK)).free;
         for (;;) {
@@ -300,7 +302,15 @@ export async function scatterGather(paths: string[], options: ScatterGatherOptio
           free -= batch.reduce((a, c) => a + c.len + 24, 0);
           const data = Buffer.allocUnsafe(batch.reduce((a, c) => a + c.len, 0));
           let at = 0;
-          for (const c of batch) { sources[c.img]!.readInto(data.subarray(at, at + c.len), c.block * bs, c.len); at += c.len; }
+          // Consecutive blocks of one image are read with one call.
+          for (let x = 0; x < batch.length;) {
+            const c = batch[x]!;
+            let y = x + 1, len = c.len;
+            while (y < batch.length && batch[y]!.img === c.img && batch[y]!.block === c.block + (y - x) && batch[y - 1]!.len === bs) len += batch[y++]!.len;
+            sources[c.img]!.readInto(data.subarray(at, at + len), c.block * bs, len);
+            at += len;
+            x = y;
+          }
           await pace(data.length);
           const answer = ch.request(STASH, { digests: Buffer.from(batch.map(keyOf).join(''), 'latin1'), lengths: batch.map((c) => c.len), data }, STASH_OK);
           answer.catch(() => {});

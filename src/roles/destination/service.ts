@@ -30,7 +30,7 @@ import type { NbdExport } from '../../nbd/protocol.js';
 import { FileExport } from '../../nbd/file-export.js';
 import { NbdServer, type NbdAddress } from '../../nbd/server.js';
 import { readdirSync } from 'node:fs';
-import { decompressorFor } from '../../protocol/compression.js';
+import { compressorFor, decompressorFor } from '../../protocol/compression.js';
 
 export type { SessionStats } from './session.js';
 
@@ -267,10 +267,14 @@ export class DestinationService implements Role {
     const auth = { ...this.options.auth, certificates: !!this.options.tls };
     const caps = await serverHandshake(ch, auth, this.options.compression === false ? CAPABILITIES & ~CAP_ZSTD : CAPABILITIES);
     authenticated?.();
+    // Decompression from the first frame on: a scatter-gather source's first STASH may already be compressed.
+    const decompressor = decompressorFor(caps);
+    ch.setCodec(undefined, decompressor);
     const first = await ch.next();
     if (first.type === Msg.STASH || first.type === Msg.GATHER) {
       // A source scattering into the stage (or a peer gathering from it): a content-store connection, not a migration.
       if (!this.stage) throw new ProtocolError(ErrorCode.REFUSED, 'this destination has no stage (scatter-gather is off)');
+      ch.setCodec(compressorFor(caps, { mode: 'auto' }), decompressor);
       await serveStore(ch, this.stage, this.stageStats, first);
       return;
     }
@@ -285,7 +289,6 @@ export class DestinationService implements Role {
     this.active.set(begin.name, { ch, done: new Promise<void>((r) => { release = r; }) });
     let stats: SessionStats;
     try {
-      ch.setCodec(undefined, decompressorFor(caps));
       stats = await new Session(ch, await this.open(begin, final)).run();
     } catch (e) {
       const missing = this.taken.get(begin.name)?.image;

@@ -10,7 +10,8 @@
 import { ErrorCode, ProtocolError } from '../../errors.js';
 import { IntervalSet, blockLength } from '../../blocks/intervals.js';
 import { Channel } from '../../protocol/channel.js';
-import { CAP_SCATTER, clientHandshake, type AuthOptions } from '../../protocol/handshake.js';
+import { CAP_SCATTER, CAP_ZSTD, clientHandshake, type AuthOptions } from '../../protocol/handshake.js';
+import { compressorFor, decompressorFor } from '../../protocol/compression.js';
 import { DIGEST_BYTES, GATHER, GATHER_RESULT, HOLDER_SOURCE, HOLDER_STAGE, MAX_STASH_BLOCKS, MAX_STASH_BYTES, type SgPlace } from '../../protocol/messages.js';
 import { connect, parseTarget } from '../../transport/tcp.js';
 import { connect as connectTls, securityFrom, type TlsOptions } from '../../transport/tls.js';
@@ -107,7 +108,8 @@ export class GatherPool {
       const target = parseTarget(peer);
       const socket = await (security.mode === 'insecure' ? connect(target) : connectTls(target, security));
       const ch = new Channel(socket);
-      const caps = await clientHandshake(ch, { ...l.auth, certificates: security.mode === 'cert' }, CAP_SCATTER);
+      const caps = await clientHandshake(ch, { ...l.auth, certificates: security.mode === 'cert' }, CAP_SCATTER | CAP_ZSTD);
+      ch.setCodec(compressorFor(caps, { mode: 'auto' }), decompressorFor(caps));
       if (!(caps & CAP_SCATTER)) throw new ProtocolError(ErrorCode.REFUSED, `${peer} is not a blockferry intermediary`);
       this.open.set(peer, ch);
       return ch;

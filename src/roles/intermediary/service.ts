@@ -6,7 +6,8 @@
 // fingerprint before writing it. What it holds survives a restart.
 import type { Socket } from 'node:net';
 import type { Channel } from '../../protocol/channel.js';
-import { CAP_SCATTER, serverHandshake, type AuthOptions } from '../../protocol/handshake.js';
+import { CAP_SCATTER, CAP_ZSTD, serverHandshake, type AuthOptions } from '../../protocol/handshake.js';
+import { compressorFor, decompressorFor } from '../../protocol/compression.js';
 import { serverTls, securityFrom, type TlsOptions } from '../../transport/tls.js';
 import { listen, type Listener } from '../../transport/tcp.js';
 import { escapeForLog, LOG_LINE_MAX } from '../../util/sanitize.js';
@@ -64,8 +65,10 @@ export class IntermediaryService implements Role {
 
   async serve(ch: Channel, authenticated?: () => void): Promise<void> {
     ch.setIdleTimeout(this.options.idleTimeout ?? DEFAULT_IDLE_TIMEOUT_MS);
-    await serverHandshake(ch, { ...this.options.auth, certificates: !!this.options.tls }, CAP_SCATTER);
+    // zstd (capability bit 2) on block data both ways, where it pays (the codec's auto mode), when the peer offers it.
+    const caps = await serverHandshake(ch, { ...this.options.auth, certificates: !!this.options.tls }, CAP_SCATTER | CAP_ZSTD);
     authenticated?.();
+    ch.setCodec(compressorFor(caps, { mode: 'auto' }), decompressorFor(caps));
     await serveStore(ch, this.store, this.stats);
   }
 

@@ -137,29 +137,45 @@ export class ContentStore {
    */
   put(digests: Uint8Array, blocks: Uint8Array[], hashed = false): number[] {
     const out = new Array<number>(blocks.length);
-    for (let i = 0; i < blocks.length; i++) {
-      const d = digests.subarray(i * DIGEST_BYTES, (i + 1) * DIGEST_BYTES);
-      const data = blocks[i]!;
-      const k = keyOf(d);
-      if (this.index.has(k)) { out[i] = STASH_HELD; continue; }
-      if (data.length === 0 || data.length > MAX_RECORD || (!hashed && !sha1(data).equals(d))) { out[i] = STASH_BAD; continue; }
-      if (this.used + RECORD_HEADER + data.length > this.options.capacity) { out[i] = STASH_FULL; continue; }
-      if (this.segSize + RECORD_HEADER + data.length > SEGMENT_BYTES && this.segSize > 0) {
-        this.seg++;
-        this.segSize = 0;
+    // The records of one call are appended with one write (a segment boundary may split them in two).
+    let pending: Buffer[] = [];
+    let pendingAt = this.segSize;
+    const flush = () => {
+      if (!pending.length) return;
+      const buf = pending.length === 1 ? pending[0]! : Buffer.concat(pending);
+      writeSync(this.fd(this.seg), buf, 0, buf.length, pendingAt);
+      pending = [];
+    };
+    try {
+      for (let i = 0; i < blocks.length; i++) {
+        const d = digests.subarray(i * DIGEST_BYTES, (i + 1) * DIGEST_BYTES);
+        const data = blocks[i]!;
+        const k = keyOf(d);
+        if (this.index.has(k)) { out[i] = STASH_HELD; continue; }
+        if (data.length === 0 || data.length > MAX_RECORD || (!hashed && !sha1(data).equals(d))) { out[i] = STASH_BAD; continue; }
+        if (this.used + RECORD_HEADER + data.length > this.options.capacity) { out[i] = STASH_FULL; continue; }
+        if (this.segSize + RECORD_HEADER + data.length > SEGMENT_BYTES && this.segSize > 0) {
+          flush();
+          this.seg++;
+          this.segSize = 0;
+          pendingAt = 0;
+        }
+        const header = Buffer.allocUnsafe(RECORD_HEADER);
+        header.set(d, 0);
+        header.writeUInt32LE(data.length, DIGEST_BYTES);
+        pending.push(header, Buffer.from(data.buffer, data.byteOffset, data.length));
+        this.index.set(k, { seg: this.seg, off: this.segSize + RECORD_HEADER, len: data.length });
+        this.segSize += RECORD_HEADER + data.length;
+        this.used += RECORD_HEADER + data.length;
+        this.dirty = true;
+        this.remember(k, data);
+        out[i] = STASH_STORED;
       }
-      const fd = this.fd(this.seg);
-      const header = Buffer.allocUnsafe(RECORD_HEADER);
-      header.set(d, 0);
-      header.writeUInt32LE(data.length, DIGEST_BYTES);
-      writeSync(fd, header, 0, RECORD_HEADER, this.segSize);
-      writeSync(fd, data, 0, data.length, this.segSize + RECORD_HEADER);
-      this.index.set(k, { seg: this.seg, off: this.segSize + RECORD_HEADER, len: data.length });
-      this.segSize += RECORD_HEADER + data.length;
-      this.used += RECORD_HEADER + data.length;
-      this.dirty = true;
-      this.remember(k, Buffer.from(data));
-      out[i] = STASH_STORED;
+      flush();
+    } catch (e) {
+      // Not written: forget what this call added, so nothing unwritten is ever served.
+      for (let i = 0; i < blocks.length; i++) if (out[i] === STASH_STORED) this.index.delete(keyOf(digests.subarray(i * DIGEST_BYTES, (i + 1) * DIGEST_BYTES)));
+      throw e;
     }
     this.syncSoon();
     return out;
@@ -178,9 +194,10 @@ export class ContentStore {
     this.syncTimer.unref();
   }
 
-  private remember(k: string, data: Buffer): void {
+  private remember(k: string, bytes: Uint8Array): void {
     const limit = this.options.memoryBytes ?? DEFAULT_MEMORY_BYTES;
-    if (data.length > limit) return;
+    if (bytes.length > limit) return;
+    const data = Buffer.from(bytes); // a copy: the caller's buffer (a frame) is not kept alive
     this.memory.set(k, data);
     this.memoryUsed += data.length;
     for (const [old, b] of this.memory) {
