@@ -21,7 +21,7 @@ import { hostname } from 'node:os';
 import { BlockferryError, ErrorCode, InvalidArgumentError } from '../errors.js';
 import { Channel } from '../protocol/channel.js';
 import { CAP_SCATTER, CAP_ZSTD, clientHandshake, type AuthOptions } from '../protocol/handshake.js';
-import { compressorFor, decompressorFor } from '../protocol/compression.js';
+import { decompressorFor } from '../protocol/compression.js';
 import {
   DIGEST_BYTES, HOLDER_SOURCE, HOLDER_STAGE, MAX_SG_PEERS, MAX_STASH_BLOCKS, MAX_STASH_BYTES, SG_PLACE, STASH, STASH_FULL, STASH_HELD, STASH_OK, STASH_STORED,
   trafficTotal, type StashOk,
@@ -287,7 +287,9 @@ export async function scatterGather(paths: string[], options: ScatterGatherOptio
         ch = new Channel(socket);
         channels.push(ch);
         const caps = await clientHandshake(ch, { ...options.auth, certificates: security.mode === 'cert' }, CAP_SCATTER | CAP_ZSTD);
-        ch.setCodec(compressorFor(caps, { mode: 'auto' }), decompressorFor(caps));
+        // Nothing is compressed towards the stores (the source's link is the fast one; its CPU goes to sending),
+        // but a store may compress what it sends (the gather's link is the slow one).
+        ch.setCodec(undefined, decompressorFor(caps));
         if (!(caps & CAP_SCATTER)) throw new BlockferryError(ErrorCode.REFUSED, `${peer} takes no scattered blocks (not an intermediary, or a destination without a stage)`);
         free = (await ch.request(STASH, { digests: Buffer.alloc(0), lengths: [], data: Buffer.alloc(0) }, STASH_OK)).free;
         for (;;) {
