@@ -1,4 +1,4 @@
-// npm run bench [-- --only hash,zero,qcow2,bitmap,native,scan,cache,transfer,scale,codec,index,live,postcopy,fleet-index,snapmig] [-- --json [FILE]]
+// npm run bench [-- --only hash,zero,qcow2,bitmap,native,scan,cache,transfer,scale,codec,index,live,postcopy,fleet-index,snapmig,scatter-gather] [-- --json [FILE]]
 // Every group checks its results against the reference before timing, runs
 // the peers in this one process, and prints ratios against the goals.
 import { writeFileSync } from 'node:fs';
@@ -19,6 +19,7 @@ import { benchPostcopy } from './postcopy.js';
 import { benchQcow2 } from './qcow2.js';
 import { benchFleetIndex } from './fleet-index.js';
 import { benchSnapmig } from './snapmig.js';
+import { benchScatterGather } from './scatter-gather.js';
 
 // `--json` alone writes bench-results.json; `--json FILE` or `--json=FILE` names the file.
 const argv = process.argv.slice(2);
@@ -71,6 +72,10 @@ if (want('fleet-index')) {
 if (want('snapmig')) {
   const r = await benchSnapmig();
   if (r) extra.snapmig = r;
+}
+if (want('scatter-gather')) {
+  const r = await benchScatterGather();
+  if (r) extra.scatterGather = r;
 }
 if (values.json) {
   writeFileSync(values.json, JSON.stringify({ machine, date: new Date().toISOString(), groups, ...extra }, null, 2) + '\n');

@@ -102,6 +102,8 @@ export const ErrorCode = {
   LAYER_NOT_HELD: 'ERR_BF_LAYER_NOT_HELD',
   /** SnapMig: a layer at the destination is not the layer its identity names (a backup server sent other content), or is not there. */
   LAYER_MISMATCH: 'ERR_BF_LAYER_MISMATCH',
+  /** A content store's segment file (an intermediary's, a destination's stage) holds bytes that are not what they are stored under: the entry is dropped, never served. */
+  STORE_CORRUPT: 'ERR_BF_STORE_CORRUPT',
 } as const;
 
 export type ErrorCodeValue = (typeof ErrorCode)[keyof typeof ErrorCode];

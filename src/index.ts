@@ -45,6 +45,10 @@ export { similarityMatrix, type SimilarityMatrix, type SimilarityImage } from '.
 export { Neighbourhood, type NeighbourImage, type BlockLocation } from './blockindex/neighbourhood.js';
 export { DestinationService, type DestinationOptions, type SessionStats } from './roles/destination/service.js';
 export { RepositoryService, type RepositoryOptions } from './roles/repository/service.js';
+// Scatter-gather (paper 003): the intermediary role, its content store, and the eviction of several images.
+export { IntermediaryService, type IntermediaryOptions, type StoreStats } from './roles/intermediary/service.js';
+export { ContentStore, type StoreOptions } from './roles/intermediary/store.js';
+export { scatterGather, SCATTER_INFO_BATCH, type ScatterGatherOptions, type ScatterGatherResult, type ScatterGatherImage, type LinkBytes } from './migrate/scatter-gather.js';
 export { migrate, type MigrateOptions, type MigrationResult, type Strategy } from './migrate/migrate.js';
 export { STRATEGIES } from './migrate/strategies.js';
 export type { Strategy as MigrationStrategy, MigrationContext, StrategyOutcome, MigrationEvent, MigrationProgress, LiveOptions, LiveReport, DeltaReport } from './migrate/strategy.js';

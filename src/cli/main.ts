@@ -19,6 +19,8 @@ import { RepositoryService } from '../roles/repository/service.js';
 import { BackupService } from '../roles/backup/service.js';
 import { migrateChain, type ChainMigrationResult } from '../snapmig/migrate-chain.js';
 import { SNAP_STRATEGIES, type SnapStrategy } from '../snapmig/plan.js';
+import { IntermediaryService } from '../roles/intermediary/service.js';
+import { scatterGather, type ScatterGatherResult } from '../migrate/scatter-gather.js';
 import { parseTarget } from '../transport/tcp.js';
 import { DEFAULT_PARTIAL_TTL_MS, listPartials, prunePartials, removePartial } from '../roles/destination/partials.js';
 import { migrate } from '../migrate/migrate.js';
@@ -270,6 +272,18 @@ function runCmd(what: string, cmd: string, env?: Record<string, string>): void {
   if (r.status !== 0) throw new BlockferryError(ErrorCode.INVALID_ARGUMENT, `${what} ${JSON.stringify(cmd)} exited with ${r.status ?? r.signal}`);
 }
 
+/** A scatter-gather eviction's result, for a terminal. */
+function describeScatterGather(r: ScatterGatherResult): string {
+  const mb = (b: number) => `${(b / 1e6).toFixed(1)} MB`;
+  const lines = [
+    `evicted in ${r.evictionSeconds.toFixed(2)} s; all ${r.images.length} images at the destination, verified, in ${r.seconds.toFixed(2)} s`,
+    `data ${mb(r.dedup.dataBytes)} in ${r.dedup.dataBlocks} blocks, ${r.dedup.distinctBlocks} distinct; sent once each: ${mb(r.dedup.stashedBytes)}; saved by cross-VM dedup ${mb(r.dedup.savedBytes)}`,
+  ];
+  for (const [peer, l] of Object.entries(r.links)) lines.push(`  ${peer}: sent ${mb(l.sent)}, received ${mb(l.received)}, ${l.stashedBlocks} blocks stashed${l.refusedBlocks ? `, ${l.refusedBlocks} refused` : ''}${l.failed ? ` (failed: ${l.failed})` : ''}`);
+  for (const im of r.images) lines.push(`  ${im.name}: ${im.dataBlocks} data blocks, ${im.gathered} gathered, ${im.fromSource} from the source; placed ${JSON.stringify(im.placed)}`);
+  return lines.join('\n');
+}
+
 function print(s: string): void {
   process.stdout.write(s.endsWith('\n') ? s : s + '\n');
 }
@@ -404,7 +418,10 @@ export function buildProgram(): Command {
   secureFlags(program
     .command('serve')
     .description('run a service: the destination (receives migrations into a data directory), or a base-image repository destinations fill from')
-    .addOption(new Option('--role <role>', 'which service (backup: holds base images and snapshots and sends them to destinations for SnapMig)').choices(['destination', 'repository', 'backup']).default('destination'))
+    .addOption(new Option('--role <role>', 'which service (intermediary: stores scattered blocks by content for scatter-gather; backup: holds base images and snapshots and sends them to destinations for SnapMig)').choices(['destination', 'repository', 'backup', 'intermediary']).default('destination'))
+    .option('--capacity <size>', 'intermediary: bytes of scattered blocks it may hold (e.g. 8G); beyond, it refuses and the source sends elsewhere')
+    .option('--stage <size>', 'destination: capacity of its stage, where scatter-gather sources send blocks directly (0: no scatter-gather)', '1G')
+    .option('--bwlimit <rate>', 'destination: the rate at which it gathers from intermediaries (bytes/s, or 100mbit)')
     .requiredOption('--listen <addr>', 'HOST:PORT to listen on (port 0: any free port)')
     .requiredOption('--data-dir <dir>', 'where migrated images (NAME.img, or NAME.qcow2 with --image-format qcow2) and the neighbourhood index live')
     .option('--neighbour <image>', 'an image whose blocks migrations may reuse (repeatable)', (v: string, acc: string[]) => acc.concat(v), [] as string[])
@@ -425,7 +442,7 @@ export function buildProgram(): Command {
     .addOption(new Option('--log-level <level>', 'least severe entries logged').choices([...LOG_LEVELS]).default('info'))
     .addOption(new Option('--progress <mode>', 'progress of the migrations received, on stderr: a bar on a terminal, JSON lines, or nothing').choices(['auto', 'json', 'none']).default('auto'))
     .addOption(new Option('--image-format <format>', 'destination: write received images as raw (NAME.img) or as standalone qcow2 v3 (NAME.qcow2)').choices(['raw', 'qcow2']).default('raw')), false)
-    .action(async (o: { progress: ProgressMode; logFormat: LogFormat; logLevel: LogLevel; role: 'destination' | 'repository' | 'backup'; imageFormat: 'raw' | 'qcow2'; image: string[]; repository?: string; nbd?: string; nbdSocket?: string; listen: string; dataDir: string; neighbour: string[]; blockSize: string; keyFile?: string; insecure?: boolean; compress: 'auto' | 'none'; maxImageSize?: string; reserve: string; idleTimeout: string; partialTtl: string; cert?: string; key?: string; ca?: string; handshakeTimeout: number }) => {
+    .action(async (o: { progress: ProgressMode; logFormat: LogFormat; logLevel: LogLevel; role: 'destination' | 'repository' | 'backup' | 'intermediary'; capacity?: string; stage: string; bwlimit?: string; imageFormat: 'raw' | 'qcow2'; image: string[]; repository?: string; nbd?: string; nbdSocket?: string; listen: string; dataDir: string; neighbour: string[]; blockSize: string; keyFile?: string; insecure?: boolean; compress: 'auto' | 'none'; maxImageSize?: string; reserve: string; idleTimeout: string; partialTtl: string; cert?: string; key?: string; ca?: string; handshakeTimeout: number }) => {
       const m = /^\[?([^\]]*?)\]?:(\d{1,5})$/.exec(o.listen);
       if (!m || Number(m[2]) > 65535) throw new UsageError(`--listen ${o.listen}: expected HOST:PORT`);
       const [bs, ...rest] = parseBlockSizes(o.blockSize);
@@ -449,6 +466,27 @@ export function buildProgram(): Command {
         await bk.close();
         return;
       }
+      if (o.role === 'intermediary') {
+        if (o.capacity === undefined) throw new UsageError('--role intermediary needs --capacity SIZE (what it may hold)');
+        if (o.image.length || o.neighbour.length || o.repository || o.nbd || o.nbdSocket) throw new UsageError('--image, --neighbour, --repository and --nbd are options of other roles');
+        const capacity = parseSize('--capacity', o.capacity);
+        if (!(capacity > 0)) throw new UsageError('--capacity must be more than 0');
+        const im = await IntermediaryService.start({
+          dataDir: o.dataDir, host: m[1] || '0.0.0.0', port: Number(m[2]), ...securityOptions(o, o.logFormat === 'json' ? (l) => logger.warn(l) : undefined), handshakeTimeout: o.handshakeTimeout, capacity,
+          idleTimeout: parseDuration('--idle-timeout', o.idleTimeout), logger,
+        });
+        const ia = im.address;
+        print(JSON.stringify({ event: 'listening', role: 'intermediary', host: ia.host, port: ia.port, dataDir: o.dataDir, capacity, held: im.store.blocks, free: im.store.free }));
+        await new Promise<void>((res) => {
+          process.once('SIGINT', res);
+          process.once('SIGTERM', res);
+        });
+        const st = im.stats;
+        logger.info({ ...st }, `intermediary: ${st.stashed} blocks stored (${st.stashedBytes} bytes), ${st.held} already held, ${st.refused} refused (full); ${st.gathered} served, ${st.missed} not held${im.store.damage.corrupt ? `; ${im.store.damage.corrupt} damaged on disk, dropped (ERR_BF_STORE_CORRUPT)` : ''}`);
+        await im.close();
+        return;
+      }
+      if (o.capacity !== undefined) throw new UsageError('--capacity is an option of the intermediary role (a destination\'s stage is --stage)');
       if (o.role === 'repository') {
         if (!o.image.length) throw new UsageError('--role repository needs at least one --image (the base images it serves)');
         if (o.neighbour.length || o.repository || o.nbd || o.nbdSocket || o.imageFormat !== 'raw') throw new UsageError('--neighbour, --repository, --nbd and --image-format are options of the destination role');
@@ -477,6 +515,8 @@ export function buildProgram(): Command {
         ...(o.maxImageSize !== undefined ? { maxImageSize: parseSize('--max-image-size', o.maxImageSize) } : {}),
         reserveBytes: parseSize('--reserve', o.reserve), idleTimeout: parseDuration('--idle-timeout', o.idleTimeout), partialTtl: parseDuration('--partial-ttl', o.partialTtl),
         logger, onProgress: (p) => progress.update(p), imageFormat: o.imageFormat,
+        ...(parseSize('--stage', o.stage) > 0 ? { stage: { capacity: parseSize('--stage', o.stage) } } : { stage: false as const }),
+        ...(o.bwlimit ? { gatherBwlimit: parseRate(o.bwlimit) } : {}),
         ...(o.repository !== undefined ? { repository: { to: o.repository } } : {}),
         ...(o.nbdSocket !== undefined ? { nbd: { path: o.nbdSocket } } : o.nbd !== undefined ? { nbd: parseNbdListen('--nbd', o.nbd) } : {}),
       });
@@ -566,13 +606,15 @@ export function buildProgram(): Command {
   secureFlags(program
     .command('migrate')
     .description('migrate an image to a destination service, live: rounds of dirty blocks, then cutover')
-    .argument('<image>', 'the source image: a raw file, a block device, or an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH)')
+    .argument('<image...>', 'the source image: a raw file, a block device, or an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH); several with --strategy scatter-gather')
     .requiredOption('--to <addr>', 'HOST:PORT of the destination service')
     .option('--name <name>', 'name at the destination (default: the file name without extension)')
-    .addOption(new Option('--strategy <s>', 'what to send and when: full, similarity (pre-copy), postcopy (the destination takes over at once), hybrid (pre-copy of cold blocks, then post-copy); for a qcow2 chain with its snapshots: snapmig (backup servers send what they hold), fullmig (the source sends every layer), selectivemig (the latest state only)').choices(['full', 'similarity', 'postcopy', 'hybrid', ...SNAP_STRATEGIES]).default('similarity'))
+    .addOption(new Option('--strategy <s>', 'what to send and when: full, similarity (pre-copy), postcopy (the destination takes over at once), hybrid (pre-copy of cold blocks, then post-copy); for a qcow2 chain with its snapshots: snapmig (backup servers send what they hold), fullmig (the source sends every layer), selectivemig (the latest state only); scatter-gather: several images evicted through intermediaries (--via)').choices(['full', 'similarity', 'postcopy', 'hybrid', 'scatter-gather', ...SNAP_STRATEGIES]).default('similarity'))
     .option('--backup <addr>', 'snapmig: HOST:PORT of a backup server (serve --role backup) (repeatable)', (v: string, acc: string[]) => acc.concat(v), [] as string[])
     .option('--flatten', 'snapmig, fullmig: the destination writes the chain merged into NAME.img instead of one image per layer')
     .option('--cache-dir <dir>', 'snapmig: where layer identities are cached (default: none)')
+    .option('--via <addr>', 'scatter-gather: HOST:PORT of an intermediary (repeatable)', (v: string, acc: string[]) => acc.concat(v), [] as string[])
+    .option('--index <spec>', 'scatter-gather: the location index shared by sources (redis://HOST:PORT[,HOST:PORT...]; default: this process only)')
     .option('--hot-threshold <n>', 'hybrid: blocks written this many times or more wait for the post-copy phase', intArg('--hot-threshold', 1, 2 ** 31), 2)
     .option('--key-file <file>', 'pre-shared key (default: BLOCKFERRY_KEY)')
     .option('--insecure', 'plain TCP without authentication (loopback demos only)')
@@ -597,7 +639,19 @@ export function buildProgram(): Command {
     .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a terminal, JSON lines, or nothing').choices(['auto', 'json', 'none']).default('auto'))
     .option('--report <file>', 'write a page with the migration\'s timeline (also when it fails)')
     .option('--json', 'print the result as JSON'), true)
-    .action(async (image: string, o: { report?: string; backup: string[]; flatten?: boolean; cacheDir?: string; cert?: string; key?: string; ca?: string; servername?: string; compress: string; memory: string; to: string; name?: string; strategy: StrategyName; hotThreshold: number; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; qmp?: string; qmpNode?: string; maxRounds?: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean; progress: ProgressMode; maxDowntime: string; onStall: 'wait' | 'force' | 'throttle' | 'postcopy'; stallTimeout: string; throttleCmd?: string; order: 'hot-last' | 'address'; delta: boolean; format: ImageFormat }) => {
+    .action(async (images: string[], o: { via: string[]; index?: string; report?: string; backup: string[]; flatten?: boolean; cacheDir?: string; cert?: string; key?: string; ca?: string; servername?: string; compress: string; memory: string; to: string; name?: string; strategy: StrategyName; hotThreshold: number; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; qmp?: string; qmpNode?: string; maxRounds?: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean; progress: ProgressMode; maxDowntime: string; onStall: 'wait' | 'force' | 'throttle' | 'postcopy'; stallTimeout: string; throttleCmd?: string; order: 'hot-last' | 'address'; delta: boolean; format: ImageFormat }) => {
+      if (o.strategy === ('scatter-gather' as StrategyName)) {
+        if (o.qmp || o.rescan || o.name) throw new UsageError('--strategy scatter-gather evicts images at rest: no --qmp, --rescan or --name (each image keeps its file name)');
+        const r = await scatterGather(images, {
+          to: o.to, via: o.via, ...securityOptions(o), overwrite: !!o.overwrite, ...(o.index ? { index: o.index } : {}), ...(o.bwlimit ? { bwlimit: parseRate(o.bwlimit) } : {}),
+          onEvent: (e) => { if (e.phase === 'evicted' || e.phase === 'store-failed') process.stderr.write(`blockferry: ${e.phase} ${JSON.stringify(e.detail)}\n`); },
+        });
+        print(o.json ? JSON.stringify(r, null, 2) : describeScatterGather(r));
+        return;
+      }
+      if (o.via.length || o.index) throw new UsageError('--via and --index are options of --strategy scatter-gather');
+      if (images.length !== 1) throw new UsageError(`one image per migration (several only with --strategy scatter-gather), not ${images.length}`);
+      const image = images[0]!;
       if (!o.qmp !== !o.qmpNode) throw new UsageError('--qmp and --qmp-node go together');
       if ((SNAP_STRATEGIES as readonly string[]).includes(o.strategy)) {
         // SnapMig and its baselines (paper 000): src/snapmig/migrate-chain.ts.

@@ -16,10 +16,16 @@ import { openSource, sourceName, specFor, type ImageFormat } from '../image/sour
 import { Scanner } from '../scan/scanner.js';
 import { QmpDirty } from './rounds.js';
 import { STRATEGIES, type StrategyName } from './strategies.js';
-import type { DeltaReport, LiveOptions, LiveReport, MigrationEvent, MigrationProgress, PostcopyCounts, StrategyProgress } from './strategy.js';
+import type { DeltaReport, LiveOptions, LiveReport, MigrationEvent, MigrationProgress, PostcopyCounts, ScatterHook, StrategyProgress, Strategy as StrategyDef } from './strategy.js';
+import { precopy } from './precopy.js';
+import { CAP_SCATTER } from '../protocol/handshake.js';
+import { FILL_SCATTER } from '../protocol/messages.js';
+
+/** Scatter-gather's per-image migration: pre-copy whose BLOCK_INFO runs the destination fills from where SG_PLACE says. Only scatterGather() starts it. */
+const SCATTER_GATHER: StrategyDef = { name: 'scatter-gather', fills: FILL_SCATTER, requires: CAP_SCATTER, run: precopy };
 import { STALL_POLICIES } from './live.js';
 
-export type Strategy = StrategyName;
+export type Strategy = StrategyName | 'scatter-gather';
 
 export interface MigrateOptions extends LiveOptions {
   /** The destination, "host:port". */
@@ -58,6 +64,8 @@ export interface MigrateOptions extends LiveOptions {
   format?: ImageFormat;
   /** Every frame this side sends and receives (a frame log, for diagnostics). */
   onFrame?: (f: FrameRecord) => void;
+  /** Set by scatterGather() (scatter-gather.ts) for each image it evicts: the strategy becomes scatter-gather's pre-copy with SG_PLACE. */
+  scatter?: ScatterHook;
 }
 
 export interface MigrationResult {
@@ -110,9 +118,9 @@ export const DEFAULT_MEMORY_BUDGET = 256 << 20;
 /** Migrates the image at path to a destination service; resolves once the destination holds it, verified. */
 export async function migrate(path: string, options: MigrateOptions): Promise<MigrationResult> {
   const t0 = performance.now();
-  const strategyName = options.strategy ?? 'similarity';
-  const strategy = STRATEGIES[strategyName];
-  if (!strategy || !Object.hasOwn(STRATEGIES, strategyName)) throw new InvalidArgumentError('strategy', Object.keys(STRATEGIES).join(' or '), strategyName);
+  const strategyName = options.scatter ? ('scatter-gather' as Strategy) : options.strategy ?? 'similarity';
+  const strategy = options.scatter ? SCATTER_GATHER : STRATEGIES[strategyName];
+  if (!strategy || (!options.scatter && !Object.hasOwn(STRATEGIES, strategyName))) throw new InvalidArgumentError('strategy', Object.keys(STRATEGIES).join(' or '), strategyName);
   const bs = options.blockSize ?? options.tracked?.blockSize ?? 4096;
   checkBlockSize(bs);
   const name = options.name ?? sourceName(path);
@@ -187,13 +195,14 @@ export async function migrate(path: string, options: MigrateOptions): Promise<Mi
       });
     };
     const live = !!options.tracked || !!options.rescan || !!options.qmp;
-    const [map] = await scanner.scan(path, { blockSize: bs, live, ...(signal ? { signal } : {}), ...(options.format ? { format: options.format } : {}), onProgress: (s) => progress({ phase: 'scan', round: 0, done: s.done, total: s.total }) });
+    const [map] = options.scatter ? [options.scatter.map] : await scanner.scan(path, { blockSize: bs, live, ...(signal ? { signal } : {}), ...(options.format ? { format: options.format } : {}), onProgress: (s) => progress({ phase: 'scan', round: 0, done: s.done, total: s.total }) });
     const scanSeconds = (performance.now() - tScan) / 1000;
     // A migration that is not live scans once: its workers need not idle through the transfer.
     if (!live && ownScanner) await closeScanner();
     const out = await strategy.run({
       ch, src, path, map: map!, blockSize: bs, capabilities: caps, begin: begun, ...(options.format ? { format: options.format } : {}), scanner: scannerOpen ? scanner : undefined, live: options, event, progress,
       ...(dirty ? { dirty } : {}),
+      ...(options.scatter ? { scatter: options.scatter } : {}),
       memoryBudget: options.memoryBudget ?? DEFAULT_MEMORY_BUDGET,
     });
     event('done');

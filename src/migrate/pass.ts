@@ -55,7 +55,8 @@ export async function firstPass(ctx: MigrationContext, { view, sender, check, sy
   const { ch, map, blockSize: bs } = ctx;
   ctx.event('fingerprints');
   const sendInfo = async () => {
-    for (const r of split(map.runs(), INFO_BATCH)) {
+    for (const r of split(map.runs(), ctx.scatter?.infoBatch ?? INFO_BATCH)) {
+      await ctx.scatter?.beforeInfo(ch, r.start, r.count);
       const i = map.indexOf(r.start);
       await ch.send(BLOCK_INFO, { start: r.start, count: r.count, fingerprints: map.fingerprints.subarray(i, i + r.count), signatures: map.signatures.subarray(i, i + r.count) });
     }

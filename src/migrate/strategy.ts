@@ -92,6 +92,15 @@ export interface MigrationContext {
   memoryBudget: number;
   event: (phase: string, detail?: unknown) => void;
   progress: (p: StrategyProgress) => void;
+  /** Scatter-gather (scatter-gather.ts): runs of this many blocks, each preceded by what `beforeInfo` sends (SG_PLACE). */
+  scatter?: ScatterHook;
+}
+
+/** How scatter-gather rides on a pre-copy migration: its block map (made already, with SHA-1s) and an SG_PLACE before each BLOCK_INFO run. */
+export interface ScatterHook {
+  map: BlockMap;
+  infoBatch: number;
+  beforeInfo(ch: Channel, start: number, count: number): Promise<void>;
 }
 
 export interface StrategyOutcome {

@@ -50,6 +50,12 @@ export const Msg = {
   // A base-image repository (FILL_REPOSITORY): a destination asks for blocks by content.
   FETCH: 50,
   FETCH_RESULT: 51,
+  // Scatter-gather (CAP_SCATTER): blocks staged by content at intermediaries and the destination.
+  STASH: 60,
+  STASH_OK: 61,
+  GATHER: 62,
+  GATHER_RESULT: 63,
+  SG_PLACE: 64,
   // SnapMig (CAP_SNAPMIG, paper 000): a coordinator asks backup servers what they hold and has them send it; the destination assembles the chain.
   LAYERS: 70,
   LAYERS_RESULT: 71,

@@ -36,7 +36,14 @@ export const CAP_REPOSITORY = 32;
  * first message of a connection (docs/PROTOCOL.md, "SnapMig").
  */
 export const CAP_SNAPMIG = 128;
-export const CAPABILITIES = CAP_SIMILARITY | CAP_RESUME | CAP_ZSTD | CAP_DELTA | CAP_POSTCOPY;
+/**
+ * Scatter-gather (docs/PROTOCOL.md, "Scatter-gather"): a content store that
+ * takes STASH and answers GATHER (`serve --role intermediary`, and a
+ * destination's own stage), and a destination that takes SG_PLACE and
+ * gathers a run's blocks from where it says.
+ */
+export const CAP_SCATTER = 64;
+export const CAPABILITIES = CAP_SCATTER | CAP_SIMILARITY | CAP_RESUME | CAP_ZSTD | CAP_DELTA | CAP_POSTCOPY;
 /** Largest frame before authentication: the handshake's messages are under 100 bytes. */
 export const HANDSHAKE_FRAME_LIMIT = 256;
 

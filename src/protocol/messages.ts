@@ -123,6 +123,8 @@ const BEGIN_KNOWN = BEGIN_OVERWRITE;
 export const FILL_NEIGHBOURS = 1;
 /** The destination's base-image repository (`serve --repository`), asked with FETCH. */
 export const FILL_REPOSITORY = 2;
+/** Scatter-gather: SG_PLACE names, per run, where each block's content is staged; the destination gathers it from there (GATHER). */
+export const FILL_SCATTER = 4;
 
 export interface Begin {
   name: string;
@@ -510,10 +512,137 @@ export const CHAIN_DONE = def<ChainDone>(Msg.CHAIN_DONE, 'CHAIN_DONE', 'control'
     return { verdicts, written: written === 1 };
   });
 
+// --- Scatter-gather (CAP_SCATTER) --------------------------------------------
+
+/** Most blocks, and most bytes of block data, one STASH or GATHER carries: bounded work and memory per request at the store. */
+export const MAX_STASH_BLOCKS = 256;
+export const MAX_STASH_BYTES = 1 << 20;
+/** STASH_OK statuses, per block. */
+export const STASH_STORED = 0;
+export const STASH_HELD = 1;
+export const STASH_FULL = 2;
+export const STASH_BAD = 3;
+/** Most peers one SG_PLACE may name, and the longest address. */
+export const MAX_SG_PEERS = 16;
+export const MAX_SG_ADDRESS = 255;
+/** SG_PLACE holder values that are not peer indexes: the destination's own stage, and nobody (ask the source). */
+export const HOLDER_STAGE = 0xfe;
+export const HOLDER_SOURCE = 0xff;
+
+/**
+ * Source to a store (an intermediary, or a destination's stage): blocks by
+ * content. Per block its SHA-1 and length, then the contents in order. No
+ * block may be empty; none longer than MAX_STASH_BYTES. An empty STASH asks
+ * only for the free capacity. Reply: STASH_OK with the request's id.
+ */
+export interface Stash { digests: Buffer; lengths: number[]; data: Buffer }
+export const STASH = def<Stash>(Msg.STASH, 'STASH', 'data',
+  (m, w) => { w.u32(m.lengths.length); for (let i = 0; i < m.lengths.length; i++) w.bytes(m.digests.subarray(i * DIGEST_BYTES, (i + 1) * DIGEST_BYTES)).u32(m.lengths[i]!); w.bytes(m.data); },
+  (r) => {
+    const n = counted(r, DIGEST_BYTES + 4, 'STASH');
+    if (n > MAX_STASH_BLOCKS) throw new ProtocolError(ErrorCode.PROTOCOL, `STASH: ${n} blocks (at most ${MAX_STASH_BLOCKS} a request)`);
+    const digests = Buffer.allocUnsafe(n * DIGEST_BYTES);
+    const lengths: number[] = new Array(n);
+    let total = 0;
+    for (let i = 0; i < n; i++) {
+      r.bytes(DIGEST_BYTES).copy(digests, i * DIGEST_BYTES);
+      const len = r.u32();
+      if (len === 0) throw new ProtocolError(ErrorCode.PROTOCOL, 'STASH: an empty block');
+      total += lengths[i] = len;
+      if (total > MAX_STASH_BYTES) throw new ProtocolError(ErrorCode.PROTOCOL, `STASH: more than ${MAX_STASH_BYTES} bytes of blocks`);
+    }
+    if (total !== r.remaining) throw new ProtocolError(ErrorCode.PROTOCOL, `STASH: ${total} bytes declared, ${r.remaining} present`);
+    return { digests, lengths, data: r.bytes(total) };
+  },
+  (m) => 4 + (DIGEST_BYTES + 4) * m.lengths.length + m.data.length);
+
+/** Store to source: per block a status (STASH_STORED, _HELD, _FULL, _BAD), then the bytes it can still take. */
+export interface StashOk { status: number[]; free: number }
+export const STASH_OK = def<StashOk>(Msg.STASH_OK, 'STASH_OK', 'control',
+  (m, w) => { w.u32(m.status.length); for (const s of m.status) w.u8(s); w.u64(m.free); },
+  (r) => {
+    const n = counted(r, 1, 'STASH_OK');
+    if (n > MAX_STASH_BLOCKS) throw new ProtocolError(ErrorCode.PROTOCOL, `STASH_OK: ${n} entries (at most ${MAX_STASH_BLOCKS})`);
+    const status: number[] = new Array(n);
+    for (let i = 0; i < n; i++) {
+      const s = r.u8();
+      if (s > STASH_BAD) throw new ProtocolError(ErrorCode.PROTOCOL, `STASH_OK: unknown status ${s}`);
+      status[i] = s;
+    }
+    return { status, free: r.u64() };
+  },
+  (m) => 12 + m.status.length);
+
+/** Destination to a store: blocks wanted by SHA-1. Reply: GATHER_RESULT with the request's id. */
+export const GATHER = def<Buffer>(Msg.GATHER, 'GATHER', 'control',
+  (m, w) => { w.u32(m.length / DIGEST_BYTES).bytes(m); },
+  (r) => {
+    const n = counted(r, DIGEST_BYTES, 'GATHER');
+    if (n === 0) throw new ProtocolError(ErrorCode.PROTOCOL, 'GATHER: no blocks asked for');
+    if (n > MAX_STASH_BLOCKS) throw new ProtocolError(ErrorCode.PROTOCOL, `GATHER: ${n} blocks (at most ${MAX_STASH_BLOCKS} a request)`);
+    return Buffer.from(r.bytes(n * DIGEST_BYTES));
+  },
+  (m) => 4 + m.length);
+
+/**
+ * Store to destination: per block asked for, in order, the length of its
+ * content (0: not held), then the contents. Trusted for nothing: the
+ * destination checks each block's SHA-1 and the source's fingerprint and
+ * signature before writing it.
+ */
+export const GATHER_RESULT = def<FetchResult>(Msg.GATHER_RESULT, 'GATHER_RESULT', 'data',
+  (m, w) => { w.u32(m.lengths.length); for (const l of m.lengths) w.u32(l); w.bytes(m.data); },
+  (r) => {
+    const n = counted(r, 4, 'GATHER_RESULT');
+    if (n > MAX_STASH_BLOCKS) throw new ProtocolError(ErrorCode.PROTOCOL, `GATHER_RESULT: ${n} entries (at most ${MAX_STASH_BLOCKS})`);
+    const lengths: number[] = new Array(n);
+    let total = 0;
+    for (let i = 0; i < n; i++) total += lengths[i] = r.u32();
+    if (total > MAX_STASH_BYTES) throw new ProtocolError(ErrorCode.PROTOCOL, `GATHER_RESULT: ${total} bytes of blocks (at most ${MAX_STASH_BYTES})`);
+    if (total !== r.remaining) throw new ProtocolError(ErrorCode.PROTOCOL, `GATHER_RESULT: ${total} bytes declared, ${r.remaining} present`);
+    return { lengths, data: r.bytes(total) };
+  },
+  (m) => 4 + 4 * m.lengths.length + m.data.length);
+
+/**
+ * Source to destination, in a migration's info phase, right before the
+ * BLOCK_INFO of the same run: where each block's content is staged. The
+ * peers (store addresses, HOST:PORT), then per block its SHA-1 and a holder:
+ * a peer's index, HOLDER_STAGE (the destination's own stage) or
+ * HOLDER_SOURCE (nowhere: the destination asks the source, as always).
+ */
+export interface SgPlace { start: number; count: number; peers: string[]; digests: Buffer; holders: Uint8Array }
+export const SG_PLACE = def<SgPlace>(Msg.SG_PLACE, 'SG_PLACE', 'fingerprints',
+  (m, w) => {
+    w.u64(m.start).u32(m.count).u8(m.peers.length);
+    for (const p of m.peers) w.str(p);
+    w.bytes(m.digests).bytes(m.holders);
+  },
+  (r) => {
+    const start = r.u64();
+    const count = r.u32();
+    if (count === 0) throw new ProtocolError(ErrorCode.PROTOCOL, 'SG_PLACE: an empty run');
+    if (count > MAX_INFO_BLOCKS) throw new ProtocolError(ErrorCode.PROTOCOL, `SG_PLACE: a run of ${count} blocks (at most ${MAX_INFO_BLOCKS} a frame)`);
+    const np = r.u8();
+    if (np > MAX_SG_PEERS) throw new ProtocolError(ErrorCode.PROTOCOL, `SG_PLACE: ${np} peers (at most ${MAX_SG_PEERS})`);
+    const peers: string[] = [];
+    for (let i = 0; i < np; i++) {
+      const p = r.str();
+      if (p.length === 0 || p.length > MAX_SG_ADDRESS || !/^[A-Za-z0-9.:[\]_-]+$/.test(p)) throw new ProtocolError(ErrorCode.PROTOCOL, 'SG_PLACE: a peer address that is not HOST:PORT');
+      peers.push(p);
+    }
+    if (count * (DIGEST_BYTES + 1) !== r.remaining) throw new ProtocolError(ErrorCode.PROTOCOL, `SG_PLACE: ${count} blocks need ${count * (DIGEST_BYTES + 1)} bytes, ${r.remaining} present`);
+    const digests = Buffer.from(r.bytes(count * DIGEST_BYTES));
+    const holders = new Uint8Array(r.bytes(count));
+    for (const h of holders) if (h >= np && h !== HOLDER_STAGE && h !== HOLDER_SOURCE) throw new ProtocolError(ErrorCode.PROTOCOL, `SG_PLACE: holder ${h} of ${np} peers`);
+    return { start, count, peers, digests, holders };
+  },
+  (m) => 13 + m.peers.reduce((a, p) => a + 2 + Buffer.byteLength(p), 0) + m.count * (DIGEST_BYTES + 1));
+
 /** Every message by type. */
 export const MESSAGES: ReadonlyMap<number, MessageDef<unknown>> = new Map(
   [HELLO, HELLO_ACK, AUTH, READY, ERROR, BEGIN, BEGIN_OK, BLOCK_INFO, INFO_END, NEED, BLOCKS, COPY, ZERO, ROUND, VERIFY, VERIFY_RESULT, COMMIT, DONE, SYNC, SYNC_OK, BLOCKS_DELTA,
-    MISSING, SWITCH, SWITCH_OK, PULL, OWNED, PROBE, PROBE_OK, FETCH, FETCH_RESULT,
+    MISSING, SWITCH, SWITCH_OK, PULL, OWNED, PROBE, PROBE_OK, FETCH, FETCH_RESULT, STASH, STASH_OK, GATHER, GATHER_RESULT, SG_PLACE,
     LAYERS, LAYERS_RESULT, SEND_LAYER, SEND_LAYER_RESULT, CHAIN_BEGIN, CHAIN_BEGIN_OK, CHAIN_COMMIT, CHAIN_DONE]
     .map((d) => [d.type, d as MessageDef<unknown>]),
 );

@@ -6,9 +6,10 @@ import { open } from 'node:fs/promises';
 import { openSource } from '../image/source.js';
 import { IntervalSet, blockLength } from '../blocks/intervals.js';
 import { NO_REF, refBlock, refImage } from '../table/table.js';
-import { FILL_NEIGHBOURS, FILL_REPOSITORY } from '../protocol/messages.js';
+import { FILL_NEIGHBOURS, FILL_REPOSITORY, FILL_SCATTER } from '../protocol/messages.js';
 import type { Neighbourhood } from '../blockindex/neighbourhood.js';
 import { RepositoryFills, type RepositoryLink } from './repository/fills.js';
+import { GatherFills, type GatherPool } from './intermediary/gather.js';
 
 export type { FillContext, FillRequest, FillSource } from './fill-source.js';
 import type { FillContext, FillRequest, FillSource } from './fill-source.js';
@@ -18,12 +19,15 @@ export interface FillProviders {
   neighbourhood?: Neighbourhood;
   /** The base-image repository the destination was started with (`serve --repository`). */
   repository?: RepositoryLink;
+  /** Scatter-gather: the destination's stage and its connections to intermediaries. */
+  gather?: GatherPool;
 }
 
 /** In the order they are consulted: local neighbour images first (a disk read), then the repository (a round trip). */
 export const FILL_SOURCES: ReadonlyArray<{ bit: number; name: string; open(p: FillProviders): FillSource | undefined }> = [
   { bit: FILL_NEIGHBOURS, name: 'neighbours', open: (p) => (p.neighbourhood ? new NeighbourFills(p.neighbourhood) : undefined) },
   { bit: FILL_REPOSITORY, name: 'repository', open: (p) => (p.repository ? new RepositoryFills(p.repository) : undefined) },
+  { bit: FILL_SCATTER, name: 'gather', open: (p) => (p.gather ? new GatherFills(p.gather) : undefined) },
 ];
 
 /** Bytes read from a neighbour per run: 1 MiB, like the source's batches. */

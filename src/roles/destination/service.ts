@@ -13,6 +13,9 @@ import { serverTls, securityFrom, type ServerTls, type TlsOptions } from '../../
 import { BEGIN, BEGIN_OVERWRITE, decode, type Begin } from '../../protocol/messages.js';
 import { Msg, msgName } from '../../protocol/frame.js';
 import { serveChain } from './chain.js';
+import { ContentStore } from '../intermediary/store.js';
+import { GatherPool } from '../intermediary/gather.js';
+import { newStoreStats, serveStore } from '../intermediary/serve.js';
 import { listen, parseTarget, type Listener } from '../../transport/tcp.js';
 import { Neighbourhood } from '../../blockindex/neighbourhood.js';
 import { Scanner } from '../../scan/scanner.js';
@@ -31,7 +34,7 @@ import { ArrivingImage } from './arriving.js';
 import type { NbdExport } from '../../nbd/protocol.js';
 import { NbdServer, type NbdAddress } from '../../nbd/server.js';
 import { readdirSync } from 'node:fs';
-import { decompressorFor } from '../../protocol/compression.js';
+import { compressorFor, decompressorFor } from '../../protocol/compression.js';
 
 export type { SessionStats } from './session.js';
 
@@ -101,7 +104,18 @@ export interface DestinationOptions {
    * while they arrive (post-copy) and once complete.
    */
   imageFormat?: OutputFormat;
+  /**
+   * Scatter-gather: the stage, a content store in DATA_DIR/stage that sources
+   * STASH blocks into directly (default capacity 1 GiB; false: none, and no
+   * gathering), and the rate at which the destination gathers from
+   * intermediaries (bytes per second, 0: unlimited).
+   */
+  stage?: { capacity: number; memoryBytes?: number } | false;
+  gatherBwlimit?: number;
 }
+
+/** Default capacity of a destination's stage: 1 GiB. */
+export const DEFAULT_STAGE_CAPACITY = 1 << 30;
 
 /** An image the destination took over (post-copy): served while it arrives, and after. */
 interface Taken {
@@ -139,6 +153,10 @@ export class DestinationService implements Role {
   private indexing: Promise<void> = Promise.resolve();
   private readonly gate: Gate;
   private readonly repository: RepositoryLink | undefined;
+  /** Scatter-gather: the stage (STASH from sources) and the gather's connections to intermediaries. */
+  readonly stage: ContentStore | undefined;
+  readonly gatherPool: GatherPool | undefined;
+  readonly stageStats = newStoreStats();
 
   private constructor(readonly options: DestinationOptions, neighbourhood: Neighbourhood, scanner: Scanner, tls: ServerTls | undefined) {
     this.neighbourhood = neighbourhood;
@@ -150,6 +168,13 @@ export class DestinationService implements Role {
       to: r.to, auth: r.auth ?? options.auth, ...(r.tls ?? options.tls ? { tls: (r.tls ?? options.tls)! } : {}), ...(r.timeout !== undefined ? { timeout: r.timeout } : {}),
       logger: this.logger.child({ repository: r.to }), state: { down: false },
     };
+    if (options.stage !== false) {
+      const st = options.stage ?? { capacity: DEFAULT_STAGE_CAPACITY };
+      this.stage = ContentStore.open(join(options.dataDir, 'stage'), st);
+      this.gatherPool = new GatherPool({
+        auth: options.auth, ...(options.tls ? { tls: options.tls } : {}), stage: this.stage, bwlimit: options.gatherBwlimit ?? 0, log: (l) => this.logger.warn(l),
+      });
+    }
   }
 
   /** The open connections (tests drop them to play a failing network). */
@@ -285,6 +310,8 @@ export class DestinationService implements Role {
     this.served.clear();
     await this.indexing;
     await this.scanner.close();
+    this.gatherPool?.close();
+    this.stage?.close();
   }
 
   /** One connection: handshake, BEGIN, the session, then the new image into the neighbourhood. */
@@ -294,7 +321,17 @@ export class DestinationService implements Role {
     const offered = CAPABILITIES | CAP_SNAPMIG;
     const caps = await serverHandshake(ch, auth, this.options.compression === false ? offered & ~CAP_ZSTD : offered);
     authenticated?.();
+    // Decompression from the first frame on: a scatter-gather source's first STASH may already be compressed.
+    const decompressor = decompressorFor(caps);
+    ch.setCodec(undefined, decompressor);
     const first = await ch.next();
+    if (first.type === Msg.STASH || first.type === Msg.GATHER) {
+      // A source scattering into the stage (or a peer gathering from it): a content-store connection, not a migration.
+      if (!this.stage) throw new ProtocolError(ErrorCode.REFUSED, 'this destination has no stage (scatter-gather is off)');
+      ch.setCodec(compressorFor(caps, { mode: 'auto' }), decompressor);
+      await serveStore(ch, this.stage, this.stageStats, first);
+      return;
+    }
     // SnapMig: a coordinator's connection says what chain the layers (each an ordinary migration) make (roles/destination/chain.ts).
     if ((first.type === Msg.CHAIN_BEGIN || first.type === Msg.CHAIN_COMMIT) && caps & CAP_SNAPMIG) {
       // The chain handler reads the received layers as raw files (NAME.Ln.img); a destination writing qcow2 is not wired to it yet.
@@ -315,7 +352,6 @@ export class DestinationService implements Role {
     this.active.set(begin.name, { ch, done: new Promise<void>((r) => { release = r; }) });
     let stats: SessionStats;
     try {
-      ch.setCodec(undefined, decompressorFor(caps));
       stats = await new Session(ch, await this.open(begin, files)).run();
     } catch (e) {
       const missing = this.taken.get(begin.name)?.image;
@@ -416,7 +452,7 @@ export class DestinationService implements Role {
     const fills: FillSource[] = [];
     for (const f of FILL_SOURCES) {
       if (!(b.fills & f.bit)) continue;
-      const src = f.open({ neighbourhood: this.neighbourhood, ...(this.repository ? { repository: this.repository } : {}) });
+      const src = f.open({ neighbourhood: this.neighbourhood, ...(this.repository ? { repository: this.repository } : {}), ...(this.gatherPool ? { gather: this.gatherPool } : {}) });
       if (src) fills.push(src);
     }
     const j = journal;

@@ -13,8 +13,9 @@ import type { Channel } from '../../protocol/channel.js';
 import { Msg, type Frame } from '../../protocol/frame.js';
 import {
   BEGIN_OK, BLOCK_INFO, BLOCKS, BLOCKS_DELTA, COMMIT, COPY, DONE, INFO_END, MISSING, NEED, OWNED, PROBE, PROBE_OK, PULL, ROUND, SWITCH, SWITCH_OK, SYNC, SYNC_OK, VERIFY, VERIFY_RESULT, ZERO,
-  decode, trafficTotal, type BlockInfo, type Done, type VerifyExtent,
+  SG_PLACE, decode, trafficTotal, type BlockInfo, type Done, type VerifyExtent,
 } from '../../protocol/messages.js';
+import type { GatherFills } from '../intermediary/gather.js';
 import type { ImageSink } from '../../image/sink.js';
 import type { FillSource } from '../fills.js';
 import { Journal } from './journal.js';
@@ -50,6 +51,8 @@ export interface SessionStats {
   zeroedBlocks: number;
   /** BLOCKS_DELTA entries whose result did not have its fingerprint (a wrong base): left for the end-to-end check. */
   deltaRejected?: number;
+  /** Scatter-gather: blocks gathered from intermediaries and the destination's stage. */
+  gatheredBlocks?: number;
 }
 
 export interface SessionInit {
@@ -136,6 +139,7 @@ export class Session {
       [Msg.MISSING]: async (f) => this.missingFrame(decode(MISSING, f.payload)),
       [Msg.SWITCH]: async (f) => { decode(SWITCH, f.payload); await this.switchOver(f); },
       [Msg.PROBE]: async (f) => { decode(PROBE, f.payload); await this.ch.reply(f, PROBE_OK, undefined); },
+      [Msg.SG_PLACE]: async (f) => this.placement(f),
     };
     if (init.arriving) this.phase = 'postcopy';
   }
@@ -273,6 +277,7 @@ export class Session {
     if (m.start < this.infoEnd) throw new ProtocolError(ErrorCode.PROTOCOL, `BLOCK_INFO ${m.start} overlaps or precedes the previous run (ending at ${this.infoEnd})`);
     if (this.init.resumed && m.start > this.infoEnd) await this.zeroRange(this.infoEnd, m.start - this.infoEnd);
     this.infoEnd = m.start + m.count;
+    this.gather?.take(m.start, m.count);
     const missing = new IntervalSet();
     missing.add(m.start, m.count);
     if (this.init.resumed) {
@@ -291,6 +296,7 @@ export class Session {
         this.written.add(iv.start, iv.count);
         this.touched(iv.start, iv.count);
         if (fs.name === 'repository') this.stats.repositoryBlocks += iv.count;
+        else if (fs.name === 'gather') this.stats.gatheredBlocks = (this.stats.gatheredBlocks ?? 0) + iv.count;
         else this.stats.neighbourBlocks += iv.count;
         this.sinceSave += iv.count * this.bs;
       }
@@ -300,6 +306,22 @@ export class Session {
     this.checkSpace();
     await this.ch.send(NEED, { start: m.start, count: m.count, last: false, missing: [...missing] });
     await this.maybeSaveJournal();
+  }
+
+  /** The gather fill source, when the migration asked for one (BEGIN's FILL_SCATTER) and this destination offers it. */
+  private get gather(): GatherFills | undefined {
+    return this.init.fills.find((f) => f.name === 'gather') as GatherFills | undefined;
+  }
+
+  /** SG_PLACE: where the next BLOCK_INFO run's blocks are staged; only in the info phase of a scatter-gather migration. */
+  private async placement(f: Frame): Promise<void> {
+    const m = decode(SG_PLACE, f.payload);
+    if (this.phase !== 'info') throw new ProtocolError(ErrorCode.PROTOCOL, 'SG_PLACE after INFO_END');
+    const g = this.gather;
+    if (!g) throw new ProtocolError(ErrorCode.PROTOCOL, 'SG_PLACE in a migration that is not scatter-gather (or at a destination that does not gather)');
+    this.inImage(m.start, m.count, 'SG_PLACE');
+    if (m.start < this.infoEnd) throw new ProtocolError(ErrorCode.PROTOCOL, `SG_PLACE ${m.start} precedes the end of the previous run (${this.infoEnd})`);
+    g.place(m);
   }
 
   /** What can still arrive must fit in what the disk has free (sparse images: only announced data counts). */
@@ -336,6 +358,7 @@ export class Session {
 
   private async infoDone(_: void): Promise<void> {
     if (this.phase !== 'info') throw new ProtocolError(ErrorCode.PROTOCOL, this.phase === 'postcopy' ? 'INFO_END after SWITCH' : 'a second INFO_END');
+    if (this.gather?.pending) throw new ProtocolError(ErrorCode.PROTOCOL, 'INFO_END with an SG_PLACE that no BLOCK_INFO followed');
     if (this.init.resumed && this.infoEnd < this.blocks) await this.zeroRange(this.infoEnd, this.blocks - this.infoEnd);
     this.phase = 'transfer';
     await this.saveJournal();
