@@ -3,7 +3,8 @@
 // embedded index, in batches of 65,536 digests (one scatter round), and what
 // an entry costs Redis in memory, against one key per digest.
 import { Cluster } from 'ioredis';
-import { DIGEST_BYTES, EmbeddedLocationIndex, openLocationIndex, type LocationIndex } from '../src/fleet/location-index.js';
+import { DIGEST_BYTES, EmbeddedLocationIndex, type LocationIndex } from '../src/fleet/location-index.js';
+import { openLocationIndex } from '../src/fleet/open.js';
 import { keySlot, type RedisLocationIndex } from '../src/fleet/redis-index.js';
 import { startRedisCluster, type RedisCluster } from '../test/redis-cluster.js';
 import { check, randomFill, runGroup, type GroupResult } from './lib.js';

@@ -82,8 +82,10 @@ export { buildIndex, type IndexOptions } from './blockindex/build.js';
 export { similarityPage, migrationReport, timelineRounds, TimelineRecorder, DEFAULT_SAMPLE_MS, writePage, PAGE_CSP, type SimilarityPageOptions, type MigrationReportOptions, type ReportRound, type Timeline, type TimelineEvent, type TimelineSample, type RecordableOptions } from './report/index.js';
 // The fleet's location index (issue 12): embedded by default, Redis Cluster for redis://HOST:PORT
 // (src/fleet/redis-index.ts, loaded on demand: importing blockferry never loads ioredis).
-export { openLocationIndex, EmbeddedLocationIndex, type LocationIndex } from './fleet/location-index.js';
-export type { RedisIndexOptions, RedisLocationIndex } from './fleet/redis-index.js';
+export { EmbeddedLocationIndex, type LocationIndex } from './fleet/location-index.js';
+export { openLocationIndex } from './fleet/open.js';
+export type { RedisIndexOptions } from './fleet/location-index.js';
+export type { RedisLocationIndex } from './fleet/redis-index.js';
 // SnapMig (paper 000): backup servers send the base and older snapshots, the source only its newest changes.
 export { BackupService, type BackupOptions } from './roles/backup/service.js';
 export { migrateChain, chainFiles, type ChainMigrateOptions, type ChainMigrationResult, type LayerSendReport } from './snapmig/migrate-chain.js';

@@ -10,7 +10,8 @@ import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { Redis } from 'ioredis';
-import { DIGEST_BYTES, EmbeddedLocationIndex, openLocationIndex, type LocationIndex } from '../src/fleet/location-index.js';
+import { DIGEST_BYTES, EmbeddedLocationIndex, type LocationIndex } from '../src/fleet/location-index.js';
+import { openLocationIndex } from '../src/fleet/open.js';
 import { keySlot, parseRedisUrl, RedisLocationIndex } from '../src/fleet/redis-index.js';
 import { ErrorCode } from '../src/errors.js';
 import { freePorts, startRedisCluster, type RedisCluster } from './redis-cluster.js';
@@ -249,7 +250,7 @@ describe('location index on Redis Cluster', () => {
   });
 
   it('the embedded default never loads ioredis; a redis:// index does', async () => {
-    const mod = new URL('../src/fleet/location-index.js', import.meta.url).href;
+    const mod = new URL('../src/fleet/open.js', import.meta.url).href;
     const child = `
       import { createRequire } from 'node:module';
       const require = createRequire(import.meta.url);
@@ -269,7 +270,7 @@ describe('location index on Redis Cluster', () => {
     const n = 30_000;
     const mod = (p: string) => new URL(p, import.meta.url).href;
     const child = `
-      const { openLocationIndex } = await import(${JSON.stringify(mod('../src/fleet/location-index.js'))});
+      const { openLocationIndex } = await import(${JSON.stringify(mod('../src/fleet/open.js'))});
       const { seededBytes } = await import(${JSON.stringify(mod('./util.js'))});
       const [url, ns, loc, n, reverse] = process.argv.slice(1);
       const d = seededBytes(40, Number(n) * 20);

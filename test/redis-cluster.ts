@@ -59,11 +59,14 @@ export async function freePorts(n: number): Promise<number[]> {
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** Starts a 3-master, 3-replica cluster (cluster-node-timeout 2000 ms: a killed master fails over in a few seconds, and a loaded 2-core machine does not make healthy nodes look dead). */
-export async function startRedisCluster(opts: { prefix?: string } = {}): Promise<RedisCluster> {
+export async function startRedisCluster(opts: { prefix?: string; /** A command prefix that runs redis-server and redis-cli elsewhere: ['ip', 'netns', 'exec', NS]. */ exec?: string[] } = {}): Promise<RedisCluster> {
+  const pre = opts.exec ?? [];
+  const cmd = (c: string, args: string[]): [string, string[]] => (pre.length ? [pre[0]!, [...pre.slice(1), c, ...args]] : [c, args]);
+  if (pre.length) await run(...cmd('ip', ['link', 'set', 'lo', 'up']));
   const root = mkdtempSync(join(tmpdir(), `${opts.prefix ?? 'bfC'}-redis-`));
   const ports = await freePorts(6);
   const nodes: RedisNode[] = [];
-  const cli = async (port: number, ...args: string[]) => (await run('redis-cli', ['-h', '127.0.0.1', '-p', String(port), ...args])).stdout;
+  const cli = async (port: number, ...args: string[]) => (await run(...cmd('redis-cli', ['-h', '127.0.0.1', '-p', String(port), ...args]))).stdout;
   let stopped = false;
   const stop = async () => {
     if (stopped) return;
@@ -82,11 +85,11 @@ export async function startRedisCluster(opts: { prefix?: string } = {}): Promise
       const dir = join(root, String(port));
       mkdirSync(dir);
       // No RDB/AOF: an acknowledged record's durability is its replica (WAIT), which is what the tests check.
-      const proc = spawn('redis-server', [
+      const proc = spawn(...cmd('redis-server', [
         '--port', String(port), '--bind', '127.0.0.1', '--dir', dir,
         '--cluster-enabled', 'yes', '--cluster-config-file', 'nodes.conf', '--cluster-node-timeout', '2000',
         '--save', '', '--appendonly', 'no', '--logfile', join(dir, 'redis.log'),
-      ], { stdio: 'ignore' });
+      ]), { stdio: 'ignore' });
       nodes.push({ port, proc, dir });
     }
     for (const n of nodes) {
@@ -98,7 +101,7 @@ export async function startRedisCluster(opts: { prefix?: string } = {}): Promise
         await sleep(25);
       }
     }
-    await run('redis-cli', ['--cluster', 'create', ...ports.map((p) => `127.0.0.1:${p}`), '--cluster-replicas', '1', '--cluster-yes']);
+    await run(...cmd('redis-cli', ['--cluster', 'create', ...ports.map((p) => `127.0.0.1:${p}`), '--cluster-replicas', '1', '--cluster-yes']));
     const cluster: RedisCluster = {
       url: `redis://${ports.map((p) => `127.0.0.1:${p}`).join(',')}`,
       nodes,

@@ -11,7 +11,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { scatterGather } from '../src/migrate/scatter-gather.js';
-import { openLocationIndex } from '../src/fleet/location-index.js';
+import { openLocationIndex } from '../src/fleet/open.js';
 import { distinct, images, services } from './sg-fixtures.js';
 import { startRedisCluster, type RedisCluster } from './redis-cluster.js';
 

@@ -12,7 +12,6 @@
 // embedded implementation below is the default; `redis://HOST:PORT` names a
 // Redis Cluster (src/fleet/redis-index.ts).
 import { BlockferryError, ErrorCode } from '../errors.js';
-import type { RedisIndexOptions } from './redis-index.js';
 
 export const DIGEST_BYTES = 20;
 
@@ -130,13 +129,13 @@ export class EmbeddedLocationIndex implements LocationIndex {
   }
 }
 
-/** The index a spec names: none → embedded; `redis://HOST:PORT[,HOST:PORT...]` → Redis Cluster. */
-export async function openLocationIndex(spec?: string, options?: RedisIndexOptions): Promise<LocationIndex> {
-  if (!spec) return new EmbeddedLocationIndex();
-  if (/^rediss?:\/\//i.test(spec)) {
-    // Loaded only here, so that the embedded default never loads ioredis.
-    const { RedisLocationIndex } = await import('./redis-index.js');
-    return RedisLocationIndex.open(spec, options);
-  }
-  throw new BlockferryError(ErrorCode.INVALID_ARGUMENT, `--index takes redis://HOST:PORT, not ${JSON.stringify(spec)}`);
+/** Options of the Redis Cluster index (src/fleet/redis-index.ts). */
+export interface RedisIndexOptions {
+  /** Key namespace, so that several fleets (or tests) share one cluster. Default "bf". */
+  namespace?: string;
+  /**
+   * How long one round (≤ 65,536 digests) may keep retrying through failovers, redirections and
+   * lost connections before ERR_BF_INDEX; also the deadline to reach the cluster at open. Default 30 s.
+   */
+  deadlineMs?: number;
 }

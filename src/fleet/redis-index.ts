@@ -77,7 +77,7 @@
 import { createHash } from 'node:crypto';
 import IORedis, { type Cluster, type Redis } from 'ioredis';
 import { BlockferryError, ErrorCode } from '../errors.js';
-import { DIGEST_BYTES, digestCount, type LocationIndex } from './location-index.js';
+import { DIGEST_BYTES, digestCount, type LocationIndex, type RedisIndexOptions } from './location-index.js';
 
 
 /** Bits of a digest that choose its bucket (see above: 2^18 buckets, listpack up to ~33 M digests). */
@@ -182,15 +182,7 @@ if op == 'C' or op == 'c' then return table.concat(out) end
 return 1
 `;
 
-export interface RedisIndexOptions {
-  /** Key namespace, so that several fleets (or tests) share one cluster. Default "bf". */
-  namespace?: string;
-  /**
-   * How long one round (≤ 65,536 digests) may keep retrying through failovers, redirections and
-   * lost connections before ERR_BF_INDEX; also the deadline to reach the cluster at open. Default 30 s.
-   */
-  deadlineMs?: number;
-}
+export type { RedisIndexOptions } from './location-index.js';
 
 /** Seed nodes and credentials of `redis://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]`. */
 export interface RedisUrl {
