@@ -69,7 +69,7 @@ import { dirname, isAbsolute, resolve } from 'node:path';
 import { BlockferryError, ErrorCode, ImageError, InvalidArgumentError } from '../errors.js';
 import { checkRegularOrAbsent } from '../io/atomic.js';
 import { Engine, MAX_BLOCK_SIZE, type Region } from '../engine/engine.js';
-import { ioError, openChecked, type ImageSink } from './sink.js';
+import { WriteQueue, ioError, openChecked, type ImageSink } from './sink.js';
 import { FileImageSource, openSource } from './source.js';
 import type { Extent, ImageSource } from './image.js';
 import { QCOW2_MAGIC } from './qcow2.js';
@@ -88,9 +88,6 @@ const MAX_L1_BYTES = 32 << 20;
 const L2_CACHE_BYTES = 4 << 20;
 /** Refcount blocks cached: 1 MiB (16 blocks of 64 KiB count 32 GiB of file); allocation is mostly at the end of the file. */
 const REFCOUNT_CACHE_BYTES = 1 << 20;
-/** Writes in flight at most (as FileImageSink). */
-const MAX_PENDING_WRITES = 64;
-const MAX_PENDING_BYTES = 32 << 20;
 
 const HEADER_LENGTH = 112;
 const EXT_BACKING_FORMAT = 0xe2792aca;
@@ -119,12 +116,6 @@ export interface Qcow2SinkOptions {
 interface Cached {
   buf: Buffer;
   dirty: boolean;
-}
-
-interface Pending {
-  start: number;
-  end: number;
-  done: Promise<void>;
 }
 
 const enum Kind { UNALLOCATED, ZERO, DATA }
@@ -226,9 +217,8 @@ export class Qcow2ImageSink implements ImageSink {
   private readonly refCache = new Map<number, Cached>();
   private readonly l2Max: number;
   private readonly refMax: number;
-  private readonly pending = new Set<Pending>();
-  private pendingBytes = 0;
-  private failure: Error | undefined;
+  /** Data writes behind the caller (bounded), shared with FileImageSink; metadata goes through writeAt at checkpoints. */
+  private readonly writes: WriteQueue;
   private closing: Promise<void> | undefined;
   private lock: Promise<unknown> = Promise.resolve();
   private readonly engine = new Engine({ initialBytes: 2 * MAX_BLOCK_SIZE });
@@ -247,6 +237,7 @@ export class Qcow2ImageSink implements ImageSink {
   ) {
     this.final = final;
     this.partial = partial;
+    this.writes = new WriteQueue(fh, partial);
     this.g = g;
     this.size = g.size;
     this.clusterSize = g.cs;
@@ -388,38 +379,24 @@ export class Qcow2ImageSink implements ImageSink {
   }
 
   private check(): void {
-    if (this.failure) throw this.failure;
+    this.writes.check();
   }
 
-  private async settle(start: number, end: number): Promise<void> {
-    for (const p of [...this.pending]) if (p.start < end && start < p.end) await p.done;
+  private settle(start: number, end: number): Promise<void> {
+    return this.writes.settle(start, end);
   }
 
-  private async drain(): Promise<void> {
-    while (this.pending.size) await Promise.all([...this.pending].map((p) => p.done));
-    this.check();
+  private drain(): Promise<void> {
+    return this.writes.drain();
   }
 
   /** Queues a data write at a host offset (write-behind, bounded). */
-  private async queueWrite(host: number, data: Uint8Array): Promise<void> {
-    await this.settle(host, host + data.length);
-    while (this.pending.size >= MAX_PENDING_WRITES || (this.pending.size > 0 && this.pendingBytes + data.length > MAX_PENDING_BYTES)) {
-      await Promise.race([...this.pending].map((p) => p.done));
-    }
-    this.check();
-    const p: Pending = { start: host, end: host + data.length, done: Promise.resolve() };
-    p.done = this.writeAt(data, host)
-      .catch((e) => { this.failure ??= ioError(e, this.partial, 'write'); })
-      .finally(() => { this.pending.delete(p); this.pendingBytes -= data.length; });
-    this.pending.add(p);
-    this.pendingBytes += data.length;
+  private queueWrite(host: number, data: Uint8Array): Promise<void> {
+    return this.writes.queue(host, data);
   }
 
-  private async writeAt(data: Uint8Array, position: number): Promise<void> {
-    for (let at = 0; at < data.length; ) {
-      const { bytesWritten } = await this.fh.write(data, at, data.length - at, position + at);
-      at += bytesWritten;
-    }
+  private writeAt(data: Uint8Array, position: number): Promise<void> {
+    return this.writes.writeNow(position, data);
   }
 
   private async readAt(buf: Uint8Array, position: number): Promise<void> {
@@ -569,8 +546,8 @@ export class Qcow2ImageSink implements ImageSink {
       }
       this.checkpoints++;
     } catch (e) {
-      this.failure ??= ioError(e, this.partial, 'metadata write');
-      throw this.failure;
+      this.writes.failure ??= ioError(e, this.partial, 'metadata write');
+      throw this.writes.failure;
     }
   }
 
@@ -814,8 +791,8 @@ export class Qcow2ImageSink implements ImageSink {
   close(): Promise<void> {
     this.closing ??= this.enqueue(async () => {
       try {
-        if (!this.failure) await this.checkpoint().catch(() => {});
-        else while (this.pending.size) await Promise.all([...this.pending].map((p) => p.done));
+        if (!this.writes.failure) await this.checkpoint().catch(() => {});
+        else await this.writes.idle();
       } finally {
         this.backing?.close();
         this.l2Cache.clear();

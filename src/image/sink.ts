@@ -46,11 +46,67 @@ interface Pending {
 const MAX_PENDING_WRITES = 64;
 const MAX_PENDING_BYTES = 32 << 20;
 
+/**
+ * Write-behind for a file a sink writes: a write resolves once it is queued
+ * (at most MAX_PENDING_WRITES and MAX_PENDING_BYTES in flight), reads and
+ * zeroing wait for the writes they overlap (settle), and the first failure
+ * is kept and thrown by the next call (check). Raw and qcow2 sinks share it.
+ */
+export class WriteQueue {
+  private readonly pending = new Set<Pending>();
+  private bytes = 0;
+  failure: Error | undefined;
+
+  constructor(private readonly fh: fsp.FileHandle, private readonly path: string) {}
+
+  /** Throws the first failure of a write behind the caller. */
+  check(): void {
+    if (this.failure) throw this.failure;
+  }
+
+  /** Writes data at position now (the whole of it). */
+  async writeNow(position: number, data: Uint8Array): Promise<void> {
+    for (let at = 0; at < data.length; ) {
+      const { bytesWritten } = await this.fh.write(data, at, data.length - at, position + at);
+      at += bytesWritten;
+    }
+  }
+
+  /** Queues data at position, once the writes it overlaps are done and there is room in flight. The caller must not change data afterwards. */
+  async queue(position: number, data: Uint8Array): Promise<void> {
+    await this.settle(position, position + data.length);
+    while (this.pending.size >= MAX_PENDING_WRITES || (this.pending.size > 0 && this.bytes + data.length > MAX_PENDING_BYTES)) {
+      await Promise.race([...this.pending].map((p) => p.done));
+    }
+    this.check();
+    const p: Pending = { start: position, end: position + data.length, done: Promise.resolve() };
+    p.done = this.writeNow(position, data)
+      .catch((e) => { this.failure ??= ioError(e, this.path, 'write'); })
+      .finally(() => { this.pending.delete(p); this.bytes -= data.length; });
+    this.pending.add(p);
+    this.bytes += data.length;
+  }
+
+  /** Waits for the writes in flight that overlap [start, end). */
+  async settle(start: number, end: number): Promise<void> {
+    for (const p of [...this.pending]) if (p.start < end && start < p.end) await p.done;
+  }
+
+  /** Waits for every write in flight (without throwing their failure: check() does). */
+  async idle(): Promise<void> {
+    while (this.pending.size) await Promise.all([...this.pending].map((p) => p.done));
+  }
+
+  /** Waits for every write in flight, then throws the first failure. */
+  async drain(): Promise<void> {
+    await this.idle();
+    this.check();
+  }
+}
+
 export class FileImageSink implements ImageSink {
   private closed = false;
-  private readonly pending = new Set<Pending>();
-  private pendingBytes = 0;
-  private failure: Error | undefined;
+  private readonly writes: WriteQueue;
 
   private constructor(
     private readonly fh: fsp.FileHandle,
@@ -58,7 +114,9 @@ export class FileImageSink implements ImageSink {
     readonly partial: string,
     readonly final: string,
     private readonly native: NativeAddon | null,
-  ) {}
+  ) {
+    this.writes = new WriteQueue(fh, partial);
+  }
 
   /** A new, empty (sparse) partial image; an existing partial file is replaced. */
   static async create(partial: string, final: string, size: number, native = chooseBackend().native): Promise<FileImageSink> {
@@ -105,56 +163,24 @@ export class FileImageSink implements ImageSink {
    * A failed write is reported by the next call.
    */
   async write(offset: number, data: Uint8Array): Promise<void> {
-    this.check();
-    await this.settle(offset, offset + data.length);
-    while (this.pending.size >= MAX_PENDING_WRITES || (this.pending.size > 0 && this.pendingBytes + data.length > MAX_PENDING_BYTES)) {
-      await Promise.race([...this.pending].map((p) => p.done));
-    }
-    this.check();
-    const p: Pending = { start: offset, end: offset + data.length, done: Promise.resolve() };
-    p.done = this.writeNow(offset, data)
-      .catch((e) => { this.failure ??= ioError(e, this.partial, 'write'); })
-      .finally(() => { this.pending.delete(p); this.pendingBytes -= data.length; });
-    this.pending.add(p);
-    this.pendingBytes += data.length;
-  }
-
-  private async writeNow(offset: number, data: Uint8Array): Promise<void> {
-    for (let at = 0; at < data.length; ) {
-      const { bytesWritten } = await this.fh.write(data, at, data.length - at, offset + at);
-      at += bytesWritten;
-    }
-  }
-
-  private check(): void {
-    if (this.failure) throw this.failure;
-  }
-
-  /** Waits for the writes in flight that overlap [start, end). */
-  private async settle(start: number, end: number): Promise<void> {
-    for (const p of [...this.pending]) if (p.start < end && start < p.end) await p.done;
-  }
-
-  /** Waits for every write in flight. */
-  private async drain(): Promise<void> {
-    while (this.pending.size) await Promise.all([...this.pending].map((p) => p.done));
-    this.check();
+    this.writes.check();
+    await this.writes.queue(offset, data);
   }
 
   async zero(offset: number, length: number): Promise<void> {
     if (length <= 0) return;
-    await this.settle(offset, offset + length);
-    this.check();
+    await this.writes.settle(offset, offset + length);
+    this.writes.check();
     if (this.native) {
       this.native.punchHole(this.fh.fd, offset, length);
       return;
     }
-    for (let at = 0; at < length; at += ZEROS.length) await this.writeNow(offset + at, ZEROS.subarray(0, Math.min(ZEROS.length, length - at))).catch((e) => { throw ioError(e, this.partial, 'write'); });
+    for (let at = 0; at < length; at += ZEROS.length) await this.writes.writeNow(offset + at, ZEROS.subarray(0, Math.min(ZEROS.length, length - at))).catch((e) => { throw ioError(e, this.partial, 'write'); });
   }
 
   async read(buf: Uint8Array, offset: number, length: number): Promise<void> {
-    await this.settle(offset, offset + length);
-    this.check();
+    await this.writes.settle(offset, offset + length);
+    this.writes.check();
     for (let at = 0; at < length; ) {
       const { bytesRead } = await this.fh.read(buf, at, length - at, offset + at);
       if (bytesRead === 0) throw new ImageError(ErrorCode.IMAGE_CHANGED, this.partial, `ended at byte ${offset + at}`);
@@ -172,7 +198,7 @@ export class FileImageSink implements ImageSink {
   }
 
   async flush(): Promise<void> {
-    await this.drain();
+    await this.writes.drain();
     try {
       await this.fh.sync();
     } catch (e) {
@@ -191,7 +217,7 @@ export class FileImageSink implements ImageSink {
     // thread has been given meanwhile.
     if (this.closed) return;
     this.closed = true;
-    while (this.pending.size) await Promise.all([...this.pending].map((p) => p.done));
+    await this.writes.idle();
     await this.fh.close();
   }
 }

@@ -308,6 +308,16 @@ export class Channel {
   }
 
   /** The next frame that answers no request; an ERROR frame becomes a thrown ProtocolError. */
+  /** The next frame, or undefined once the peer has closed the connection (the ordinary end of a service's connection). */
+  async nextOrEnd(): Promise<Frame | undefined> {
+    try {
+      return await this.next();
+    } catch (e) {
+      if (e instanceof ProtocolError && e.code === ErrorCode.CONNECTION) return undefined;
+      throw e;
+    }
+  }
+
   async next(): Promise<Frame> {
     let f: Frame;
     const queued = this.queue.shift();

@@ -116,13 +116,8 @@ export class BackupService implements Role {
     await serverHandshake(ch, { ...this.options.auth, certificates: !!this.options.tls }, CAP_SNAPMIG);
     authenticated?.();
     for (;;) {
-      let f;
-      try {
-        f = await ch.next();
-      } catch (e) {
-        if (e instanceof ProtocolError && e.code === ErrorCode.CONNECTION) return;
-        throw e;
-      }
+      const f = await ch.nextOrEnd();
+      if (!f) return;
       if (f.id === 0 || (f.type !== Msg.LAYERS && f.type !== Msg.SEND_LAYER)) {
         throw new ProtocolError(ErrorCode.PROTOCOL, `a backup server answers LAYERS and SEND_LAYER requests, not ${msgName(f.type)}${f.id === 0 ? ' without a request id' : ''}`);
       }

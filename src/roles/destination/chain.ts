@@ -147,12 +147,8 @@ function checkName(name: string, what: string): void {
 export async function serveChain(ch: Channel, first: Frame, host: ChainHost): Promise<void> {
   for (let f: Frame | undefined = first; ; f = undefined) {
     if (!f) {
-      try {
-        f = await ch.next();
-      } catch (e) {
-        if (e instanceof ProtocolError && e.code === ErrorCode.CONNECTION) return;
-        throw e;
-      }
+      f = await ch.nextOrEnd();
+      if (!f) return;
     }
     if (f.id === 0 || (f.type !== Msg.CHAIN_BEGIN && f.type !== Msg.CHAIN_COMMIT)) {
       throw new ProtocolError(ErrorCode.PROTOCOL, `a chain connection carries CHAIN_BEGIN and CHAIN_COMMIT requests, not ${msgName(f.type)}${f.id === 0 ? ' without a request id' : ''}`);

@@ -52,13 +52,8 @@ export async function answerStore(ch: Channel, f: Frame, store: ContentStore, st
 export async function serveStore(ch: Channel, store: ContentStore, stats: StoreStats, first?: Frame): Promise<void> {
   if (first) await answerStore(ch, first, store, stats);
   for (;;) {
-    let f;
-    try {
-      f = await ch.next();
-    } catch (e) {
-      if (e instanceof ProtocolError && e.code === ErrorCode.CONNECTION) return; // the peer is done with us
-      throw e;
-    }
+    const f = await ch.nextOrEnd();
+    if (!f) return; // the peer is done with us
     await answerStore(ch, f, store, stats);
   }
 }

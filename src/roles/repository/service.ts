@@ -121,14 +121,9 @@ export class RepositoryService implements Role {
     await serverHandshake(ch, { ...this.options.auth, certificates: !!this.options.tls }, CAP_REPOSITORY);
     authenticated?.();
     for (;;) {
-      let f;
-      try {
-        f = await ch.next();
-      } catch (e) {
-        // The destination is done with us: the ordinary end of a connection.
-        if (e instanceof ProtocolError && e.code === ErrorCode.CONNECTION) return;
-        throw e;
-      }
+      // The destination is done with us: the ordinary end of a connection.
+      const f = await ch.nextOrEnd();
+      if (!f) return;
       if (f.type !== Msg.FETCH || f.id === 0) throw new ProtocolError(ErrorCode.PROTOCOL, `expected a FETCH request, got ${msgName(f.type)}${f.id === 0 ? ' without a request id' : ''}`);
       await ch.reply(f, FETCH_RESULT, await this.fetch(decode(FETCH, f.payload)));
     }
