@@ -17,7 +17,7 @@ import { stackMap } from '../src/snapmig/identity.js';
 import { Scanner } from '../src/scan/scanner.js';
 import { ErrorCode } from '../src/errors.js';
 import { spawn } from 'node:child_process';
-import { haveTools, io, makeChain, qemuRaw, run } from './snapmig-fixtures.js';
+import { destinationState, haveTools, io, makeChain, qemuRaw, run } from './snapmig-fixtures.js';
 
 const auth = { key: randomBytes(32) };
 let dir: string;
@@ -51,16 +51,6 @@ async function destination(sub: string): Promise<DestinationService> {
   return DestinationService.start({ dataDir: join(dir, sub), auth });
 }
 
-/** Layer k of the destination's chain read through layers 0..k (the manifest's covered ranges over each raw file). */
-function destinationState(dataDir: string, name: string, k: number): Buffer {
-  const m = JSON.parse(readFileSync(join(dataDir, `${name}.chain.json`), 'utf8')) as { size: number; layers: { file: string; covered: { offset: number; length: number }[] }[] };
-  const out = Buffer.alloc(m.size);
-  for (const l of m.layers.slice(0, k + 1)) {
-    const b = readFileSync(join(dataDir, l.file));
-    for (const c of l.covered) b.copy(out, c.offset, c.offset, c.offset + c.length);
-  }
-  return out;
-}
 
 /** The destination's chain rebuilt as qcow2 overlays with qemu's own tools: base converted, each layer's covered ranges written into an overlay. */
 function rebuildQcow2(dataDir: string, name: string): string[] {

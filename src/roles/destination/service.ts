@@ -27,7 +27,7 @@ import { Gate } from '../gate.js';
 import type { RepositoryLink } from '../repository/fills.js';
 import { serviceLogger, type Logger } from '../../log.js';
 import type { Progress } from '../../progress.js';
-import type { Role } from '../role.js';
+import { closeOnAbort, type Role } from '../role.js';
 import { Journal } from './journal.js';
 import { Session, type SessionStats } from './session.js';
 import { ArrivingImage } from './arriving.js';
@@ -233,15 +233,7 @@ export class DestinationService implements Role {
       throw e;
     }
     svc.startPruning();
-    if (signal) {
-      const stop = () => void svc.close();
-      if (signal.aborted) {
-        await svc.close();
-        checkAborted(signal, 'destination service');
-      }
-      signal.addEventListener('abort', stop, { once: true });
-      svc.unlisten = () => signal.removeEventListener('abort', stop);
-    }
+    svc.unlisten = await closeOnAbort(svc, signal, 'destination service');
     return svc;
   }
 

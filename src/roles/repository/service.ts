@@ -22,7 +22,7 @@ import { Engine } from '../../engine/engine.js';
 import { Gate, type GateOptions } from '../gate.js';
 import { checkDataDir, DEFAULT_IDLE_TIMEOUT_MS } from '../destination/service.js';
 import { serviceLogger, type Logger } from '../../log.js';
-import type { Role } from '../role.js';
+import { closeOnAbort, type Role } from '../role.js';
 
 export const REPOSITORY_INDEX_FILE = 'repository.bfidx';
 
@@ -89,15 +89,7 @@ export class RepositoryService implements Role {
     n.save(indexFile);
     const svc = new RepositoryService(options, n, tls);
     svc.listener = await listen(options.host ?? '127.0.0.1', options.port ?? 0, (s: Socket) => svc.gate.accept(s, (ch, ok) => svc.serve(ch, ok)));
-    if (signal) {
-      if (signal.aborted) {
-        await svc.close();
-        checkAborted(signal, 'repository service');
-      }
-      const stop = () => void svc.close();
-      signal.addEventListener('abort', stop, { once: true });
-      svc.unlisten = () => signal.removeEventListener('abort', stop);
-    }
+    svc.unlisten = await closeOnAbort(svc, signal, 'repository service');
     return svc;
   }
 
