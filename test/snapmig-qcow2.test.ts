@@ -172,6 +172,24 @@ describe('SnapMig into a destination that writes qcow2', { skip: haveTools ? fal
     }
   });
 
+  it('SnapMig --flatten into a qcow2 destination: one NAME.qcow2 without a backing file, the source read through', async () => {
+    const dataDir = join(dir, 'dq4');
+    const dst = await serve(['--data-dir', dataDir, '--image-format', 'qcow2']);
+    const bk = await serve(['--role', 'backup', '--data-dir', join(dir, 'bk4'), ...backupCopies('bk4-img').flatMap((f) => ['--image', f])]);
+    try {
+      const r = await migrate(['--strategy', 'snapmig', '--flatten', '--to', `127.0.0.1:${dst.port}`, '--backup', `127.0.0.1:${bk.port}`]);
+      assert.deepEqual(senders(r), ['0+1+2:backup', '3:source']);
+      const info = JSON.parse(run('qemu-img', ['info', '--output=json', '--backing-chain', join(dataDir, 'vm.qcow2')])) as { format: string; 'backing-filename'?: string }[];
+      assert.deepEqual(info.map((i) => [i.format, i['backing-filename'] ?? null]), [['qcow2', null]]);
+      run('qemu-img', ['check', '-q', '-f', 'qcow2', join(dataDir, 'vm.qcow2')]);
+      run('qemu-img', ['compare', '-q', '-f', 'qcow2', '-F', 'qcow2', join(dataDir, 'vm.qcow2'), files[3]!]);
+      assert.ok(!existsSync(join(dataDir, 'vm.img')) && !existsSync(join(dataDir, 'vm.L0.qcow2')));
+    } finally {
+      await bk.stop();
+      await dst.stop();
+    }
+  });
+
   it('a destination killed mid-migration and started again: the migration resumes (what had arrived is kept) and the chain is written as qcow2', async () => {
     const dataDir = join(dir, 'dq3');
     let killAt: (() => void) | undefined;
