@@ -118,7 +118,8 @@ export async function benchSnapmig(): Promise<{ rows: SnapmigRow[]; chain: { lay
   const chain = files.map((f, i) => ({ layer: ['base', 'snapshot 1', 'snapshot 2', 'active'][i]!, dataBytes: stackMap(f, 1).dataBytes }));
   const total = chain.reduce((n, l) => n + l.dataBytes, 0);
   console.log(chain.map((l) => `${l.layer} ${(l.dataBytes / MB).toFixed(0)} MB`).join(', ') + `; active layer ${(100 * chain[3]!.dataBytes / total).toFixed(1)} % of the chain's data`);
-  const hosts: SnapHosts | undefined = snapHosts('bfF', 217);
+  // BLOCKFERRY_NETNS_PREFIX / _OCTET: names and subnets of its own, for a run beside other benches on one machine.
+  const hosts: SnapHosts | undefined = snapHosts(process.env.BLOCKFERRY_NETNS_PREFIX ?? 'bfF', Number(process.env.BLOCKFERRY_NETNS_OCTET ?? 217));
   if (!hosts) { console.log('skipped: cannot create network namespaces (needs root and iproute2)'); return undefined; }
   const keyFile = join(WORK, 'key');
   writeFileSync(keyFile, `${KEY}\n`);
