@@ -222,7 +222,8 @@ export async function migrateChain(top: string, o: ChainMigrateOptions): Promise
       let r: MigrationResult | undefined;
       for (let attempt = 0; !r; attempt++) {
         try {
-          r = await migrate(f, { ...common, ...(live ? liveOpts : {}), name: imageOf(s), strategy: 'full', format: `qcow2-stack:${s.layers.length}`, overwrite });
+          // The active layer hot blocks first (paper 000's snapshot scheduling) where write counts are known (live.tracked, live.writeCounts).
+          r = await migrate(f, { ...common, ...(live ? { order: 'hot-first' as const, ...liveOpts } : {}), name: imageOf(s), strategy: 'full', format: `qcow2-stack:${s.layers.length}`, overwrite });
         } catch (e) {
           if (!(e instanceof ProtocolError && e.remoteCode === ErrorCode.BUSY) || attempt >= BUSY_RETRIES) throw e;
           event('busy-retry', { layer: imageOf(s), attempt });

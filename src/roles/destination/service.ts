@@ -97,6 +97,8 @@ export interface DestinationOptions {
   signal?: AbortSignal;
   /** Each running migration's progress (operation 'receive'), at most every 200 ms and once when it completes. */
   onProgress?: (p: Progress) => void;
+  /** Each run of blocks a migration's BLOCKS frames carry, by image, in arrival order (tests and traces: which blocks crossed, in which order). */
+  onBlocks?: (image: string, start: number, count: number) => void;
   /**
    * What received images are written as: 'raw' (NAME.img, the default) or
    * 'qcow2' (NAME.qcow2: a standalone qcow2 v3 image, src/image/qcow2-writer.ts).
@@ -408,7 +410,7 @@ export class DestinationService implements Role {
       }
       return {
         name: b.name, size: b.size, blockSize: b.blockSize, sink: img.sink, journal: taken.journal, journalFile, resumed: true, fills: [],
-        freeBytes: () => this.freeBytes(), arriving: img, ...this.progressOption(),
+        freeBytes: () => this.freeBytes(), arriving: img, ...this.progressOption(b.name),
       };
     }
     if (taken) this.taken.delete(b.name); // complete, and replaced (--overwrite)
@@ -455,12 +457,12 @@ export class DestinationService implements Role {
       this.logger.info({ image: b.name }, `${b.name}: taken over (post-copy); served while it arrives`);
       return image;
     };
-    return { name: b.name, size: b.size, blockSize: b.blockSize, sink: sink!, journal, journalFile, resumed, fills, freeBytes: () => this.freeBytes(), takeOver, ...this.progressOption() };
+    return { name: b.name, size: b.size, blockSize: b.blockSize, sink: sink!, journal, journalFile, resumed, fills, freeBytes: () => this.freeBytes(), takeOver, ...this.progressOption(b.name) };
   }
 
-  private progressOption(): { onProgress?: (p: Progress) => void } {
-    const cb = this.options.onProgress;
-    return cb ? { onProgress: cb } : {};
+  private progressOption(name?: string): { onProgress?: (p: Progress) => void; onBlocks?: (start: number, count: number) => void } {
+    const cb = this.options.onProgress, blocks = this.options.onBlocks;
+    return { ...(cb ? { onProgress: cb } : {}), ...(blocks && name !== undefined ? { onBlocks: (start: number, count: number) => blocks(name, start, count) } : {}) };
   }
 
   /** What the service serves under a name over NBD: an image taken over (arriving or complete), else a complete image of the data directory. */
