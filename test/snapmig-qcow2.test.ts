@@ -16,6 +16,7 @@ import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { haveTools, io, makeChain, run } from './snapmig-fixtures.js';
 import type { ChainMigrationResult } from '../src/snapmig/migrate-chain.js';
+import { snapHosts } from '../bench/snapmig-hosts.js';
 
 const bin = new URL('../../bin/blockferry.js', import.meta.url).pathname;
 const LAYERS = ['vm.L0.qcow2', 'vm.L1.qcow2', 'vm.L2.qcow2', 'vm.qcow2'];
@@ -38,8 +39,8 @@ after(() => { if (dir) rmSync(dir, { recursive: true, force: true }); });
 
 interface Server { proc: ChildProcess; port: number; stderr: () => string; stop(): Promise<void> }
 
-async function serve(args: string[], onLine?: (l: string) => void): Promise<Server> {
-  const proc = spawn(process.execPath, [bin, 'serve', '--listen', '127.0.0.1:0', ...args, '--key-file', keyFile, '--progress', 'none'], { stdio: ['ignore', 'pipe', 'pipe'] });
+async function serve(args: string[], onLine?: (l: string) => void, prefix: string[] = [], listen = '127.0.0.1:0'): Promise<Server> {
+  const proc = spawn(prefix[0] ?? process.execPath, [...prefix.slice(1), ...(prefix.length ? [process.execPath] : []), bin, 'serve', '--listen', listen, ...args, '--key-file', keyFile, '--progress', 'none'], { stdio: ['ignore', 'pipe', 'pipe'] });
   let err = '';
   createInterface({ input: proc.stderr! }).on('line', (l) => { err += `${l}\n`; onLine?.(l); });
   const line = await new Promise<string>((resolve, reject) => {
@@ -52,8 +53,8 @@ async function serve(args: string[], onLine?: (l: string) => void): Promise<Serv
   };
 }
 
-async function migrateCli(args: string[]): Promise<{ code: number | null; out: string; err: string }> {
-  const p = spawn(process.execPath, [bin, 'migrate', files[3]!, '--name', 'vm', ...args, '--key-file', keyFile, '--json', '--progress', 'none'], { stdio: ['ignore', 'pipe', 'pipe'] });
+async function migrateCli(args: string[], prefix: string[] = []): Promise<{ code: number | null; out: string; err: string }> {
+  const p = spawn(prefix[0] ?? process.execPath, [...prefix.slice(1), ...(prefix.length ? [process.execPath] : []), bin, 'migrate', files[3]!, '--name', 'vm', ...args, '--key-file', keyFile, '--json', '--progress', 'none'], { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '', err = '';
   p.stdout!.on('data', (d) => { out += d; });
   p.stderr!.on('data', (d) => { err += d; });
@@ -61,8 +62,8 @@ async function migrateCli(args: string[]): Promise<{ code: number | null; out: s
   return { code, out, err };
 }
 
-async function migrate(args: string[]): Promise<ChainMigrationResult> {
-  const r = await migrateCli(args);
+async function migrate(args: string[], prefix: string[] = []): Promise<ChainMigrationResult> {
+  const r = await migrateCli(args, prefix);
   assert.equal(r.code, 0, `migrate failed: ${r.err}`);
   return JSON.parse(r.out) as ChainMigrationResult;
 }
@@ -187,6 +188,32 @@ describe('SnapMig into a destination that writes qcow2', { skip: haveTools ? fal
     } finally {
       await bk.stop();
       await dst.stop();
+    }
+  });
+
+  it('across three network namespaces (source uplink 100 Mbit/s): the backup server\'s link carries base and snapshots, the destination writes the qcow2 chain', async (t) => {
+    const hosts = snapHosts('c11', 211);
+    if (!hosts) return t.skip('cannot create network namespaces here (not root, or no iproute2)');
+    try {
+      assert.ok(hosts.shapeSource('100mbit') && hosts.shapeBackup('1gbit'));
+      const dataDir = join(dir, 'dq5');
+      const dst = await serve(['--data-dir', dataDir, '--image-format', 'qcow2'], undefined, hosts.inDst, `${hosts.dst}:0`);
+      const bk = await serve(['--role', 'backup', '--data-dir', join(dir, 'bk5'), ...backupCopies('bk5-img').flatMap((f) => ['--image', f])], undefined, hosts.inBak, '0.0.0.0:0');
+      try {
+        const before = hosts.bytes();
+        const r = await migrate(['--strategy', 'snapmig', '--to', `${hosts.dst}:${dst.port}`, '--backup', `${hosts.bak}:${bk.port}`], hosts.inSrc);
+        const after = hosts.bytes();
+        assert.deepEqual(senders(r), ['0:backup', '1:backup', '2:backup', '3:source']);
+        const active = r.activeLayerBytes;
+        assert.ok(after.srcToDst - before.srcToDst <= 1.1 * active + (1 << 20), `source→destination link: ${after.srcToDst - before.srcToDst} bytes for ${active}`);
+        assert.ok(after.bakToDst - before.bakToDst > after.srcToDst - before.srcToDst, 'the backup server\'s link carried more');
+        checkQcow2Chain(dataDir);
+      } finally {
+        await bk.stop();
+        await dst.stop();
+      }
+    } finally {
+      hosts.drop();
     }
   });
 

@@ -611,7 +611,7 @@ export function buildProgram(): Command {
     .option('--name <name>', 'name at the destination (default: the file name without extension)')
     .addOption(new Option('--strategy <s>', 'what to send and when: full, similarity (pre-copy), postcopy (the destination takes over at once), hybrid (pre-copy of cold blocks, then post-copy); for a qcow2 chain with its snapshots: snapmig (backup servers send what they hold), fullmig (the source sends every layer), selectivemig (the latest state only); scatter-gather: several images evicted through intermediaries (--via)').choices(['full', 'similarity', 'postcopy', 'hybrid', 'scatter-gather', ...SNAP_STRATEGIES]).default('similarity'))
     .option('--backup <addr>', 'snapmig: HOST:PORT of a backup server (serve --role backup) (repeatable)', (v: string, acc: string[]) => acc.concat(v), [] as string[])
-    .option('--backup-parallel <n>', 'snapmig: layers each backup server sends at once (1: one after another)', intArg('--backup-parallel', 1, 64), 4)
+    .option('--backup-parallel <n>', 'snapmig: layers each backup server sends at once, each over its own connection (default: one after another)', intArg('--backup-parallel', 1, 64), 1)
     .option('--flatten', 'snapmig, fullmig: the destination writes the chain merged into NAME.img (NAME.qcow2 at a destination writing qcow2) instead of one image per layer')
     .option('--cache-dir <dir>', 'snapmig: where layer identities are cached (default: none)')
     .option('--via <addr>', 'scatter-gather: HOST:PORT of an intermediary (repeatable)', (v: string, acc: string[]) => acc.concat(v), [] as string[])

@@ -13,13 +13,14 @@ import { BlockferryError, ErrorCode, InvalidArgumentError, ProtocolError } from 
 const BUSY_RETRIES = 30;
 /**
  * Layers one backup server sends at once, each over its own connection (a
- * backup server answers one request at a time per connection). One layer's
- * send is an ordinary migration whose rate is bounded by its own round
- * trips, scan and checks rather than by the backup server's link, so
- * sending a chain's layers side by side fills the link better than one
- * after another.
+ * backup server answers one request at a time per connection). One, by
+ * default: a layer's send is CPU-bound at both ends (reading, hashing,
+ * compressing; checking, writing), and on the bench's two shared cores two
+ * or three side by side were slower than one after another (33.9 s against
+ * 27.8 s, docs/BENCHMARKS.md). A backup server and a destination with cores
+ * to spare can be given more.
  */
-export const DEFAULT_BACKUP_PARALLEL = 4;
+export const DEFAULT_BACKUP_PARALLEL = 1;
 import { Channel } from '../protocol/channel.js';
 import { CAP_SNAPMIG, clientHandshake, type AuthOptions } from '../protocol/handshake.js';
 import {
@@ -53,7 +54,7 @@ export interface ChainMigrateOptions {
   backupAuth?: AuthOptions;
   backupTls?: TlsOptions;
   overwrite?: boolean;
-  /** Layers each backup server sends at once (default DEFAULT_BACKUP_PARALLEL; 1: one after another). */
+  /** Layers each backup server sends at once (default DEFAULT_BACKUP_PARALLEL: one after another). */
   backupParallel?: number;
   /** Where layer identities are cached (default: none: computed each time). */
   cacheDir?: string;

@@ -175,7 +175,7 @@ function refuseExisting(dataDir: string, name: string, files: string[], overwrit
  * staging directory, cleared by the next commit; a crash during them
  * leaves lower layers under their final names, which the progress log
  * already claims as this chain's (the next commit replaces them) and which
- * no top names yet.
+ * no top names: a top from before is removed before the first move.
  */
 export const qcow2ChainSink: LayerSinkFactory = ({ dataDir, name, size, overwrite, layers, owned, claim }) => {
   const files = qcow2ChainFiles(name, layers);
@@ -204,6 +204,10 @@ export const qcow2ChainSink: LayerSinkFactory = ({ dataDir, name, size, overwrit
     async finish() {
       if (written.length !== files.length) throw new BlockferryError(ErrorCode.INVALID_ARGUMENT, `chain ${name}: ${written.length} of ${layers} layers written`);
       claim(files);
+      // A top there already (this chain's earlier commit, or overwritten) goes first: until the new top is in, no top
+      // names a chain whose lower layers are half replaced.
+      rmSync(join(dataDir, files[files.length - 1]!), { force: true });
+      syncDir(dataDir);
       for (const f of files) renameSync(join(staging, f), join(dataDir, f)); // base first, the top last
       syncDir(dataDir);
       rmSync(join(dataDir, `${name}.img`), { force: true }); // a name is one image (claimed or overwritten)
