@@ -118,7 +118,8 @@ export async function benchSnapmig(): Promise<{ rows: SnapmigRow[]; chain: { lay
   const chain = files.map((f, i) => ({ layer: ['base', 'snapshot 1', 'snapshot 2', 'active'][i]!, dataBytes: stackMap(f, 1).dataBytes }));
   const total = chain.reduce((n, l) => n + l.dataBytes, 0);
   console.log(chain.map((l) => `${l.layer} ${(l.dataBytes / MB).toFixed(0)} MB`).join(', ') + `; active layer ${(100 * chain[3]!.dataBytes / total).toFixed(1)} % of the chain's data`);
-  const hosts: SnapHosts | undefined = snapHosts('bfF', 217);
+  // BLOCKFERRY_NETNS_PREFIX / _OCTET: names and subnets of its own, for a run beside other benches on one machine.
+  const hosts: SnapHosts | undefined = snapHosts(process.env.BLOCKFERRY_NETNS_PREFIX ?? 'bfF', Number(process.env.BLOCKFERRY_NETNS_OCTET ?? 217));
   if (!hosts) { console.log('skipped: cannot create network namespaces (needs root and iproute2)'); return undefined; }
   const keyFile = join(WORK, 'key');
   writeFileSync(keyFile, `${KEY}\n`);
@@ -138,7 +139,8 @@ export async function benchSnapmig(): Promise<{ rows: SnapmigRow[]; chain: { lay
     const wfile = join(WORK, 'colocated.img');
     const measure = (w: ChildProcess, seconds: number) => new Promise<number>((res) => { const a = wchar(w.pid!); setTimeout(() => res((wchar(w.pid!) - a) / seconds / MB), seconds * 1000); });
     // Two passes: without a writer (time and bytes), then with the co-located writer (its slowdown).
-    for (const withWriter of [false, true]) for (const strategy of ['snapmig', 'fullmig', 'selectivemig']) {
+    // snapmig-parallel: SnapMig with the backup server's layers side by side (--backup-parallel 3), against the default one after another.
+    for (const withWriter of [false, true]) for (const strategy of withWriter ? ['snapmig', 'fullmig', 'selectivemig'] : ['snapmig', 'snapmig-parallel', 'fullmig', 'selectivemig']) {
       const data = join(WORK, `dst-${strategy}`);
       rmSync(data, { recursive: true, force: true });
       const dst = await serveIn(hosts.inDst, ['--listen', `${hosts.dst}:0`, '--data-dir', data], keyFile);
@@ -152,7 +154,9 @@ export async function benchSnapmig(): Promise<{ rows: SnapmigRow[]; chain: { lay
         const before = hosts.bytes();
         const a0 = w ? wchar(w.pid!) : 0;
         const t0 = performance.now();
-        const args = [files[3]!, '--strategy', strategy, '--to', `${hosts.dst}:${dst.port}`, '--name', 'vm', '--cache-dir', cache, '--json', '--key-file', keyFile, ...(strategy === 'snapmig' ? ['--backup', `${hosts.bak}:${bk.port}`] : [])];
+        const snap = strategy.startsWith('snapmig');
+        const args = [files[3]!, '--strategy', snap ? 'snapmig' : strategy, '--to', `${hosts.dst}:${dst.port}`, '--name', 'vm', '--cache-dir', cache, '--json', '--key-file', keyFile,
+          ...(snap ? ['--backup', `${hosts.bak}:${bk.port}`] : []), ...(strategy === 'snapmig-parallel' ? ['--backup-parallel', '3'] : [])];
         const out = run(hosts.inSrc[0]!, [...hosts.inSrc.slice(1), process.execPath, bin, 'migrate', ...args]);
         const seconds = (performance.now() - t0) / 1000;
         const during = w ? (wchar(w.pid!) - a0) / seconds / MB : 0;
@@ -171,6 +175,8 @@ export async function benchSnapmig(): Promise<{ rows: SnapmigRow[]; chain: { lay
           }
         }
         if (!checked) throw new Error(`${strategy}: the destination's result is not the source's chain`);
+        // Where the time went: each send (who, how long), in the order they ended.
+        console.log(`${strategy}${withWriter ? ' (writer)' : ''}: ${seconds.toFixed(1)} s; sends ${r.sends.map((s) => `L${s.layers.join('+')} ${s.sender === 'source' ? 'source' : 'backup'} ${s.seconds.toFixed(1)} s`).join(', ')}`);
         rows.push({
           strategy, writer: withWriter, seconds, sourceSentBytes: r.bytesBySender.source ?? 0, activeLayerBytes: r.activeLayerBytes,
           links: { srcToDst: after.srcToDst - before.srcToDst, bakToDst: after.bakToDst - before.bakToDst, srcToBak: after.srcToBak - before.srcToBak },

@@ -91,4 +91,4 @@ export { BackupService, type BackupOptions } from './roles/backup/service.js';
 export { migrateChain, chainFiles, type ChainMigrateOptions, type ChainMigrationResult, type LayerSendReport } from './snapmig/migrate-chain.js';
 export { planMigration, replan, SnapshotIndex, SNAP_STRATEGIES, type SnapStrategy, type Plan, type PlannedSend, type ChainLayer, type Holding, type MergedPrefix } from './snapmig/plan.js';
 export { layerIdentity, stackMap, digestLayer, IDENTITY_BLOCK, type LayerIdentity, type StackMap } from './snapmig/identity.js';
-export { LAYER_SINKS, chainSink, flatSink, copyCovered, type LayerSink, type LayerSinkFactory, type ReceivedLayer } from './roles/destination/chain.js';
+export { LAYER_SINKS, chainSink, flatSink, qcow2ChainSink, qcow2ChainFiles, copyCovered, type LayerSink, type LayerSinkContext, type LayerSinkFactory, type ReceivedLayer } from './roles/destination/chain.js';

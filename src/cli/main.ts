@@ -611,7 +611,8 @@ export function buildProgram(): Command {
     .option('--name <name>', 'name at the destination (default: the file name without extension)')
     .addOption(new Option('--strategy <s>', 'what to send and when: full, similarity (pre-copy), postcopy (the destination takes over at once), hybrid (pre-copy of cold blocks, then post-copy); for a qcow2 chain with its snapshots: snapmig (backup servers send what they hold), fullmig (the source sends every layer), selectivemig (the latest state only); scatter-gather: several images evicted through intermediaries (--via)').choices(['full', 'similarity', 'postcopy', 'hybrid', 'scatter-gather', ...SNAP_STRATEGIES]).default('similarity'))
     .option('--backup <addr>', 'snapmig: HOST:PORT of a backup server (serve --role backup) (repeatable)', (v: string, acc: string[]) => acc.concat(v), [] as string[])
-    .option('--flatten', 'snapmig, fullmig: the destination writes the chain merged into NAME.img instead of one image per layer')
+    .option('--backup-parallel <n>', 'snapmig: layers each backup server sends at once, each over its own connection (default: one after another)', intArg('--backup-parallel', 1, 64), 1)
+    .option('--flatten', 'snapmig, fullmig: the destination writes the chain merged into NAME.img (NAME.qcow2 at a destination writing qcow2) instead of one image per layer')
     .option('--cache-dir <dir>', 'snapmig: where layer identities are cached (default: none)')
     .option('--via <addr>', 'scatter-gather: HOST:PORT of an intermediary (repeatable)', (v: string, acc: string[]) => acc.concat(v), [] as string[])
     .option('--index <spec>', 'scatter-gather: the location index shared by sources (redis://HOST:PORT[,HOST:PORT...]; default: this process only)')
@@ -627,7 +628,7 @@ export function buildProgram(): Command {
     .addOption(new Option('--on-stall <action>', 'when rounds cannot converge: keep trying until --stall-timeout, cut over anyway, throttle the writer (--throttle-cmd), or postcopy (switch: the destination takes the image over now and the dirty blocks follow)').choices(['wait', 'force', 'throttle', 'postcopy']).default('wait'))
     .option('--stall-timeout <duration>', 'how long wait and throttle keep trying after a stall, then ERR_BF_NO_CONVERGENCE', '60s')
     .option('--throttle-cmd <cmd>', 'run on a stall with --on-stall throttle: BLOCKFERRY_THROTTLE_RATE (bytes/s wanted, "max" at the end), BLOCKFERRY_DIRTY_RATE, BLOCKFERRY_DRAIN_RATE, BLOCKFERRY_THROTTLE_STEP')
-    .addOption(new Option('--order <order>', 'order of blocks in a round: by write count, cold first (hot-last), or by address').choices(['hot-last', 'address']).default('hot-last'))
+    .addOption(new Option('--order <order>', 'order of blocks in a round: by write count, cold first (hot-last), hottest first in the first pass when write counts are known (hot-first; rounds as hot-last), or by address').choices(['hot-last', 'hot-first', 'address']).default('hot-last'))
     .option('--no-delta', 'send re-sent blocks whole, not as deltas against the version sent before')
     .option('--max-rounds <n>', 'a limit: cut over after this many rounds whatever the prediction (default: none)', intArg('--max-rounds', 0, 100000))
     .option('--dirty-threshold <n>', 'a limit: cut over once a round finds this many dirty blocks or fewer, whatever the prediction', intArg('--dirty-threshold', 0, 2 ** 31), 0)
@@ -639,7 +640,7 @@ export function buildProgram(): Command {
     .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a terminal, JSON lines, or nothing').choices(['auto', 'json', 'none']).default('auto'))
     .option('--report <file>', 'write a page with the migration\'s timeline (also when it fails)')
     .option('--json', 'print the result as JSON'), true)
-    .action(async (images: string[], o: { via: string[]; index?: string; report?: string; backup: string[]; flatten?: boolean; cacheDir?: string; cert?: string; key?: string; ca?: string; servername?: string; compress: string; memory: string; to: string; name?: string; strategy: StrategyName; hotThreshold: number; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; qmp?: string; qmpNode?: string; maxRounds?: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean; progress: ProgressMode; maxDowntime: string; onStall: 'wait' | 'force' | 'throttle' | 'postcopy'; stallTimeout: string; throttleCmd?: string; order: 'hot-last' | 'address'; delta: boolean; format: ImageFormat }) => {
+    .action(async (images: string[], o: { via: string[]; index?: string; report?: string; backup: string[]; backupParallel: number; flatten?: boolean; cacheDir?: string; cert?: string; key?: string; ca?: string; servername?: string; compress: string; memory: string; to: string; name?: string; strategy: StrategyName; hotThreshold: number; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; qmp?: string; qmpNode?: string; maxRounds?: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean; progress: ProgressMode; maxDowntime: string; onStall: 'wait' | 'force' | 'throttle' | 'postcopy'; stallTimeout: string; throttleCmd?: string; order: 'hot-last' | 'hot-first' | 'address'; delta: boolean; format: ImageFormat }) => {
       if (o.strategy === ('scatter-gather' as StrategyName)) {
         if (o.qmp || o.rescan || o.name) throw new UsageError('--strategy scatter-gather evicts images at rest: no --qmp, --rescan or --name (each image keeps its file name)');
         const r = await scatterGather(images, {
@@ -658,7 +659,7 @@ export function buildProgram(): Command {
         if (o.qmp) throw new UsageError(`--qmp is not supported with --strategy ${o.strategy} (use --rescan)`);
         if (o.backup.length && (o.strategy as string) !== 'snapmig') throw new UsageError('--backup is an option of --strategy snapmig');
         const r = await migrateChain(image, {
-          to: o.to, strategy: o.strategy as SnapStrategy, backups: o.backup, flatten: !!o.flatten, ...securityOptions(o), overwrite: !!o.overwrite,
+          to: o.to, strategy: o.strategy as SnapStrategy, backups: o.backup, backupParallel: o.backupParallel, flatten: !!o.flatten, ...securityOptions(o), overwrite: !!o.overwrite,
           ...(o.name ? { name: o.name } : {}), ...(o.cacheDir ? { cacheDir: o.cacheDir } : {}), ...(o.bwlimit ? { bwlimit: parseRate(o.bwlimit) } : {}),
           live: {
             rescan: !!o.rescan, maxDowntime: parseDuration('--max-downtime', o.maxDowntime), onStall: o.onStall === 'postcopy' ? 'wait' : o.onStall, stallTimeout: parseDuration('--stall-timeout', o.stallTimeout),

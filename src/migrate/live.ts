@@ -14,7 +14,7 @@ export const DEFAULT_STALL_TIMEOUT_MS = 60_000;
 
 export type StallPolicy = 'wait' | 'force' | 'postcopy' | 'throttle';
 export const STALL_POLICIES: readonly StallPolicy[] = ['wait', 'force', 'postcopy', 'throttle'];
-export type SendOrder = 'hot-last' | 'address';
+export type SendOrder = 'hot-last' | 'address' | 'hot-first';
 
 /** Why the rounds ended. */
 export type CutoverReason = 'budget' | 'threshold' | 'max-rounds' | 'stall-force' | 'quiet' | 'switch';
@@ -225,8 +225,12 @@ export class HotOrder {
     return (this.counts ?? this.seen).get(b) ?? 0;
   }
 
-  /** The intervals in sending order: classes by ⌊log2(count)⌋, coldest first; address order inside a class. */
-  arrange(list: readonly Interval[]): Interval[] {
+  /**
+   * The intervals in sending order: classes by ⌊log2(count)⌋, coldest first
+   * (or, `hottestFirst`, hottest first: paper 000's snapshot scheduling, the
+   * VM's working set before the rest); address order inside a class.
+   */
+  arrange(list: readonly Interval[], hottestFirst = false): Interval[] {
     const classes: Interval[][] = [];
     for (const iv of list) {
       for (let b = iv.start; b < iv.start + iv.count; b++) {
@@ -238,7 +242,12 @@ export class HotOrder {
         else cls.push({ start: b, count: 1 });
       }
     }
-    return classes.flatMap((c) => c ?? []);
+    return (hottestFirst ? [...classes].reverse() : classes).flatMap((c) => c ?? []);
+  }
+
+  /** Whether any block has a count (write counts given, or takes observed). */
+  get known(): boolean {
+    return (this.counts ?? this.seen).size > 0;
   }
 }
 

@@ -260,5 +260,5 @@ function checkLive(o: LiveOptions, postcopy: boolean): void {
   // The hook for post-copy: the policy exists, the strategy that can switch to it does not yet.
   if (o.onStall === 'postcopy' && !postcopy) throw new InvalidArgumentError('onStall', 'wait, force or throttle (postcopy needs a strategy that can switch to post-copy, --strategy hybrid)', o.onStall);
   if (o.onStall === 'throttle' && typeof o.throttle !== 'function') throw new InvalidArgumentError('throttle', "a function (onStall: 'throttle' calls it with the rate wanted)", o.throttle);
-  if (o.order !== undefined && o.order !== 'hot-last' && o.order !== 'address') throw new InvalidArgumentError('order', 'hot-last or address', o.order);
+  if (o.order !== undefined && o.order !== 'hot-last' && o.order !== 'address' && o.order !== 'hot-first') throw new InvalidArgumentError('order', 'hot-last, hot-first or address', o.order);
 }

@@ -51,7 +51,13 @@ export function precopyParts(ctx: MigrationContext, send: { cache?: DeltaCache; 
  * sent, still collecting its answers. With `defer`, blocks it calls hot are
  * not sent but put in `defer.into` (hybrid: they wait for the switch).
  */
-export async function firstPass(ctx: MigrationContext, { view, sender, check, sync }: PrecopyParts, defer?: { hot: (b: number) => boolean; into: IntervalSet }): Promise<VerifyStream> {
+/**
+ * `hold`: the pass's blocks are not sent as each NEED comes but gathered
+ * until the destination has answered every BLOCK_INFO, then sent in the
+ * order `hold` gives (hot-first: the blocks written most, first) and
+ * checked after; BLOCK_INFO must go in address order, the data need not.
+ */
+export async function firstPass(ctx: MigrationContext, { view, sender, check, sync }: PrecopyParts, defer?: { hot: (b: number) => boolean; into: IntervalSet }, hold?: (list: Interval[]) => Interval[]): Promise<VerifyStream> {
   const { ch, map, blockSize: bs } = ctx;
   ctx.event('fingerprints');
   const sendInfo = async () => {
@@ -81,6 +87,10 @@ export async function firstPass(ctx: MigrationContext, { view, sender, check, sy
       if (!announced) { announced = true; ctx.event('transfer'); }
       view.heldRun(need.start, need.count, need.missing);
       let missing = need.missing;
+      if (held) {
+        for (const iv of missing) held.add(iv.start, iv.count);
+        continue;
+      }
       if (defer) {
         // Hybrid: blocks already written Threshold times wait for the switch (they would be sent again).
         const send = new IntervalSet();
@@ -100,7 +110,16 @@ export async function firstPass(ctx: MigrationContext, { view, sender, check, sy
       ctx.progress({ phase: 'transfer', round: 0, done: Math.min(done, total), total });
     }
   };
+  const held = hold ? new IntervalSet() : undefined;
   await Promise.all([sendInfo(), receiveNeeds()]);
+  if (held && hold) {
+    sender.onBatch = (iv) => {
+      done += iv.count * bs;
+      ctx.progress({ phase: 'transfer', round: 0, done: Math.min(done, total), total });
+    };
+    await sender.send(hold([...held]));
+    sender.onBatch = undefined;
+  }
   await checkUpTo(map.count);
   await sync();
   sender.takeTouched(); // what the transfer changed is covered by the stream

@@ -26,7 +26,8 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   // The delta cache takes a quarter of the budget; only a live image re-sends blocks.
   const deltaOn = isLive && live.delta !== false && (ctx.capabilities & CAP_DELTA) !== 0;
   const cache = deltaOn ? new DeltaCache(Math.floor(ctx.memoryBudget / 4), bs) : undefined;
-  const order = new HotOrder(live.tracked?.writeCounts);
+  const order = new HotOrder(live.tracked?.writeCounts ?? live.writeCounts);
+  const sendOrder = live.order ?? 'hot-last';
   const tracked = live.tracked;
   const parts = precopyParts(ctx, { ...(cache ? { cache } : {}), count: (b) => order.count(b), ...(tracked ? { onRead: (iv: Interval) => tracked.clearDirty(iv.start, iv.count) } : {}) });
   const { view, sender, check, sync } = parts;
@@ -35,7 +36,8 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   const tPass = now();
   model.startAt(tPass);
   const total = map.dataBlocks * bs;
-  const stream = await firstPass(ctx, parts);
+  // hot-first (paper 000's snapshot scheduling): with write counts known, the pass sends the hottest blocks first.
+  const stream = await firstPass(ctx, parts, undefined, sendOrder === 'hot-first' && order.known ? (list) => order.arrange(list, true) : undefined);
   // The first pass is a drain sample when it moved enough to measure.
   const passBytes = sender.counters.sent * bs;
   if (passBytes >= 4 << 20) model.addRound(passBytes, (now() - tPass) / 1000, true);
@@ -60,8 +62,8 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
 
   // Pre-copy rounds while the image is live, until a cutover now fits the budget.
   const dirty = dirtySourceFor({ dirty: ctx.dirty, tracked: live.tracked, rescan: live.rescan, scanner: ctx.scanner, path: ctx.path, blockSize: ctx.blockSize, format: ctx.format }, view);
-  const sendOrder = live.order ?? 'hot-last';
-  const arrange = (list: Interval[]) => (sendOrder === 'hot-last' ? order.arrange(list) : list);
+  // Rounds re-send what was written meanwhile: cold first (hot-first too: its point is the first pass), so hot blocks are less likely dirtied again.
+  const arrange = (list: Interval[]) => (sendOrder === 'address' ? list : order.arrange(list));
   const maxRounds = live.maxRounds ?? Infinity;
   const threshold = live.dirtyThreshold ?? 0;
   const policy = live.onStall ?? 'wait';

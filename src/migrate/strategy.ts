@@ -60,8 +60,15 @@ export interface LiveOptions {
   stallTimeout?: number;
   /** Slow the writer to `info.wantedRate` bytes/s (`onStall: 'throttle'`); called again with `release` at the end. */
   throttle?: (info: ThrottleInfo) => unknown;
-  /** Order of blocks within a round: `hot-last` (default: by write count, cold first) or `address`. */
+  /**
+   * Order of blocks within a round: `hot-last` (default: by write count, cold
+   * first), `address`, or `hot-first` (the first pass sends the blocks written
+   * most first, when write counts are known: `tracked` or `writeCounts`;
+   * rounds as hot-last).
+   */
   order?: SendOrder;
+  /** Writes per block (at the migration's block size) known before the migration (a hypervisor's record): what hot-first orders by. */
+  writeCounts?: ReadonlyMap<number, number>;
   /** Re-sent blocks as deltas against the version last sent, where the destination offers it and it pays (default true). */
   delta?: boolean;
   /** Cutover: called to pause the writer (a VM's suspend). */

@@ -7,9 +7,20 @@
 // journal resume as any migration does), checks every layer a backup server
 // sent against the identity the source's chain gave (a backup server is not
 // trusted with content), and writes the result through a LayerSink: the
-// chain (one file per layer and a manifest) or the flattened image.
-import { existsSync, readFileSync, rmSync, statSync } from 'node:fs';
+// chain (one file per layer and a manifest) or the flattened image, raw or
+// qcow2 as the destination writes images.
+//
+// The layers always arrive raw (NAME.Li.img, whatever --image-format says:
+// isChainLayer routes them), and stay: they are what a resumed or repeated
+// migration finds held. A qcow2 destination converts them at CHAIN_COMMIT
+// into one qcow2 file per layer (qcow2ChainSink), each backed by the one
+// below, in a staging directory first; the files then move to their final
+// names base first and the top (NAME.qcow2, what a VM opens) last, so the
+// top never names a chain that is not all there.
+import { existsSync, fsyncSync, lstatSync, mkdirSync, openSync, closeSync, readFileSync, renameSync, rmSync, statSync, constants } from 'node:fs';
 import { join } from 'node:path';
+import { Qcow2ImageSink } from '../../image/qcow2-writer.js';
+import type { OutputFormat } from './image-files.js';
 import { BlockferryError, ErrorCode } from '../../errors.js';
 import { writeFileAtomic } from '../../io/atomic.js';
 import { FileImageSink, type ImageSink } from '../../image/sink.js';
@@ -43,20 +54,30 @@ export interface ReceivedLayer {
 
 /**
  * Where a checked chain goes. `add` is called once per layer, base first;
- * `finish` once after the last. The chain sink keeps the raw files and writes
- * a manifest; the flat sink merges the layers into NAME.img.
- *
- * With a qcow2 writer (an ImageSink that writes qcow2 with a backing file),
- * the chain sink becomes: per layer, `Qcow2ImageSink.create(NAME.L<i>.qcow2,
- * { size, backing: the previous layer's file })`, then `copyCovered(layer,
- * sink, false)` and `sink.commit()`: the one function LAYER_SINKS.chain.
+ * `finish` once after the last. The raw chain sink keeps the raw files and
+ * writes a manifest; the qcow2 chain sink writes one qcow2 file per layer;
+ * the flat sinks merge the layers into NAME.img or NAME.qcow2.
  */
 export interface LayerSink {
   add(layer: ReceivedLayer): Promise<void>;
   /** Returns the files written (for the log). */
   finish(): Promise<string[]>;
 }
-export type LayerSinkFactory = (o: { dataDir: string; name: string; size: number; overwrite: boolean }) => LayerSink;
+export interface LayerSinkContext {
+  dataDir: string;
+  name: string;
+  size: number;
+  overwrite: boolean;
+  /** Layers add() will be given. */
+  layers: number;
+  /** The destination's image format (serve --image-format). */
+  format: OutputFormat;
+  /** Files this chain wrote before (its progress log): replaced without --overwrite, they are its own. */
+  owned: readonly string[];
+  /** Records files as this chain's in its progress log, before they appear under those names. */
+  claim(files: string[]): void;
+}
+export type LayerSinkFactory = (o: LayerSinkContext) => LayerSink;
 
 const COPY_CHUNK = 4 << 20;
 /** Compared against (memcmp), not walked byte by byte in JS: a chunk of zeros hides what lies below. */
@@ -102,28 +123,125 @@ export const chainSink: LayerSinkFactory = ({ dataDir, name, size }) => {
   };
 };
 
-/** The chain merged into one raw image, NAME.img (what a VM started without its snapshots needs). */
-export const flatSink: LayerSinkFactory = ({ dataDir, name, size, overwrite }) => {
-  const final = join(dataDir, `${name}.img`);
-  if (existsSync(final) && !overwrite) throw new BlockferryError(ErrorCode.IMAGE_EXISTS, `${name} exists at the destination (migrate with --overwrite to replace it)`);
-  let sink: FileImageSink | undefined;
+/**
+ * The chain merged into one image, NAME.img or (a qcow2 destination)
+ * NAME.qcow2 without a backing file: what a VM started without its
+ * snapshots needs. A name is one image: the other format's file is replaced
+ * too (with --overwrite).
+ */
+export const flatSink: LayerSinkFactory = ({ dataDir, name, size, overwrite, format, owned, claim }) => {
+  const file = `${name}${format === 'qcow2' ? '.qcow2' : '.img'}`;
+  const other = `${name}${format === 'qcow2' ? '.img' : '.qcow2'}`;
+  refuseExisting(dataDir, name, [file, other], overwrite, owned);
+  const final = join(dataDir, file);
+  let sink: ImageSink | undefined;
   let first = true;
   return {
     async add(l) {
-      sink ??= await FileImageSink.create(`${final}.partial`, final, size);
+      sink ??= format === 'qcow2' ? await Qcow2ImageSink.create(final, { size }) : await FileImageSink.create(`${final}.partial`, final, size);
       await copyCovered(l, sink, first);
       first = false;
     },
     async finish() {
       if (!sink) throw new BlockferryError(ErrorCode.INVALID_ARGUMENT, 'a chain without layers');
+      claim([file]);
       await sink.commit();
-      return [`${name}.img`];
+      rmSync(join(dataDir, other), { force: true });
+      return [file];
     },
   };
 };
 
-/** The sinks by output kind: the lead plugs the qcow2 writer in here (LAYER_SINKS.chain). */
-export const LAYER_SINKS: { chain: LayerSinkFactory; flat: LayerSinkFactory } = { chain: chainSink, flat: flatSink };
+/** The qcow2 files of a chain of n layers, base first: NAME.L0.qcow2 … NAME.L(n-2).qcow2, and the top NAME.qcow2. */
+export function qcow2ChainFiles(name: string, n: number): string[] {
+  return Array.from({ length: n }, (_, i) => i === n - 1 ? `${name}.qcow2` : `${name}.L${i}.qcow2`);
+}
+
+/** IMAGE_EXISTS for a file that is there and neither this chain's own (its progress log) nor to be overwritten. */
+function refuseExisting(dataDir: string, name: string, files: string[], overwrite: boolean, owned: readonly string[]): void {
+  const there = files.filter((f) => existsSync(join(dataDir, f)) && !owned.includes(f));
+  if (there.length && !overwrite) throw new BlockferryError(ErrorCode.IMAGE_EXISTS, `${name} exists at the destination (${there.join(', ')}; migrate with --overwrite to replace it)`);
+}
+
+/**
+ * The chain as qcow2, one file per layer (qcow2ChainFiles): the base
+ * without a backing file, each later layer backed by the one below (its
+ * file name, relative, format qcow2), each holding only the clusters its
+ * layer holds: unallocated elsewhere (the layer below shows through), a zero
+ * cluster where the layer holds zeros (they hide what lies below). Written
+ * in NAME.chain.partial/ under their final names (so that each layer's
+ * backing name resolves while it is written), then moved into the data
+ * directory base first, the top last. A crash before the moves leaves the
+ * staging directory, cleared by the next commit; a crash during them
+ * leaves lower layers under their final names, which the progress log
+ * already claims as this chain's (the next commit replaces them) and which
+ * no top names: a top from before is removed before the first move.
+ */
+export const qcow2ChainSink: LayerSinkFactory = ({ dataDir, name, size, overwrite, layers, owned, claim }) => {
+  const files = qcow2ChainFiles(name, layers);
+  refuseExisting(dataDir, name, [...files, `${name}.img`], overwrite, owned);
+  const staging = join(dataDir, `${name}.chain.partial`);
+  const st = (() => { try { return lstatSync(staging); } catch { return undefined; } })();
+  if (st && !st.isDirectory()) throw new BlockferryError(ErrorCode.UNSAFE_PATH, `${staging} is not a directory; refusing to use it`);
+  rmSync(staging, { recursive: true, force: true });
+  mkdirSync(staging, { mode: 0o700 });
+  const written: string[] = [];
+  return {
+    async add(l) {
+      const file = files[written.length];
+      if (!file) throw new BlockferryError(ErrorCode.INVALID_ARGUMENT, `chain ${name}: more than ${layers} layers`);
+      const below = written[written.length - 1];
+      const sink = await Qcow2ImageSink.create(join(staging, file), { size, ...(below ? { backing: { path: below, format: 'qcow2' as const } } : {}) });
+      try {
+        await copyCovered(l, sink, !below);
+        await sink.commit();
+      } catch (e) {
+        await sink.close().catch(() => {});
+        throw e;
+      }
+      written.push(file);
+    },
+    async finish() {
+      if (written.length !== files.length) throw new BlockferryError(ErrorCode.INVALID_ARGUMENT, `chain ${name}: ${written.length} of ${layers} layers written`);
+      claim(files);
+      // A top there already (this chain's earlier commit, or overwritten) goes first: until the new top is in, no top
+      // names a chain whose lower layers are half replaced.
+      rmSync(join(dataDir, files[files.length - 1]!), { force: true });
+      syncDir(dataDir);
+      for (const f of files) renameSync(join(staging, f), join(dataDir, f)); // base first, the top last
+      syncDir(dataDir);
+      rmSync(join(dataDir, `${name}.img`), { force: true }); // a name is one image (claimed or overwritten)
+      rmSync(staging, { recursive: true, force: true });
+      writeFileAtomic(join(dataDir, `${name}.chain.json`), [Buffer.from(JSON.stringify({ version: 1, name, size, format: 'qcow2', layers: files.map((file, i) => ({ file, backing: i ? files[i - 1] : null })) }, null, 1))], 'chain manifest');
+      return [...files, `${name}.chain.json`];
+    },
+  };
+};
+
+function syncDir(dir: string): void {
+  const fd = openSync(dir, constants.O_RDONLY | constants.O_DIRECTORY);
+  try { fsyncSync(fd); } finally { closeSync(fd); }
+}
+
+/** The sinks by output kind, each for raw or qcow2 as the destination writes images. */
+export const LAYER_SINKS: { chain: LayerSinkFactory; flat: LayerSinkFactory } = {
+  chain: (o) => o.format === 'qcow2' ? qcow2ChainSink(o) : chainSink(o),
+  flat: flatSink,
+};
+
+/** The chain a layer image name belongs to (NAME.Li or NAME.Li-j), if any. */
+const chainOf = (image: string): string | undefined => /^(.+)\.L\d+(?:-\d+)?$/.exec(image)?.[1];
+
+/**
+ * Whether an image a BEGIN names is a layer of a chain in progress here (its
+ * chain's progress log lists it): such a layer is received raw whatever the
+ * destination's image format, for the chain handler to read.
+ */
+export function isChainLayer(dataDir: string, image: string): boolean {
+  const chain = chainOf(image);
+  if (!chain || !NAME_RE.test(chain)) return false;
+  return !!loadProgress(dataDir, chain)?.layers.some((l) => l.image === image);
+}
 
 interface Progress {
   version: 1;
@@ -131,6 +249,8 @@ interface Progress {
   /** Per layer: its image, identity, and whether it was checked (and against which identity). */
   layers: { image: string; identity: string; checked: boolean }[];
   written?: string[];
+  /** Output files this chain wrote or is writing (replaced by its next commit without --overwrite). */
+  owned?: string[];
 }
 
 export interface ChainHost {
@@ -139,6 +259,8 @@ export interface ChainHost {
   /** Whether a migration into this image name is running now (its image is not complete). */
   busy(image: string): boolean;
   log(line: string): void;
+  /** What the chain is written as (default raw). */
+  format?: OutputFormat;
 }
 
 function checkName(name: string, what: string): void {
@@ -193,7 +315,7 @@ export function chainBegin(m: ChainBegin, host: ChainHost): number[] {
     const was = old?.layers.find((x) => x.image === l.image && x.identity === l.identity);
     return { image: l.image, identity: l.identity, checked: !!was?.checked };
   });
-  saveProgress(host.dataDir, { version: 1, name: m.name, layers });
+  saveProgress(host.dataDir, { version: 1, name: m.name, layers, ...(old?.owned ? { owned: old.owned } : {}) });
   host.log(`chain ${m.name}: ${m.layers.length} layers planned, ${states.filter((s) => s !== LAYER_ABSENT).length} here already`);
   return states;
 }
@@ -211,7 +333,13 @@ export async function chainCommit(m: ChainCommit, host: ChainHost, sinks = LAYER
     return { verdicts, written: false };
   }
   if (m.flags & CHAIN_CHECK_ONLY) return { verdicts, written: false };
-  const sink = (m.flags & CHAIN_FLATTEN ? sinks.flat : sinks.chain)({ dataDir: host.dataDir, name: m.name, size: m.size, overwrite: !!(m.flags & CHAIN_OVERWRITE) });
+  const claim = (files: string[]) => {
+    progress.owned = [...new Set([...(progress.owned ?? []), ...files])];
+    saveProgress(host.dataDir, progress);
+  };
+  const sink = (m.flags & CHAIN_FLATTEN ? sinks.flat : sinks.chain)({
+    dataDir: host.dataDir, name: m.name, size: m.size, overwrite: !!(m.flags & CHAIN_OVERWRITE), layers: m.layers.length, format: host.format ?? 'raw', owned: progress.owned ?? [], claim,
+  });
   for (const [index, l] of m.layers.entries()) {
     await sink.add({ index, file: join(host.dataDir, `${l.image}.img`), identity: l.identity, bottom: l.bottom, size: l.size, covered: l.covered });
   }

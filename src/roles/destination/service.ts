@@ -12,7 +12,7 @@ import { CAPABILITIES, CAP_SNAPMIG, CAP_ZSTD, serverHandshake, type AuthOptions 
 import { serverTls, securityFrom, type ServerTls, type TlsOptions } from '../../transport/tls.js';
 import { BEGIN, BEGIN_OVERWRITE, decode, type Begin } from '../../protocol/messages.js';
 import { Msg, msgName } from '../../protocol/frame.js';
-import { serveChain } from './chain.js';
+import { isChainLayer, serveChain } from './chain.js';
 import { ContentStore } from '../intermediary/store.js';
 import { GatherPool } from '../intermediary/gather.js';
 import { newStoreStats, serveStore } from '../intermediary/serve.js';
@@ -97,6 +97,8 @@ export interface DestinationOptions {
   signal?: AbortSignal;
   /** Each running migration's progress (operation 'receive'), at most every 200 ms and once when it completes. */
   onProgress?: (p: Progress) => void;
+  /** Each run of blocks a migration's BLOCKS frames carry, by image, in arrival order (tests and traces: which blocks crossed, in which order). */
+  onBlocks?: (image: string, start: number, count: number) => void;
   /**
    * What received images are written as: 'raw' (NAME.img, the default) or
    * 'qcow2' (NAME.qcow2: a standalone qcow2 v3 image, src/image/qcow2-writer.ts).
@@ -326,19 +328,20 @@ export class DestinationService implements Role {
     }
     // SnapMig: a coordinator's connection says what chain the layers (each an ordinary migration) make (roles/destination/chain.ts).
     if ((first.type === Msg.CHAIN_BEGIN || first.type === Msg.CHAIN_COMMIT) && caps & CAP_SNAPMIG) {
-      // The chain handler reads the received layers as raw files (NAME.Ln.img); a destination writing qcow2 is not wired to it yet.
-      if ((this.options.imageFormat ?? 'raw') !== 'raw') throw new BlockferryError(ErrorCode.UNSUPPORTED_FEATURE, 'SnapMig into a destination that writes qcow2 (--image-format qcow2) is not supported yet: serve it with --image-format raw');
-      return serveChain(ch, first, { dataDir: this.options.dataDir, scanner: this.scanner, busy: (image) => this.active.has(image), log: (l) => this.logger.info(l) });
+      // The layers arrive raw (NAME.Ln.img, see isChainLayer); the chain is written in this destination's format at CHAIN_COMMIT.
+      return serveChain(ch, first, { dataDir: this.options.dataDir, scanner: this.scanner, busy: (image) => this.active.has(image), log: (l) => this.logger.info(l), format: this.options.imageFormat ?? 'raw' });
     }
     if (first.type !== Msg.BEGIN) throw new ProtocolError(ErrorCode.PROTOCOL, `expected BEGIN, got ${msgName(first.type)}`);
     const begin = decode(BEGIN, first.payload);
     this.logger.info({ image: begin.name, peer: ch.socket.remoteAddress, size: begin.size, strategy: begin.strategy }, `migration into ${begin.name} from ${ch.socket.remoteAddress}: ${begin.size} bytes, strategy ${begin.strategy}`);
     this.check(begin);
     await this.claim(begin.name);
-    const files = imageFiles(this.options.dataDir, begin.name, this.options.imageFormat ?? 'raw');
+    // A layer of a SnapMig chain arrives raw whatever this destination writes: the chain handler reads it at CHAIN_COMMIT.
+    const layer = isChainLayer(this.options.dataDir, begin.name);
+    const files = imageFiles(this.options.dataDir, begin.name, layer ? 'raw' : this.options.imageFormat ?? 'raw');
     const final = files.final;
-    // A name is one image, whatever format it was written in.
-    const others = OUTPUT_FORMATS.filter((f) => f !== files.format).map((f) => imageFiles(this.options.dataDir, begin.name, f).final);
+    // A name is one image, whatever format it was written in (a chain's layer: its raw file only; the chain's own output files are its handler's).
+    const others = layer ? [] : OUTPUT_FORMATS.filter((f) => f !== files.format).map((f) => imageFiles(this.options.dataDir, begin.name, f).final);
     if ([final, ...others].some((f) => existsSync(f)) && !(begin.flags & BEGIN_OVERWRITE)) throw new BlockferryError(ErrorCode.IMAGE_EXISTS, `${begin.name} exists at the destination (migrate with --overwrite to replace it)`);
     let release!: () => void;
     this.active.set(begin.name, { ch, done: new Promise<void>((r) => { release = r; }) });
@@ -356,7 +359,7 @@ export class DestinationService implements Role {
     this.completed.push(stats);
     for (const f of others) if (existsSync(f)) rmSync(f, { force: true }); // replaced (--overwrite) by the image in the other format
     this.logger.info({ image: begin.name, stats }, `migration into ${begin.name} complete: ${JSON.stringify(stats)}`);
-    if (!this.taken.has(begin.name)) await this.serveComplete(begin.name).catch((e: Error) => this.logger.error({ image: begin.name, error: e }, `cannot serve ${begin.name} over NBD: ${e.message}`));
+    if (!this.taken.has(begin.name)) await this.serveComplete(begin.name, files.format).catch((e: Error) => this.logger.error({ image: begin.name, error: e }, `cannot serve ${begin.name} over NBD: ${e.message}`));
     // After DONE and outside the busy window: indexing is not part of the
     // migration, and the complete image is no longer "being migrated".
     this.indexing = this.indexing.then(() => this.indexImage(final)).catch((e: Error) => this.logger.error({ image: begin.name, error: e }, `indexing ${final} failed: ${e.message}`));
@@ -407,7 +410,7 @@ export class DestinationService implements Role {
       }
       return {
         name: b.name, size: b.size, blockSize: b.blockSize, sink: img.sink, journal: taken.journal, journalFile, resumed: true, fills: [],
-        freeBytes: () => this.freeBytes(), arriving: img, ...this.progressOption(),
+        freeBytes: () => this.freeBytes(), arriving: img, ...this.progressOption(b.name),
       };
     }
     if (taken) this.taken.delete(b.name); // complete, and replaced (--overwrite)
@@ -454,12 +457,12 @@ export class DestinationService implements Role {
       this.logger.info({ image: b.name }, `${b.name}: taken over (post-copy); served while it arrives`);
       return image;
     };
-    return { name: b.name, size: b.size, blockSize: b.blockSize, sink: sink!, journal, journalFile, resumed, fills, freeBytes: () => this.freeBytes(), takeOver, ...this.progressOption() };
+    return { name: b.name, size: b.size, blockSize: b.blockSize, sink: sink!, journal, journalFile, resumed, fills, freeBytes: () => this.freeBytes(), takeOver, ...this.progressOption(b.name) };
   }
 
-  private progressOption(): { onProgress?: (p: Progress) => void } {
-    const cb = this.options.onProgress;
-    return cb ? { onProgress: cb } : {};
+  private progressOption(name?: string): { onProgress?: (p: Progress) => void; onBlocks?: (start: number, count: number) => void } {
+    const cb = this.options.onProgress, blocks = this.options.onBlocks;
+    return { ...(cb ? { onProgress: cb } : {}), ...(blocks && name !== undefined ? { onBlocks: (start: number, count: number) => blocks(name, start, count) } : {}) };
   }
 
   /** What the service serves under a name over NBD: an image taken over (arriving or complete), else a complete image of the data directory. */

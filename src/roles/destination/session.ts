@@ -73,6 +73,8 @@ export interface SessionInit {
   takeOver?: (sink: ImageSink) => ArrivingImage;
   /** Where the migration stands, at most every PROGRESS_INTERVAL_MS and once at the end (operation 'receive'). */
   onProgress?: (p: Progress) => void;
+  /** Each run of a BLOCKS frame as it is written, in arrival order (which blocks crossed, and when). */
+  onBlocks?: (start: number, count: number) => void;
 }
 
 /** Receive progress is reported at most this often: a frame loop must not pay for a callback per frame. */
@@ -396,6 +398,7 @@ export class Session {
       this.written.add(iv.start, iv.count);
       this.expected.add(iv.start, iv.count);
       this.touched(iv.start, iv.count);
+      this.init.onBlocks?.(iv.start, iv.count);
     }
     this.stats.receivedBlocks += n;
     this.arrivedBytes += bytes;
