@@ -536,11 +536,13 @@ export class Qcow2ImageSource implements ImageSource {
     if (offset < 0 || length < 0 || offset + length > this.size || length > buf.length) {
       throw new InvalidArgumentError('range', `inside the image (${this.size} bytes) and the buffer`, `${offset}+${length}`);
     }
-    this.readLayer(0, buf, 0, offset, length);
+    // The chain is resolved once per call: a recursion that asked again could find the top
+    // reopened (a writer changed it) and go on reading through the layer just closed.
+    this.readLayer(this.chain, 0, buf, 0, offset, length);
   }
 
-  private readLayer(i: number, buf: Uint8Array, off: number, offset: number, length: number): void {
-    const layer = this.chain[i];
+  private readLayer(chain: Layer[], i: number, buf: Uint8Array, off: number, offset: number, length: number): void {
+    const layer = chain[i];
     if (!layer || offset >= layer.size) { buf.fill(0, off, off + length); return; }
     // Past a shorter backing file: zeros.
     const inside = Math.min(length, layer.size - offset);
@@ -552,7 +554,7 @@ export class Qcow2ImageSource implements ImageSource {
       switch (run.kind) {
         case Unit.DATA: layer.readHost(buf, off + done, run.length, run.host); break;
         case Unit.ZERO: buf.fill(0, off + done, off + done + run.length); break;
-        case Unit.UNALLOCATED: this.readLayer(i + 1, buf, off + done, at, run.length); break;
+        case Unit.UNALLOCATED: this.readLayer(chain, i + 1, buf, off + done, at, run.length); break;
         case Unit.COMPRESSED: {
           const cluster = layer.compressedCluster(run.entry!, run.entryIndex!);
           const within = at % cluster.length;
@@ -569,19 +571,19 @@ export class Qcow2ImageSource implements ImageSource {
     const out: Extent[] = [];
     if (length <= 0) return out;
     const end = Math.min(offset + length, this.size);
-    this.chainExtents(0, offset, end - offset, out);
+    this.chainExtents(this.chain, 0, offset, end - offset, out);
     return out;
   }
 
-  private chainExtents(i: number, offset: number, length: number, out: Extent[]): void {
-    const layer = this.chain[i];
+  private chainExtents(chain: Layer[], i: number, offset: number, length: number, out: Extent[]): void {
+    const layer = chain[i];
     if (!layer || offset >= layer.size || length <= 0) return;
     length = Math.min(length, layer.size - offset);
     if (layer instanceof RawLayer) { for (const x of layer.extents(offset, length)) push(out, x.offset, x.length); return; }
     for (let done = 0; done < length; ) {
       const run = layer.lookup(offset + done, length - done);
       if (run.kind === Unit.DATA || run.kind === Unit.COMPRESSED) push(out, offset + done, run.length);
-      else if (run.kind === Unit.UNALLOCATED) this.chainExtents(i + 1, offset + done, run.length, out);
+      else if (run.kind === Unit.UNALLOCATED) this.chainExtents(chain, i + 1, offset + done, run.length, out);
       done += run.length;
     }
   }
