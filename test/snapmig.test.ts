@@ -171,14 +171,25 @@ describe('SnapMig on loopback', { skip }, () => {
   });
 
   it('a backup server that goes away mid-send costs the source its layers, resumed from what arrived', async () => {
-    const dst = await destination('d6');
-    const bk = await BackupService.start({ dataDir: join(dir, 'bk6'), images: backupCopies('bk6-img'), auth, bwlimit: 4 << 20 });
+    // The backup server goes away once the destination has written 256 blocks of the base it sends
+    // (not after a fixed delay: on a loaded machine that came before anything had arrived).
+    let closing: Promise<void> | undefined;
+    let baseBlocks = 0;
+    let bk: BackupService | undefined;
+    const dst = await DestinationService.start({
+      dataDir: join(dir, 'd6'), auth,
+      onBlocks: (image, _start, count) => {
+        if (!image.startsWith('vm.L0')) return;
+        baseBlocks += count;
+        if (baseBlocks >= 256 && !closing) closing = bk!.close();
+      },
+    });
+    bk = await BackupService.start({ dataDir: join(dir, 'bk6'), images: backupCopies('bk6-img'), auth, bwlimit: 4 << 20 });
     try {
-      let closing: Promise<void> | undefined;
       const r = await migrateChain(files[3]!, {
         to: `127.0.0.1:${dst.address.port}`, backups: [`127.0.0.1:${bk.address.port}`], strategy: 'snapmig', auth, scanner, name: 'vm',
-        onEvent: (e) => { if (e.phase === 'plan') setTimeout(() => { closing = bk.close(); }, 700); },
       });
+      assert.ok(closing, 'the backup server was closed mid-send');
       await closing;
       assert.deepEqual(r.backupsLost, [`127.0.0.1:${bk.address.port}`]);
       const fromBackup = r.sends.filter((s) => s.sender !== 'source');
