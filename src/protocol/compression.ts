@@ -4,9 +4,12 @@
 import { CAP_ZSTD } from './handshake.js';
 import { CodecId, ZSTD_DEFAULT_LEVEL, createCompressor, createDecompressor, type Compressor, type Decompressor } from './codec.js';
 import { AdaptiveLevel } from './adapt.js';
+import { Worker } from 'node:worker_threads';
+import { ErrorCode, ProtocolError } from '../errors.js';
 import type { FrameCompressor, FrameDecompressor, FrameSample } from './channel.js';
 
-export type CompressMode = { mode: 'auto' | 'none' | 'zstd'; level?: number };
+/** offThread: false compresses on the calling thread (default: on a worker thread, pipelined with the channel's writes). */
+export type CompressMode = { mode: 'auto' | 'none' | 'zstd'; level?: number; offThread?: boolean };
 
 /** Payloads smaller than this go as they are: a frame header costs more than it would save. */
 const MIN_BYTES = 512;
@@ -30,6 +33,51 @@ export function compressorFor(caps: number, mode: CompressMode): FrameCompressor
 }
 
 /**
+ * The connection's zstd stream on a worker thread (compress-worker.ts):
+ * jobs go in order, answers come back in order. The worker starts with the
+ * compressor, so it is up before the first frame; it never keeps the process
+ * alive; close() ends it and fails what was still queued.
+ */
+class OffThreadZstd {
+  private readonly worker: Worker;
+  private readonly waiting: Array<{ resolve: (r: { data: Buffer; seconds: number }) => void; reject: (e: Error) => void }> = [];
+  private failure: Error | undefined;
+
+  constructor(level: number) {
+    this.worker = new Worker(new URL('./compress-worker.js', import.meta.url), { workerData: { level } });
+    this.worker.unref();
+    this.worker.on('message', (m: { ok: true; out: ArrayBuffer; seconds: number } | { ok: false; message: string }) => {
+      const w = this.waiting.shift();
+      if (!w) return;
+      if (m.ok) w.resolve({ data: Buffer.from(m.out), seconds: m.seconds });
+      else w.reject(this.stop(new ProtocolError(ErrorCode.PROTOCOL, `compression failed: ${m.message}`)));
+    });
+    this.worker.on('error', (e) => this.stop(new ProtocolError(ErrorCode.PROTOCOL, `compression thread failed: ${e.message}`, undefined, { cause: e })));
+    this.worker.on('exit', () => this.stop(new ProtocolError(ErrorCode.CONNECTION, 'compression thread ended')));
+  }
+
+  compress(payload: Uint8Array, level: number): Promise<{ data: Buffer; seconds: number }> {
+    if (this.failure) return Promise.reject(this.failure);
+    return new Promise((resolve, reject) => {
+      this.waiting.push({ resolve, reject });
+      this.worker.postMessage({ payload, level }); // copied now: the caller may reuse payload
+    });
+  }
+
+  /** Fails what is queued with e (the stream is broken from here on). */
+  private stop(e: Error): Error {
+    this.failure ??= e;
+    for (const w of this.waiting.splice(0)) w.reject(this.failure);
+    return this.failure;
+  }
+
+  close(): void {
+    this.stop(new ProtocolError(ErrorCode.CONNECTION, 'connection closed'));
+    void this.worker.terminate();
+  }
+}
+
+/**
  * zstd on block data and fingerprints: a fixed level (`zstd:LEVEL`), or
  * `auto`, which raises the level while the link is the bottleneck, lowers it
  * when compressing becomes one, and stores frames (sends them as they are)
@@ -37,6 +85,8 @@ export function compressorFor(caps: number, mode: CompressMode): FrameCompressor
  */
 class ZstdFrames implements FrameCompressor {
   private z: Compressor | undefined;
+  /** The stream on its own thread (the channel then pipelines); undefined: compress() on this thread. */
+  private readonly off: OffThreadZstd | undefined;
   private readonly adapt: AdaptiveLevel | undefined;
   private readonly fixedLevel: number;
   /** Link rate estimate: wire bytes over the time frames took to leave (pacing, write, drain), decayed. */
@@ -52,9 +102,17 @@ class ZstdFrames implements FrameCompressor {
     this.fixedLevel = mode.level ?? ZSTD_DEFAULT_LEVEL;
     this.adapt = mode.mode === 'auto' ? new AdaptiveLevel({ startLevel: mode.level ?? 1 }) : undefined;
     this.current = this.adapt ? this.adapt.decide().level : this.fixedLevel;
-    // Made now, not on the first frame: creating the context would be charged to that frame's speed.
-    this.z = createCompressor(CodecId.ZSTD, this.current);
+    if (mode.offThread !== false) {
+      this.off = new OffThreadZstd(this.current);
+      // One stream per direction: with the thread there is no compress() on this one.
+      this.compressAsync = (payload: Buffer) => this.off!.compress(payload, this.current);
+    } else {
+      // Made now, not on the first frame: creating the context would be charged to that frame's speed.
+      this.z = createCompressor(CodecId.ZSTD, this.current);
+    }
   }
+
+  compressAsync: ((payload: Buffer) => Promise<{ data: Buffer; seconds: number }>) | undefined;
 
   wants(kind: string, length: number): boolean {
     this.decided = false;
@@ -71,6 +129,7 @@ class ZstdFrames implements FrameCompressor {
   }
 
   compress(payload: Buffer): Buffer {
+    if (this.off) throw new Error('this stream compresses on its thread (compressAsync)');
     if (!this.z) this.z = createCompressor(CodecId.ZSTD, this.current);
     else if (this.z.level !== this.current) this.z.setLevel(this.current);
     return this.z.compress(payload);
@@ -95,6 +154,7 @@ class ZstdFrames implements FrameCompressor {
   close(): void {
     this.z?.close();
     this.z = undefined;
+    this.off?.close();
   }
 
   stats(): { compressedFrames: number; storedFrames: number; level: number } {
