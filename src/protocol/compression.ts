@@ -13,6 +13,11 @@ export type CompressMode = { mode: 'auto' | 'none' | 'zstd'; level?: number; off
 
 /** Payloads smaller than this go as they are: a frame header costs more than it would save. */
 const MIN_BYTES = 512;
+/** A link-rate window: at least this many frames and this many seconds. */
+const WINDOW_FRAMES = 8;
+const WINDOW_SECONDS = 0.2;
+/** A window whose 'drain' waits take this share of its time was held back by the link. */
+const LINK_BOUND_WAIT = 0.1;
 /** Frames at least this large measure the compressor's speed. */
 const SPEED_SAMPLE_BYTES = 64 << 10;
 
@@ -89,9 +94,21 @@ class ZstdFrames implements FrameCompressor {
   private readonly off: OffThreadZstd | undefined;
   private readonly adapt: AdaptiveLevel | undefined;
   private readonly fixedLevel: number;
-  /** Link rate estimate: wire bytes over the time frames took to leave (pacing, write, drain), decayed. */
-  private bytes = 0;
-  private seconds = 0;
+  /**
+   * Link rate estimate, from windows of frames (at least WINDOW_FRAMES and
+   * WINDOW_SECONDS): a window in which the sender waited for 'drain' a fair
+   * part of the time was held back by the link, and its wire bytes over its
+   * wall time are the link's rate; a window without such waits only says the
+   * link is faster than that (twice, as a guess, so that a compressor that
+   * cannot keep up lowers its level). Waits alone are no measure: the
+   * socket's and the qdisc's buffers take megabytes before the first wait.
+   */
+  private link = 0;
+  private linkBound = false;
+  private winBytes = 0;
+  private winWait = 0;
+  private winFrames = 0;
+  private winStart = performance.now();
   private compressedFrames = 0;
   private storedFrames = 0;
   private current: number;
@@ -100,7 +117,7 @@ class ZstdFrames implements FrameCompressor {
 
   constructor(mode: CompressMode) {
     this.fixedLevel = mode.level ?? ZSTD_DEFAULT_LEVEL;
-    this.adapt = mode.mode === 'auto' ? new AdaptiveLevel({ startLevel: mode.level ?? 1 }) : undefined;
+    this.adapt = mode.mode === 'auto' ? new AdaptiveLevel({ startLevel: mode.level ?? ZSTD_DEFAULT_LEVEL }) : undefined;
     this.current = this.adapt ? this.adapt.decide().level : this.fixedLevel;
     if (mode.offThread !== false) {
       this.off = new OffThreadZstd(this.current);
@@ -138,16 +155,29 @@ class ZstdFrames implements FrameCompressor {
   observe(s: FrameSample): void {
     if (s.compressed) this.compressedFrames++;
     else this.storedFrames++;
-    this.bytes = 0.8 * this.bytes + s.wireBytes;
-    this.seconds = 0.8 * this.seconds + Math.max(s.waitSeconds, 1e-6);
+    this.winBytes += s.wireBytes;
+    this.winWait += s.waitSeconds;
+    this.winFrames++;
+    const now = performance.now();
+    const elapsed = (now - this.winStart) / 1000;
+    let linkSample = 0;
+    if (this.winFrames >= WINDOW_FRAMES && elapsed >= WINDOW_SECONDS) {
+      const rate = this.winBytes / elapsed;
+      this.linkBound = this.winWait >= LINK_BOUND_WAIT * elapsed;
+      linkSample = this.linkBound ? rate : Math.max(this.link, 2 * rate);
+      this.link = linkSample;
+      this.winBytes = this.winWait = this.winFrames = 0;
+      this.winStart = now;
+    }
     if (!this.adapt || !this.decided) return;
     this.adapt.record({
       bytesIn: s.rawBytes,
       bytesOut: s.wireBytes,
       // Speed from small frames is mostly per-call overhead: only frames of 64 KiB or more measure it.
       compressSeconds: s.rawBytes >= SPEED_SAMPLE_BYTES ? s.compressSeconds : 0,
-      linkBytesPerSecond: Math.min(1e10, this.bytes / this.seconds),
+      linkBytesPerSecond: Math.min(1e10, linkSample),
       drainWaitSeconds: s.waitSeconds,
+      linkBound: this.linkBound,
     });
   }
 
