@@ -39,8 +39,7 @@ export function compressorFor(caps: number, mode: CompressMode): FrameCompressor
 
 /**
  * The connection's zstd stream on a worker thread (compress-worker.ts):
- * jobs go in order, answers come back in order. The worker starts with the
- * compressor, so it is up before the first frame; it never keeps the process
+ * jobs go in order, answers come back in order. It never keeps the process
  * alive; close() ends it and fails what was still queued.
  */
 class OffThreadZstd {
@@ -91,7 +90,8 @@ class OffThreadZstd {
 class ZstdFrames implements FrameCompressor {
   private z: Compressor | undefined;
   /** The stream on its own thread (the channel then pipelines); undefined: compress() on this thread. */
-  private readonly off: OffThreadZstd | undefined;
+  private off: OffThreadZstd | undefined;
+  private closed = false;
   private readonly adapt: AdaptiveLevel | undefined;
   private readonly fixedLevel: number;
   /**
@@ -120,9 +120,12 @@ class ZstdFrames implements FrameCompressor {
     this.adapt = mode.mode === 'auto' ? new AdaptiveLevel({ startLevel: mode.level ?? ZSTD_DEFAULT_LEVEL }) : undefined;
     this.current = this.adapt ? this.adapt.decide().level : this.fixedLevel;
     if (mode.offThread !== false) {
-      this.off = new OffThreadZstd(this.current);
-      // One stream per direction: with the thread there is no compress() on this one.
-      this.compressAsync = (payload: Buffer) => this.off!.compress(payload, this.current);
+      // One stream per direction: with the thread there is no compress() on this one. The thread
+      // starts with the first frame to compress (a destination's connection may never send one).
+      this.compressAsync = (payload: Buffer) => {
+        if (this.closed) return Promise.reject(new ProtocolError(ErrorCode.CONNECTION, 'connection closed'));
+        return (this.off ??= new OffThreadZstd(this.current)).compress(payload, this.current);
+      };
     } else {
       // Made now, not on the first frame: creating the context would be charged to that frame's speed.
       this.z = createCompressor(CodecId.ZSTD, this.current);
@@ -146,7 +149,7 @@ class ZstdFrames implements FrameCompressor {
   }
 
   compress(payload: Buffer): Buffer {
-    if (this.off) throw new Error('this stream compresses on its thread (compressAsync)');
+    if (this.compressAsync) throw new Error('this stream compresses on its thread (compressAsync)');
     if (!this.z) this.z = createCompressor(CodecId.ZSTD, this.current);
     else if (this.z.level !== this.current) this.z.setLevel(this.current);
     return this.z.compress(payload);
@@ -185,6 +188,7 @@ class ZstdFrames implements FrameCompressor {
     this.z?.close();
     this.z = undefined;
     this.off?.close();
+    this.closed = true;
   }
 
   stats(): { compressedFrames: number; storedFrames: number; level: number } {
