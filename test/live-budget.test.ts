@@ -231,6 +231,9 @@ describe('live migration with a downtime budget', () => {
         return await migrate(p, {
           to: `127.0.0.1:${svc.address.port}`, name: `order-${order}`, auth, strategy: 'full', overwrite: true, tracked,
           maxDowntime: 0, maxRounds: 5, order,
+          // Writes are paced by the frames sent: a compressor on its thread reads up to two
+          // frames ahead of what onFrame reports, which would shift the pacing this test relies on.
+          compress: { mode: 'zstd', level: 3, offThread: false },
           // The hot set is written from the start, the cold sweep from the first round on.
           onEvent: (e) => { if (e.phase === 'round' && !rounds) { rounds = true; writeCold(16 * 256); } },
           onFrame: (f) => {

@@ -11,7 +11,30 @@ import { DestinationView } from './view.js';
 import type { MigrationContext } from './strategy.js';
 
 /** Blocks per BLOCK_INFO frame (64 Ki: 1 MiB of fingerprints and signatures). */
-const INFO_BATCH = 65536;
+const INFO_BATCH = 4096;
+/**
+ * The first BLOCK_INFO runs are smaller, doubling up to INFO_BATCH: the
+ * destination answers a run with NEED only after its fill sources have read
+ * and checked what they hold of it (a neighbour fill of a 64 Ki-block run is
+ * hundreds of MB of disk), and the source sends no block data before the
+ * first NEED. A small first run starts the data flowing within milliseconds.
+ */
+const FIRST_INFO_BATCH = 512;
+/** BLOCK_INFO runs sent ahead of the NEED answers received. */
+const INFO_AHEAD = 8;
+
+/** split(), but the pieces grow from `first` blocks, doubling, up to `max`. */
+export function* splitGrowing(intervals: Iterable<Interval>, first: number, max: number): Generator<Interval> {
+  let size = Math.min(first, max);
+  for (const iv of intervals) {
+    for (let s = iv.start; s < iv.start + iv.count; ) {
+      const count = Math.min(size, iv.start + iv.count - s);
+      yield { start: s, count };
+      s += count;
+      size = Math.min(max, size * 2);
+    }
+  }
+}
 
 /** Seconds per phase: lap(name) adds the time since the previous lap to that phase. */
 export function phaseClock(): { phases: Record<string, number>; lap: (name: string) => void } {
@@ -61,12 +84,26 @@ export async function firstPass(ctx: MigrationContext, { view, sender, check, sy
   const { ch, map, blockSize: bs } = ctx;
   ctx.event('fingerprints');
   const sendInfo = async () => {
-    for (const r of split(map.runs(), ctx.scatter?.infoBatch ?? INFO_BATCH)) {
+    const runs = ctx.scatter ? split(map.runs(), ctx.scatter.infoBatch) : splitGrowing(map.runs(), FIRST_INFO_BATCH, INFO_BATCH);
+    for (const r of runs) {
+      // Not too far ahead of the answers: the destination applies frames in
+      // order, so block data queued behind many BLOCK_INFO runs would wait
+      // for all their fills; a few runs ahead keeps both going.
+      while (infoSent - needsSeen >= INFO_AHEAD && !needsDone) await new Promise<void>((res) => { wakeInfo = res; });
+      infoSent++;
       await ctx.scatter?.beforeInfo(ch, r.start, r.count);
       const i = map.indexOf(r.start);
       await ch.send(BLOCK_INFO, { start: r.start, count: r.count, fingerprints: map.fingerprints.subarray(i, i + r.count), signatures: map.signatures.subarray(i, i + r.count) });
     }
     await ch.send(INFO_END, undefined);
+  };
+  let infoSent = 0, needsSeen = 0, needsDone = false;
+  let wakeInfo: (() => void) | undefined;
+  const seen = (last: boolean) => {
+    needsSeen++;
+    if (last) needsDone = true;
+    wakeInfo?.();
+    wakeInfo = undefined;
   };
   let announced = false;
   const total = map.dataBlocks * bs;
@@ -82,7 +119,8 @@ export async function firstPass(ctx: MigrationContext, { view, sender, check, sy
   };
   const receiveNeeds = async () => {
     for (;;) {
-      const need = await ch.recv(NEED);
+      const need = await ch.recv(NEED).catch((e: Error) => { seen(true); throw e; });
+      seen(need.last);
       if (need.last) return;
       if (!announced) { announced = true; ctx.event('transfer'); }
       view.heldRun(need.start, need.count, need.missing);

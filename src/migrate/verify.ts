@@ -17,7 +17,7 @@ export const EXTENT_BLOCKS = 256;
 const EXTENT_BYTES_MAX = 16 << 20;
 /** Extents per VERIFY frame, and frames in flight. */
 const VERIFY_BATCH = 4096;
-const IN_FLIGHT = 4;
+const IN_FLIGHT = 64;
 /** Attempts at repairing extents the check finds different. */
 const VERIFY_ATTEMPTS = 3;
 /** Re-checks of extents that differ only where the destination's clients wrote (post-copy). */

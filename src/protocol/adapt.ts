@@ -30,6 +30,12 @@ export interface FrameSample {
   linkBytesPerSecond?: number;
   /** Seconds the sender waited for the socket to drain since the previous frame. */
   drainWaitSeconds?: number;
+  /**
+   * The last measuring window found the sender held back by the link (it
+   * waited for 'drain' a fair part of the time): the compressor kept up, so
+   * the level is not lowered whatever single frames' timings say.
+   */
+  linkBound?: boolean;
 }
 
 export interface AdaptDecision {
@@ -123,10 +129,11 @@ export class AdaptiveLevel {
       if (r <= this.storeRatio && !this.storeBeats(d.level)) this.setLevel(this.minLevel);
       return;
     }
-    if (r > this.storeRatio) return this.store();
+    // Incompressible data: on the level's ratio so far, not on one frame (an image holds compressed files among the rest).
+    if (this.ratio.get(d.level)! > this.storeRatio) return this.store();
 
-    const waitedOnLink = (s.drainWaitSeconds ?? 0) > 0.1 * Math.max(s.compressSeconds, 1e-6);
-    if (this.compressorSlowerThanLink(d.level, r)) {
+    const waitedOnLink = s.linkBound === true || (s.drainWaitSeconds ?? 0) > 0.1 * Math.max(s.compressSeconds, 1e-6);
+    if (!s.linkBound && this.compressorSlowerThanLink(d.level, r)) {
       // Lower the level; at the lowest, store only when storing actually moves input faster.
       if (this.level > this.minLevel) this.setLevel(this.level - 1);
       else if (this.storeBeats(d.level)) this.store();

@@ -2,7 +2,7 @@ import type { Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ErrorCode, ProtocolError } from '../errors.js';
 import { encodeHeader, FLAG_COMPRESSED, FrameDecoder, HEADER_BYTES, Msg, msgName, Reader, type Frame, type MsgType } from './frame.js';
-import { decode, encode, ERROR, kindOf, type MessageDef, type Traffic } from './messages.js';
+import { decode, encode, ERROR, kindOf, type MessageDef, type Traffic, type TrafficKind } from './messages.js';
 import { tlsError } from '../transport/tls.js';
 
 export type { Traffic, TrafficKind } from './messages.js';
@@ -26,6 +26,14 @@ export interface FrameCompressor {
   /** Whether this payload should go compressed; decided before compressing (the stream's state must match what the peer sees). */
   wants(kind: string, length: number): boolean;
   compress(payload: Buffer): Buffer;
+  /**
+   * Compresses off the main thread: called in stream order, resolves in that
+   * order with the compressed bytes and the CPU seconds they took. The
+   * payload is copied before this returns (the caller may reuse it). When
+   * present, the channel pipelines: it returns from send() while the frame
+   * is being compressed, so the caller prepares the next one meanwhile.
+   */
+  compressAsync?(payload: Buffer): Promise<{ data: Buffer; seconds: number }>;
   /** Told what each frame it was asked about cost. */
   observe?(s: FrameSample): void;
   close?(): void;
@@ -100,6 +108,14 @@ export class Channel {
   private errorSent = false;
   /** When this side last sent a frame (a source sends a heartbeat when it has been quiet). */
   lastSentAt = performance.now();
+  /**
+   * Frames go to the socket in the order send() was called. With an
+   * off-thread compressor, a compressed frame's write waits here for its
+   * compression and for the frames before it; `tail` is the last write, and
+   * `inPipe` the writes send() has returned before (at most PIPE_DEPTH).
+   */
+  private tail: Promise<void> = Promise.resolve();
+  private readonly inPipe: Promise<void>[] = [];
 
   constructor(readonly socket: Socket, options: ChannelOptions = {}) {
     this.rate = options.bwlimit ?? 0;
@@ -239,20 +255,47 @@ export class Channel {
   async sendFrame(type: MsgType, payload: Buffer = Buffer.alloc(0), id = 0): Promise<void> {
     if (this.failure) throw this.failure;
     const kind = kindOf(type);
+    const c = this.compressor;
+    const asked = c !== undefined && (kind === 'data' || kind === 'fingerprints');
+    const compress = asked && c.wants(kind, payload.length);
+    if (compress && c.compressAsync) {
+      // Pipelined: compression starts now (stream order is call order), the
+      // write follows the frames before it; the caller goes on preparing the
+      // next frame while at most PIPE_DEPTH frames are on their way.
+      const job = c.compressAsync(payload);
+      job.catch(() => {}); // reported by the write below
+      const rawBytes = payload.length;
+      const write = this.tail.then(async () => {
+        const z = await job;
+        await this.writeFrame(type, kind, rawBytes, compressedBody(rawBytes, z.data), FLAG_COMPRESSED, id, c, z.seconds);
+      });
+      this.tail = write.catch(() => {});
+      write.catch((e: Error) => this.fail(e));
+      this.inPipe.push(write);
+      while (this.inPipe.length > PIPE_DEPTH) await this.inPipe.shift();
+      if (this.failure) throw this.failure;
+      return;
+    }
     let body = payload;
     let flags = 0;
     let compressSeconds = 0;
-    const c = this.compressor;
-    const asked = c !== undefined && (kind === 'data' || kind === 'fingerprints');
-    if (asked && c.wants(kind, payload.length)) {
+    if (compress) {
       const t = performance.now();
       const z = c.compress(payload);
       compressSeconds = (performance.now() - t) / 1000;
-      const len = Buffer.alloc(4);
-      len.writeUInt32LE(payload.length);
-      body = Buffer.concat([len, z]);
+      body = compressedBody(payload.length, z);
       flags = FLAG_COMPRESSED;
     }
+    // Every write goes through the chain, so frames leave in the order send() was called.
+    const write = this.tail.then(() => this.writeFrame(type, kind, payload.length, body, flags, id, asked ? c : undefined, compressSeconds));
+    this.tail = write.catch(() => {});
+    this.inPipe.length = 0; // this write comes after all of them
+    await write;
+  }
+
+  /** Writes one frame (pacing, then header and body), waits for 'drain' if the socket's buffer is full, and tells the compressor. */
+  private async writeFrame(type: MsgType, kind: TrafficKind, rawBytes: number, body: Buffer, flags: number, id: number, c: FrameCompressor | undefined, compressSeconds: number): Promise<void> {
+    if (this.failure) throw this.failure;
     const bytes = body.length + HEADER_BYTES;
     const t0 = performance.now();
     if (this.rate > 0) {
@@ -266,7 +309,7 @@ export class Channel {
     if (this.socket.destroyed) throw new ProtocolError(ErrorCode.CONNECTION, 'connection closed');
     this.sent[kind] += bytes;
     this.lastSentAt = performance.now();
-    this.sentRaw[kind] += payload.length + HEADER_BYTES;
+    this.sentRaw[kind] += rawBytes + HEADER_BYTES;
     this.onFrame?.({ direction: 'sent', type: msgName(type), id, bytes, compressed: flags !== 0 });
     this.socket.write(encodeHeader(type, body.length, id, flags));
     const ok = this.socket.write(body);
@@ -283,7 +326,7 @@ export class Channel {
         this.socket.on('error', onClose);
       });
     }
-    if (asked) c.observe?.({ compressed: flags !== 0, rawBytes: payload.length, wireBytes: bytes, compressSeconds, waitSeconds: (performance.now() - t0) / 1000 });
+    c?.observe?.({ compressed: flags !== 0, rawBytes, wireBytes: bytes, compressSeconds, waitSeconds: (performance.now() - t0) / 1000 });
   }
 
   /**
@@ -362,10 +405,23 @@ export class Channel {
     await this.send(d, m, to.id);
   }
 
+  /** Ends the connection once every frame sent so far is written. */
   close(): void {
     this.stopIdle();
-    this.socket.end();
+    this.inPipe.length = 0;
+    void this.tail.then(() => this.socket.end());
   }
+}
+
+/** Frames a pipelined sender may have handed over before send() waits: enough to overlap reading and compressing. */
+const PIPE_DEPTH = 2;
+
+/** A compressed frame's body: the payload's size before compression (u32), then the compressed bytes. */
+function compressedBody(rawBytes: number, z: Buffer): Buffer {
+  const body = Buffer.allocUnsafe(4 + z.length);
+  body.writeUInt32LE(rawBytes, 0);
+  body.set(z, 4);
+  return body;
 }
 
 function checkError(f: Frame): Frame {
