@@ -15,6 +15,7 @@ import {
   type CutoverReason, type StallReport, type ThrottleReport,
 } from './live.js';
 import { dirtySourceFor } from './rounds.js';
+import { DirtyHold, PEEK_MS } from './hold.js';
 import type { MigrationContext, StrategyOutcome } from './strategy.js';
 
 const blocksIn = (list: Interval[]) => list.reduce((a, iv) => a + iv.count, 0);
@@ -35,6 +36,10 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   const tPass = now();
   model.startAt(tPass);
   const total = map.dataBlocks * bs;
+  const dirty = dirtySourceFor({ dirty: ctx.dirty, tracked: live.tracked, rescan: live.rescan, scanner: ctx.scanner, path: ctx.path, blockSize: ctx.blockSize, format: ctx.format }, view);
+  // Where takes are cheap, blocks dirtied since their round (or the pass) began wait for the next round (hold.ts).
+  const hold = isLive && dirty.cheap && live.holdDirty !== false ? new DirtyHold(dirty, live.peekInterval ?? PEEK_MS) : undefined;
+  sender.hold = hold;
   const stream = await firstPass(ctx, parts);
   // The first pass is a drain sample when it moved enough to measure.
   const passBytes = sender.counters.sent * bs;
@@ -59,7 +64,6 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   lap('transfer');
 
   // Pre-copy rounds while the image is live, until a cutover now fits the budget.
-  const dirty = dirtySourceFor({ dirty: ctx.dirty, tracked: live.tracked, rescan: live.rescan, scanner: ctx.scanner, path: ctx.path, blockSize: ctx.blockSize, format: ctx.format }, view);
   const sendOrder = live.order ?? 'hot-last';
   const arrange = (list: Interval[]) => (sendOrder === 'hot-last' ? order.arrange(list) : list);
   const maxRounds = live.maxRounds ?? Infinity;
@@ -72,9 +76,16 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   let throttle: ThrottleReport | undefined;
   let throttleStep = 0, roundsSinceThrottle = 0, afterThrottleAt = 0, afterThrottleBytes = 0, lastTakeAt = 0;
   const take = async (): Promise<Interval[]> => {
+    // What the round's peeks found (and the source forgot) goes into the next round with what the take finds.
+    const held = hold ? await hold.settle() : [];
     const t0 = now();
-    const list = await dirty.take();
+    let list = await dirty.take();
     const t1 = now();
+    if (held.length) {
+      const all = IntervalSet.of(held);
+      for (const iv of list) all.add(iv.start, iv.count);
+      list = [...all];
+    }
     const bytes = blocksIn(list) * bs;
     model.addTake(bytes, (t1 - t0) / 1000, t1);
     if (throttle) {
@@ -123,6 +134,7 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
           // The destination takes over now; what is dirty goes after the switch, hottest first.
           if (!(ctx.capabilities & CAP_POSTCOPY)) throw new BlockferryError(ErrorCode.REFUSED, 'the rounds stalled and --on-stall postcopy was asked, but the destination does not offer post-copy');
           lap('rounds');
+          sender.hold = undefined;
           const verify = IntervalSet.of(recheck);
           for (const iv of sender.takeTouched()) verify.add(iv.start, iv.count);
           return await switchOver(ctx, parts, {
@@ -147,9 +159,11 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
       ctx.event('round', { round: rounds, dirty: n, predictedDowntime: predicted, ...rates() });
       await ch.send(ROUND, { round: rounds });
       const tRound = now();
+      const heldBefore = hold?.report.blocks ?? 0;
       await sender.send(arrange(pending));
       await sync();
-      model.addRound(n * bs, (now() - tRound) / 1000);
+      // Blocks held back did not go: the drain rate counts what did.
+      model.addRound((n - ((hold?.report.blocks ?? 0) - heldBefore)) * bs, (now() - tRound) / 1000);
       // What the round changed is checked now, while live: the cutover then
       // checks only what its own round touches (and what still differs).
       const toCheck = sender.takeTouched();
@@ -172,7 +186,13 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
     if (changed.runs) for (const x of await check.once(changed)) recheck.add(x.start, x.count);
     lap('verify');
 
-    // Cutover: pause, last round, check what it touched, commit, resume.
+    // Cutover: pause, last round, check what it touched, commit, resume. Nothing is held back from it.
+    sender.hold = undefined;
+    if (hold) {
+      const held = IntervalSet.of(pending);
+      for (const iv of await hold.settle()) held.add(iv.start, iv.count);
+      pending = [...held];
+    }
     predicted = predictNow();
     ctx.event('cutover', { dirty: blocksIn(pending), reason, predictedDowntime: predicted, ...rates() });
     ctx.progress({ phase: 'cutover', round: rounds + 1, done: 0, total: blocksIn(pending) * bs, predictedDowntime: predicted, ...rates() });
@@ -234,6 +254,7 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
         hotBlocksResent: c.hotResent,
         ...(stall ? { stall } : {}),
         ...(throttle ? { throttle } : {}),
+        ...(hold ? { held: hold.report } : {}),
       },
       delta: { enabled: deltaOn, blocks: c.deltaBlocks, rawBytes: c.deltaRawBytes, wireBytes: c.deltaWireBytes, savedBytes: c.deltaRawBytes - c.deltaWireBytes },
     };

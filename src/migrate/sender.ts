@@ -11,6 +11,7 @@ import { encodeDelta } from '../protocol/delta.js';
 import type { DeltaCache } from './live.js';
 import type { ImageSource } from '../image/source.js';
 import type { DestinationView } from './view.js';
+import type { DirtyHold } from './hold.js';
 
 /** Bytes of block data per BLOCKS frame: 1 MiB keeps frames far under the limit and the pipe full. */
 export const DATA_BATCH = 1 << 20;
@@ -50,6 +51,8 @@ export class BlockSender {
   private deltas: DeltaEntry[] = [];
   /** Off once the destination serves the image (post-copy): a delta's base may be a block its clients rewrote. */
   deltasAllowed = true;
+  /** While live: blocks found dirty since their round began are skipped (hold.ts); never for repairs (`force`). */
+  hold: DirtyHold | undefined;
   private deltaBytes = 0;
   private readonly deltaData: Buffer;
 
@@ -105,76 +108,85 @@ export class BlockSender {
   async send(intervals: Iterable<Interval>, force = false): Promise<void> {
     const per = Math.max(1, Math.floor(DATA_BATCH / this.bs));
     for (const iv of split(intervals, per)) {
-      const len = intervalBytes(this.src.size, this.bs, iv.start, iv.count);
-      const view = this.engine.view(this.window, 0, len);
-      this.beforeRead?.(iv);
-      this.src.readInto(view, iv.start * this.bs, len);
-      this.engine.zeroFlagsAt(this.window.ptr, len, this.bs, this.flags.ptr);
-      this.engine.fingerprintBlocksAt(this.window.ptr, len, this.bs, this.fps.ptr, this.sigs.ptr);
-      const flags = this.engine.view(this.flags, 0, iv.count);
-      const fps = new BigUint64Array(this.engine.memory.buffer, this.fps.ptr, iv.count);
-      const sigs = new BigUint64Array(this.engine.memory.buffer, this.sigs.ptr, iv.count);
-      let dataStart = -1;
-      const closeData = (end: number) => {
-        if (dataStart < 0) return;
-        const off = (dataStart - iv.start) * this.bs;
-        const bytes = intervalBytes(this.src.size, this.bs, dataStart, end - dataStart);
-        this.runs.push({ start: dataStart, count: end - dataStart });
-        this.frameData.set(view.subarray(off, off + bytes), this.frameBytes); // the window is reused
-        this.frameBytes += bytes;
-        dataStart = -1;
-      };
-      for (let k = 0; k < iv.count; k++) {
-        const b = iv.start + k;
-        if (flags[k]) {
-          closeData(b);
-          if (force || this.view.content(b) !== null) {
-            this.zeros.add(b, 1);
-            this.view.setZero(b, 1);
-            this.touched.add(b, 1);
-          }
-          continue;
-        }
-        const fp = fps[k]!, sig = sigs[k]!;
-        if (!force && this.view.holds(b, fp, sig)) { closeData(b); continue; }
-        const hb = this.view.copySource(b, fp, sig, (x) => this.len(x) === this.len(b));
-        if (hb >= 0) {
-          closeData(b);
-          this.copies.push({ dst: b, src: hb, fingerprint: fp });
-          this.view.set(b, fp, sig, false);
-          this.touched.add(b, 1);
-          this.counters.copied++;
-          continue;
-        }
-        const len = this.len(b);
-        const bytes = view.subarray(k * this.bs, k * this.bs + len);
-        const again = this.everSent.has(b);
-        if (again) {
-          this.counters.resent++;
-          this.counters.resentBytes += len;
-          if (this.heat && this.heat(b) >= 2) this.counters.hotResent++;
-        }
-        this.everSent.add(b, 1);
-        this.counters.sent++;
-        this.touched.add(b, 1);
-        if (!force && this.tryDelta(b, fp, bytes)) {
-          closeData(b);
-          this.view.set(b, fp, sig);
-          this.cache!.put(b, fp, sig, bytes);
-          continue;
-        }
-        if (dataStart < 0) dataStart = b;
-        this.frameFps.push(fp);
-        this.view.set(b, fp, sig);
-        this.cache?.put(b, fp, sig, bytes);
-      }
-      closeData(iv.start + iv.count);
-      // A frame is full, or it holds the image's last block (a short block must end its frame).
-      const atEnd = (iv.start + iv.count) * this.bs >= this.src.size;
-      if (atEnd || this.frameBytes >= DATA_BATCH || this.deltaBytes >= DATA_BATCH || this.deltas.length >= 16384 || this.copies.length >= 16384 || this.zeros.runs >= 16384) await this.flush();
+      const hold = force ? undefined : this.hold;
+      if (hold) {
+        hold.tick();
+        for (const part of hold.pass(iv)) await this.sendBatch(part, force);
+      } else await this.sendBatch(iv, force);
       this.onBatch?.(iv);
     }
     await this.flush();
+  }
+
+  /** Reads one batch (at most DATA_BATCH of blocks) and queues its frames. */
+  private async sendBatch(iv: Interval, force: boolean): Promise<void> {
+    const len = intervalBytes(this.src.size, this.bs, iv.start, iv.count);
+    const view = this.engine.view(this.window, 0, len);
+    this.beforeRead?.(iv);
+    this.src.readInto(view, iv.start * this.bs, len);
+    this.engine.zeroFlagsAt(this.window.ptr, len, this.bs, this.flags.ptr);
+    this.engine.fingerprintBlocksAt(this.window.ptr, len, this.bs, this.fps.ptr, this.sigs.ptr);
+    const flags = this.engine.view(this.flags, 0, iv.count);
+    const fps = new BigUint64Array(this.engine.memory.buffer, this.fps.ptr, iv.count);
+    const sigs = new BigUint64Array(this.engine.memory.buffer, this.sigs.ptr, iv.count);
+    let dataStart = -1;
+    const closeData = (end: number) => {
+      if (dataStart < 0) return;
+      const off = (dataStart - iv.start) * this.bs;
+      const bytes = intervalBytes(this.src.size, this.bs, dataStart, end - dataStart);
+      this.runs.push({ start: dataStart, count: end - dataStart });
+      this.frameData.set(view.subarray(off, off + bytes), this.frameBytes); // the window is reused
+      this.frameBytes += bytes;
+      dataStart = -1;
+    };
+    for (let k = 0; k < iv.count; k++) {
+      const b = iv.start + k;
+      if (flags[k]) {
+        closeData(b);
+        if (force || this.view.content(b) !== null) {
+          this.zeros.add(b, 1);
+          this.view.setZero(b, 1);
+          this.touched.add(b, 1);
+        }
+        continue;
+      }
+      const fp = fps[k]!, sig = sigs[k]!;
+      if (!force && this.view.holds(b, fp, sig)) { closeData(b); continue; }
+      const hb = this.view.copySource(b, fp, sig, (x) => this.len(x) === this.len(b));
+      if (hb >= 0) {
+        closeData(b);
+        this.copies.push({ dst: b, src: hb, fingerprint: fp });
+        this.view.set(b, fp, sig, false);
+        this.touched.add(b, 1);
+        this.counters.copied++;
+        continue;
+      }
+      const len = this.len(b);
+      const bytes = view.subarray(k * this.bs, k * this.bs + len);
+      const again = this.everSent.has(b);
+      if (again) {
+        this.counters.resent++;
+        this.counters.resentBytes += len;
+        if (this.heat && this.heat(b) >= 2) this.counters.hotResent++;
+      }
+      this.everSent.add(b, 1);
+      this.counters.sent++;
+      this.touched.add(b, 1);
+      if (!force && this.tryDelta(b, fp, bytes)) {
+        closeData(b);
+        this.view.set(b, fp, sig);
+        this.cache!.put(b, fp, sig, bytes);
+        continue;
+      }
+      if (dataStart < 0) dataStart = b;
+      this.frameFps.push(fp);
+      this.view.set(b, fp, sig);
+      this.cache?.put(b, fp, sig, bytes);
+    }
+    closeData(iv.start + iv.count);
+    // A frame is full, or it holds the image's last block (a short block must end its frame).
+    const atEnd = (iv.start + iv.count) * this.bs >= this.src.size;
+    if (atEnd || this.frameBytes >= DATA_BATCH || this.deltaBytes >= DATA_BATCH || this.deltas.length >= 16384 || this.copies.length >= 16384 || this.zeros.runs >= 16384) await this.flush();
   }
 
   /** Told after each batch of blocks send() has read and queued (for progress inside a long run). */
