@@ -166,7 +166,10 @@ export async function benchLive(): Promise<LiveRow[] | undefined> {
           to: `127.0.0.1:${svc.address.port}`, name: workload.replace(/\W+/g, '-'), auth: { insecure: true }, strategy: 'full', overwrite: true,
           ...(qsd ? { qmp: { socket: qsd.qmp, node: 'disk0' } } : { rescan: true }),
           bwlimit: LINK, memoryBudget: 512 * MiB,
-          pause: () => { during = (written(writerPid) - d0) / ((performance.now() - td) / 1000); w.kill('SIGSTOP'); },
+          // Through QEMU the pause kills fio: stopped (SIGSTOP) halfway through
+          // sending a write, it would hold that request open in QEMU's NBD
+          // server, and the cutover's QMP transaction would drain it forever.
+          pause: () => { during = (written(writerPid) - d0) / ((performance.now() - td) / 1000); w.kill(qsd ? 'SIGKILL' : 'SIGSTOP'); },
           onEvent: (e) => { if (e.phase === 'stall') stallRound = (e.detail as { round: number }).round; },
           ...o,
         });

@@ -168,8 +168,12 @@ describe('a writer QEMU tracks: fio through qemu-storage-daemon, rounds from its
     const r = await migrate(uri, {
       to: `127.0.0.1:${svc.address.port}`, name: 'qsd', auth, strategy: 'full', overwrite: true, qmp: { socket: qmp, node: 'disk0' },
       bwlimit: 8e6, maxDowntime: 2000, onStall: 'force', peekInterval: 100,
-      // A VM's pause: fio stops; what it sent before is drained by the cutover's QMP transaction.
-      pause: () => { w.kill('SIGSTOP'); },
+      // The pause ends fio. SIGSTOP would not do: stopped halfway through
+      // sending a write, fio would keep that request in QEMU's NBD server
+      // open, and the drain of the cutover's QMP transaction would wait for
+      // it forever. Killed, its half-sent request fails; what it sent whole
+      // is drained into the bitmap by that transaction.
+      pause: () => { w.kill('SIGKILL'); },
     });
     w.kill('SIGKILL');
     assert.ok(r.live.held && r.live.held.peeks > 0, 'peeks were made');

@@ -54,14 +54,11 @@ export class DirtyHold {
     ).finally(() => { this.inFlight = undefined; });
   }
 
-  /** The parts of [start, start + count) not held; counts the blocks held back. */
-  *pass(iv: Interval): Generator<Interval> {
-    let sent = 0;
-    for (const g of this.held.gaps(iv.start, iv.count)) {
-      sent += g.count;
-      yield g;
-    }
-    this.report.blocks += iv.count - sent;
+  /** The parts of [start, start + count) not held (taken now: a peek may answer while they go); counts the blocks held back. */
+  pass(iv: Interval): Interval[] {
+    const parts = [...this.held.gaps(iv.start, iv.count)];
+    this.report.blocks += iv.count - parts.reduce((a, g) => a + g.count, 0);
+    return parts;
   }
 
   /**

@@ -20,6 +20,24 @@ import type { MigrationContext, StrategyOutcome } from './strategy.js';
 
 const blocksIn = (list: Interval[]) => list.reduce((a, iv) => a + iv.count, 0);
 
+/** Blocks per piece of the cutover's round, each checked as soon as it is sent: 256 (1 MiB of 4 KiB blocks). */
+const CUTOVER_PIECE = 256;
+
+/** The intervals in order, cut into lists of at most `max` blocks. */
+function* pieces(list: Interval[], max: number): Generator<Interval[]> {
+  let cur: Interval[] = [], n = 0;
+  for (const iv of list) {
+    for (let at = iv.start; at < iv.start + iv.count; ) {
+      const k = Math.min(max - n, iv.start + iv.count - at);
+      cur.push({ start: at, count: k });
+      n += k;
+      at += k;
+      if (n === max) { yield cur; cur = []; n = 0; }
+    }
+  }
+  if (n) yield cur;
+}
+
 export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   const { ch, map, blockSize: bs, live } = ctx;
   const { phases, lap } = phaseClock();
@@ -101,7 +119,15 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   let rounds = 0;
   let pending: Interval[] = isLive ? await take() : [];
   let reason: CutoverReason = isLive ? 'budget' : 'quiet';
-  const predictNow = () => model.predict(blocksIn(pending) * bs, (blocksIn(pending) + recheck.size) * bs);
+  // The cutover checks what it sends and what still differs, each block once.
+  // The cutover checks what it sends as it goes (all but the last piece
+  // overlap the link), then what still differs.
+  const predictNow = () => {
+    const p = IntervalSet.of(pending);
+    let toCheck = Math.min(p.size, CUTOVER_PIECE);
+    for (const iv of recheck) for (const g of p.gaps(iv.start, iv.count)) toCheck += g.count;
+    return model.predict(p.size * bs, toCheck * bs);
+  };
   let predicted = predictNow();
   const throttleNow = async () => {
     throttleStep++;
@@ -164,18 +190,28 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
       await sync();
       // Blocks held back did not go: the drain rate counts what did.
       model.addRound((n - ((hold?.report.blocks ?? 0) - heldBefore)) * bs, (now() - tRound) / 1000);
-      // What the round changed is checked now, while live: the cutover then
-      // checks only what its own round touches (and what still differs).
-      const toCheck = sender.takeTouched();
-      for (const iv of recheck) toCheck.add(iv.start, iv.count);
+      // The next round's dirty set, then what the round changed is checked
+      // while live (the cutover then checks only what its own round touches,
+      // and what still differs). Blocks dirty again are not checked now: the
+      // next round sends them and checks them then; they stay in `recheck`
+      // in case it finds them unchanged.
+      pending = await take();
+      const dirtyAgain = IntervalSet.of(pending);
+      const touched = sender.takeTouched();
+      for (const iv of recheck) touched.add(iv.start, iv.count);
+      const toCheck = new IntervalSet(), later = new IntervalSet();
+      for (const iv of touched) {
+        for (const g of dirtyAgain.gaps(iv.start, iv.count)) toCheck.add(g.start, g.count);
+        for (const d of dirtyAgain.within(iv.start, iv.count)) later.add(d.start, d.count);
+      }
       const tCheck = now();
       recheck = IntervalSet.of(await check.once(toCheck));
+      for (const iv of later) recheck.add(iv.start, iv.count);
       model.addVerify(toCheck.size * bs, (now() - tCheck) / 1000);
       const tSync = now();
       await sync();
       model.addRtt((now() - tSync) / 1000);
       ctx.progress({ phase: 'rounds', round: rounds, done: n * bs, total: n * bs, predictedDowntime: predicted, ...rates() });
-      pending = await take();
     }
     lap('rounds');
 
@@ -211,14 +247,30 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
     let tTaken = tTake;
     const lastTake = dirty.take().then((l) => { tTaken = now(); return l; });
     lastTake.catch(() => {}); // awaited below
-    await sender.send(arrange(pending));
+    // Each piece of the last round is checked right after it goes out (a
+    // stream, as in the first pass): hashing overlaps the link, and only what
+    // differed, and what the rounds left to check, is checked after.
+    const stream = check.stream();
+    const streamed = new IntervalSet();
+    const sendChecked = async (list: Interval[]) => {
+      for (const piece of pieces(list, CUTOVER_PIECE)) {
+        await sender.send(piece);
+        const touched = sender.takeTouched();
+        for (const iv of touched) streamed.add(iv.start, iv.count);
+        await stream.add(touched);
+      }
+    };
+    await sendChecked(arrange(pending));
     const extra = await lastTake;
-    await sender.send(arrange(extra));
+    await sendChecked(arrange(extra));
     const last = IntervalSet.of(pending);
     for (const iv of extra) last.add(iv.start, iv.count);
     const tSent = now();
-    for (const iv of sender.takeTouched()) recheck.add(iv.start, iv.count);
-    await check.repairing(recheck, sync);
+    const bad = await stream.finish();
+    const toRepair = new IntervalSet();
+    for (const iv of recheck) for (const g of streamed.gaps(iv.start, iv.count)) toRepair.add(g.start, g.count);
+    for (const x of bad) toRepair.add(x.start, x.count);
+    await check.repairing(toRepair, sync);
     const tChecked = now();
     const destination = await ch.request(COMMIT, undefined, DONE);
     const tResume = now();
