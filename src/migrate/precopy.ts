@@ -119,7 +119,6 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   let rounds = 0;
   let pending: Interval[] = isLive ? await take() : [];
   let reason: CutoverReason = isLive ? 'budget' : 'quiet';
-  // The cutover checks what it sends and what still differs, each block once.
   // The cutover checks what it sends as it goes, then what still differs,
   // each block once. The check is counted whole: hashing on both sides
   // shares the CPU with the send, and overlaps it less than the link alone
