@@ -28,6 +28,7 @@ export function describeMigration(r: MigrationResult): string {
     ...(r.live.stall ? [{ stall: `after round ${r.live.stall.round} (${r.live.stall.cause}): predicted ${ms(r.live.stall.predictedSeconds)}; --on-stall ${r.live.stall.action}` }] : []),
     ...(r.live.throttle ? [{ throttle: `${r.live.throttle.calls} request${r.live.throttle.calls === 1 ? '' : 's'}, last ${mbs(r.live.throttle.wantedRate)}; writer ${mbs(r.live.throttle.dirtyRateBefore)} before, ${mbs(r.live.throttle.dirtyRateAfter)} after (${(r.live.throttle.slowedBy * 100).toFixed(0)} % slower)` }] : []),
     ...(r.postcopy ? [{ 'post-copy': `${r.postcopy.missingAtSwitch} blocks missing at the switch; ${r.postcopy.pulls} demand pulls (${r.postcopy.pulledBlocks} blocks) ahead of the push; ${r.postcopy.owned} blocks written first at the destination (theirs: never pushed)` }] : []),
+    ...(r.live.held ? [{ 'held back': `${r.live.held.blocks} blocks found dirty since their round began waited for the next (${r.live.held.peeks} peeks at the dirty set)` }] : []),
     ...(r.delta.blocks ? [{ delta: `${r.delta.blocks} re-sent blocks as deltas: ${human(r.delta.rawBytes)} as ${human(r.delta.wireBytes)} (${human(r.delta.savedBytes)} saved)` }] : []),
     { phases: Object.entries(r.phases).map(([k, v]) => `${k} ${v.toFixed(2)} s`).join(', ') },
     { 'sent on the wire': `${human(sentTotal)}: data ${human(r.wire.sent.data)}, fingerprints ${human(r.wire.sent.fingerprints)}, verification ${human(r.wire.sent.verify)}, control ${human(r.wire.sent.control)}` },

@@ -630,6 +630,7 @@ export function buildProgram(): Command {
     .option('--throttle-cmd <cmd>', 'run on a stall with --on-stall throttle: BLOCKFERRY_THROTTLE_RATE (bytes/s wanted, "max" at the end), BLOCKFERRY_DIRTY_RATE, BLOCKFERRY_DRAIN_RATE, BLOCKFERRY_THROTTLE_STEP')
     .addOption(new Option('--order <order>', 'order of blocks in a round: by write count, cold first (hot-last), hottest first in the first pass when write counts are known (hot-first; rounds as hot-last), or by address').choices(['hot-last', 'hot-first', 'address']).default('hot-last'))
     .option('--no-delta', 'send re-sent blocks whole, not as deltas against the version sent before')
+    .option('--no-hold-dirty', 'with --qmp or a tracked image: send blocks the writer dirtied since their round began anyway (by default they wait for the next round, found by a peek every 250 ms)')
     .option('--max-rounds <n>', 'a limit: cut over after this many rounds whatever the prediction (default: none)', intArg('--max-rounds', 0, 100000))
     .option('--dirty-threshold <n>', 'a limit: cut over once a round finds this many dirty blocks or fewer, whatever the prediction', intArg('--dirty-threshold', 0, 2 ** 31), 0)
     .addOption(formatOption())
@@ -640,7 +641,7 @@ export function buildProgram(): Command {
     .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a terminal, JSON lines, or nothing').choices(['auto', 'json', 'none']).default('auto'))
     .option('--report <file>', 'write a page with the migration\'s timeline (also when it fails)')
     .option('--json', 'print the result as JSON'), true)
-    .action(async (images: string[], o: { via: string[]; index?: string; report?: string; backup: string[]; backupParallel: number; flatten?: boolean; cacheDir?: string; cert?: string; key?: string; ca?: string; servername?: string; compress: string; memory: string; to: string; name?: string; strategy: StrategyName; hotThreshold: number; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; qmp?: string; qmpNode?: string; maxRounds?: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean; progress: ProgressMode; maxDowntime: string; onStall: 'wait' | 'force' | 'throttle' | 'postcopy'; stallTimeout: string; throttleCmd?: string; order: 'hot-last' | 'hot-first' | 'address'; delta: boolean; format: ImageFormat }) => {
+    .action(async (images: string[], o: { via: string[]; index?: string; report?: string; backup: string[]; backupParallel: number; flatten?: boolean; cacheDir?: string; cert?: string; key?: string; ca?: string; servername?: string; compress: string; memory: string; to: string; name?: string; strategy: StrategyName; hotThreshold: number; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; qmp?: string; qmpNode?: string; maxRounds?: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean; progress: ProgressMode; maxDowntime: string; onStall: 'wait' | 'force' | 'throttle' | 'postcopy'; stallTimeout: string; throttleCmd?: string; order: 'hot-last' | 'hot-first' | 'address'; delta: boolean; holdDirty: boolean; format: ImageFormat }) => {
       if (o.strategy === ('scatter-gather' as StrategyName)) {
         if (o.qmp || o.rescan || o.name) throw new UsageError('--strategy scatter-gather evicts images at rest: no --qmp, --rescan or --name (each image keeps its file name)');
         const r = await scatterGather(images, {
@@ -702,7 +703,7 @@ export function buildProgram(): Command {
         to: o.to, strategy: o.strategy, ...securityOptions(o), overwrite: !!o.overwrite, rescan: !!o.rescan,
         ...(o.maxRounds !== undefined ? { maxRounds: o.maxRounds } : {}), dirtyThreshold: o.dirtyThreshold, hotThreshold: o.hotThreshold,
         maxDowntime: parseDuration('--max-downtime', o.maxDowntime), onStall: o.onStall, stallTimeout: parseDuration('--stall-timeout', o.stallTimeout),
-        order: o.order, delta: o.delta, onEvent,
+        order: o.order, delta: o.delta, holdDirty: o.holdDirty, onEvent,
         ...(throttleCmd ? {
           throttle: (t: ThrottleInfo) => runCmd('--throttle-cmd', throttleCmd, {
             BLOCKFERRY_THROTTLE_RATE: t.release ? 'max' : String(Math.round(t.wantedRate)),

@@ -256,6 +256,7 @@ function checkLive(o: LiveOptions, postcopy: boolean): void {
   nonNegative('stallTimeout', o.stallTimeout, 'milliseconds, a finite number ≥ 0');
   nonNegative('maxRounds', o.maxRounds, 'a number of rounds ≥ 0');
   nonNegative('dirtyThreshold', o.dirtyThreshold, 'a number of blocks ≥ 0');
+  nonNegative('peekInterval', o.peekInterval, 'milliseconds, a finite number ≥ 0');
   if (o.onStall !== undefined && !STALL_POLICIES.includes(o.onStall)) throw new InvalidArgumentError('onStall', STALL_POLICIES.join(', '), o.onStall);
   // The hook for post-copy: the policy exists, the strategy that can switch to it does not yet.
   if (o.onStall === 'postcopy' && !postcopy) throw new InvalidArgumentError('onStall', 'wait, force or throttle (postcopy needs a strategy that can switch to post-copy, --strategy hybrid)', o.onStall);

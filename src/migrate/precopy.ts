@@ -15,9 +15,28 @@ import {
   type CutoverReason, type StallReport, type ThrottleReport,
 } from './live.js';
 import { dirtySourceFor } from './rounds.js';
+import { DirtyHold, PEEK_MS } from './hold.js';
 import type { MigrationContext, StrategyOutcome } from './strategy.js';
 
 const blocksIn = (list: Interval[]) => list.reduce((a, iv) => a + iv.count, 0);
+
+/** Blocks per piece of the cutover's round, each checked as soon as it is sent: 256 (1 MiB of 4 KiB blocks). */
+const CUTOVER_PIECE = 256;
+
+/** The intervals in order, cut into lists of at most `max` blocks. */
+function* pieces(list: Interval[], max: number): Generator<Interval[]> {
+  let cur: Interval[] = [], n = 0;
+  for (const iv of list) {
+    for (let at = iv.start; at < iv.start + iv.count; ) {
+      const k = Math.min(max - n, iv.start + iv.count - at);
+      cur.push({ start: at, count: k });
+      n += k;
+      at += k;
+      if (n === max) { yield cur; cur = []; n = 0; }
+    }
+  }
+  if (n) yield cur;
+}
 
 export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   const { ch, map, blockSize: bs, live } = ctx;
@@ -36,6 +55,10 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   const tPass = now();
   model.startAt(tPass);
   const total = map.dataBlocks * bs;
+  const dirty = dirtySourceFor({ dirty: ctx.dirty, tracked: live.tracked, rescan: live.rescan, scanner: ctx.scanner, path: ctx.path, blockSize: ctx.blockSize, format: ctx.format }, view);
+  // Where takes are cheap, blocks dirtied since their round (or the pass) began wait for the next round (hold.ts).
+  const hold = isLive && dirty.cheap && live.holdDirty !== false ? new DirtyHold(dirty, live.peekInterval ?? PEEK_MS) : undefined;
+  sender.hold = hold;
   // hot-first (paper 000's snapshot scheduling): with write counts known, the pass sends the hottest blocks first.
   const stream = await firstPass(ctx, parts, undefined, sendOrder === 'hot-first' && order.known ? (list) => order.arrange(list, true) : undefined);
   // The first pass is a drain sample when it moved enough to measure.
@@ -61,7 +84,6 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   lap('transfer');
 
   // Pre-copy rounds while the image is live, until a cutover now fits the budget.
-  const dirty = dirtySourceFor({ dirty: ctx.dirty, tracked: live.tracked, rescan: live.rescan, scanner: ctx.scanner, path: ctx.path, blockSize: ctx.blockSize, format: ctx.format }, view);
   // Rounds re-send what was written meanwhile: cold first (hot-first too: its point is the first pass), so hot blocks are less likely dirtied again.
   const arrange = (list: Interval[]) => (sendOrder === 'address' ? list : order.arrange(list));
   const maxRounds = live.maxRounds ?? Infinity;
@@ -74,9 +96,16 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   let throttle: ThrottleReport | undefined;
   let throttleStep = 0, roundsSinceThrottle = 0, afterThrottleAt = 0, afterThrottleBytes = 0, lastTakeAt = 0;
   const take = async (): Promise<Interval[]> => {
+    // What the round's peeks found (and the source forgot) goes into the next round with what the take finds.
+    const held = hold ? await hold.settle() : [];
     const t0 = now();
-    const list = await dirty.take();
+    let list = await dirty.take();
     const t1 = now();
+    if (held.length) {
+      const all = IntervalSet.of(held);
+      for (const iv of list) all.add(iv.start, iv.count);
+      list = [...all];
+    }
     const bytes = blocksIn(list) * bs;
     model.addTake(bytes, (t1 - t0) / 1000, t1);
     if (throttle) {
@@ -92,7 +121,16 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
   let rounds = 0;
   let pending: Interval[] = isLive ? await take() : [];
   let reason: CutoverReason = isLive ? 'budget' : 'quiet';
-  const predictNow = () => model.predict(blocksIn(pending) * bs, (blocksIn(pending) + recheck.size) * bs);
+  // The cutover checks what it sends as it goes, then what still differs,
+  // each block once. The check is counted whole: hashing on both sides
+  // shares the CPU with the send, and overlaps it less than the link alone
+  // would allow (measured: a prediction of the tail alone fell 25-40 % short).
+  const predictNow = () => {
+    const p = IntervalSet.of(pending);
+    let toCheck = p.size;
+    for (const iv of recheck) for (const g of p.gaps(iv.start, iv.count)) toCheck += g.count;
+    return model.predict(p.size * bs, toCheck * bs);
+  };
   let predicted = predictNow();
   const throttleNow = async () => {
     throttleStep++;
@@ -125,6 +163,7 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
           // The destination takes over now; what is dirty goes after the switch, hottest first.
           if (!(ctx.capabilities & CAP_POSTCOPY)) throw new BlockferryError(ErrorCode.REFUSED, 'the rounds stalled and --on-stall postcopy was asked, but the destination does not offer post-copy');
           lap('rounds');
+          sender.hold = undefined;
           const verify = IntervalSet.of(recheck);
           for (const iv of sender.takeTouched()) verify.add(iv.start, iv.count);
           return await switchOver(ctx, parts, {
@@ -149,21 +188,33 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
       ctx.event('round', { round: rounds, dirty: n, predictedDowntime: predicted, ...rates() });
       await ch.send(ROUND, { round: rounds });
       const tRound = now();
+      const heldBefore = hold?.report.blocks ?? 0;
       await sender.send(arrange(pending));
       await sync();
-      model.addRound(n * bs, (now() - tRound) / 1000);
-      // What the round changed is checked now, while live: the cutover then
-      // checks only what its own round touches (and what still differs).
-      const toCheck = sender.takeTouched();
-      for (const iv of recheck) toCheck.add(iv.start, iv.count);
+      // Blocks held back did not go: the drain rate counts what did.
+      model.addRound((n - ((hold?.report.blocks ?? 0) - heldBefore)) * bs, (now() - tRound) / 1000);
+      // The next round's dirty set, then what the round changed is checked
+      // while live (the cutover then checks only what its own round touches,
+      // and what still differs). Blocks dirty again are not checked now: the
+      // next round sends them and checks them then; they stay in `recheck`
+      // in case it finds them unchanged.
+      pending = await take();
+      const dirtyAgain = IntervalSet.of(pending);
+      const touched = sender.takeTouched();
+      for (const iv of recheck) touched.add(iv.start, iv.count);
+      const toCheck = new IntervalSet(), later = new IntervalSet();
+      for (const iv of touched) {
+        for (const g of dirtyAgain.gaps(iv.start, iv.count)) toCheck.add(g.start, g.count);
+        for (const d of dirtyAgain.within(iv.start, iv.count)) later.add(d.start, d.count);
+      }
       const tCheck = now();
       recheck = IntervalSet.of(await check.once(toCheck));
+      for (const iv of later) recheck.add(iv.start, iv.count);
       model.addVerify(toCheck.size * bs, (now() - tCheck) / 1000);
       const tSync = now();
       await sync();
       model.addRtt((now() - tSync) / 1000);
       ctx.progress({ phase: 'rounds', round: rounds, done: n * bs, total: n * bs, predictedDowntime: predicted, ...rates() });
-      pending = await take();
     }
     lap('rounds');
 
@@ -174,7 +225,13 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
     if (changed.runs) for (const x of await check.once(changed)) recheck.add(x.start, x.count);
     lap('verify');
 
-    // Cutover: pause, last round, check what it touched, commit, resume.
+    // Cutover: pause, last round, check what it touched, commit, resume. Nothing is held back from it.
+    sender.hold = undefined;
+    if (hold) {
+      const held = IntervalSet.of(pending);
+      for (const iv of await hold.settle()) held.add(iv.start, iv.count);
+      pending = [...held];
+    }
     predicted = predictNow();
     ctx.event('cutover', { dirty: blocksIn(pending), reason, predictedDowntime: predicted, ...rates() });
     ctx.progress({ phase: 'cutover', round: rounds + 1, done: 0, total: blocksIn(pending) * bs, predictedDowntime: predicted, ...rates() });
@@ -193,14 +250,30 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
     let tTaken = tTake;
     const lastTake = dirty.take().then((l) => { tTaken = now(); return l; });
     lastTake.catch(() => {}); // awaited below
-    await sender.send(arrange(pending));
+    // Each piece of the last round is checked right after it goes out (a
+    // stream, as in the first pass): hashing overlaps the link, and only what
+    // differed, and what the rounds left to check, is checked after.
+    const stream = check.stream();
+    const streamed = new IntervalSet();
+    const sendChecked = async (list: Interval[]) => {
+      for (const piece of pieces(list, CUTOVER_PIECE)) {
+        await sender.send(piece);
+        const touched = sender.takeTouched();
+        for (const iv of touched) streamed.add(iv.start, iv.count);
+        await stream.add(touched);
+      }
+    };
+    await sendChecked(arrange(pending));
     const extra = await lastTake;
-    await sender.send(arrange(extra));
+    await sendChecked(arrange(extra));
     const last = IntervalSet.of(pending);
     for (const iv of extra) last.add(iv.start, iv.count);
     const tSent = now();
-    for (const iv of sender.takeTouched()) recheck.add(iv.start, iv.count);
-    await check.repairing(recheck, sync);
+    const bad = await stream.finish();
+    const toRepair = new IntervalSet();
+    for (const iv of recheck) for (const g of streamed.gaps(iv.start, iv.count)) toRepair.add(g.start, g.count);
+    for (const x of bad) toRepair.add(x.start, x.count);
+    await check.repairing(toRepair, sync);
     const tChecked = now();
     const destination = await ch.request(COMMIT, undefined, DONE);
     const tResume = now();
@@ -236,6 +309,7 @@ export async function precopy(ctx: MigrationContext): Promise<StrategyOutcome> {
         hotBlocksResent: c.hotResent,
         ...(stall ? { stall } : {}),
         ...(throttle ? { throttle } : {}),
+        ...(hold ? { held: hold.report } : {}),
       },
       delta: { enabled: deltaOn, blocks: c.deltaBlocks, rawBytes: c.deltaRawBytes, wireBytes: c.deltaWireBytes, savedBytes: c.deltaRawBytes - c.deltaWireBytes },
     };

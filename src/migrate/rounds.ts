@@ -22,13 +22,15 @@ export interface DirtySource {
   close?(): Promise<void>;
   /** Per block, how many rounds found it dirty, when the source counts (strategies may order by heat). */
   readonly writeCounts?: ReadonlyMap<number, number>;
+  /** A take costs milliseconds, not a pass over the image: rounds may peek while they send (hold.ts). */
+  readonly cheap?: boolean;
 }
 
 /** Nothing writes the image: no rounds. */
 export const quiet: DirtySource = { take: async () => [] };
 
 export function trackedDirty(t: TrackedImage): DirtySource {
-  return { take: async () => t.takeDirty() };
+  return { take: async () => t.takeDirty(), cheap: true };
 }
 
 /**
@@ -101,6 +103,7 @@ const EXPORT_DEL_PAUSE_MS = 20;
 export class QmpDirty implements DirtySource {
   /** Rounds in which each block was dirty (only blocks ever dirty have an entry), for strategies that order by heat. */
   readonly writeCounts = new Map<number, number>();
+  readonly cheap = true;
   private round = 0;
   /** Bitmap names: a prefix of its own per migration, so a bitmap left by a crashed run is never taken for this one's. */
   private readonly prefix = `bf-${randomBytes(3).toString('hex')}-`;

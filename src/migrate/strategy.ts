@@ -11,6 +11,7 @@ import type { TrackedImage } from '../image/tracked.js';
 import type { BeginOk, Done } from '../protocol/messages.js';
 import type { DirtySource } from './rounds.js';
 import type { CutoverReason, SendOrder, StallPolicy, StallReport, ThrottleInfo, ThrottleReport } from './live.js';
+import type { HoldReport } from './hold.js';
 
 export interface MigrationEvent {
   phase: string;
@@ -71,6 +72,14 @@ export interface LiveOptions {
   writeCounts?: ReadonlyMap<number, number>;
   /** Re-sent blocks as deltas against the version last sent, where the destination offers it and it pays (default true). */
   delta?: boolean;
+  /**
+   * Where takes are cheap (QEMU's bitmaps, a tracked image): peek at the
+   * dirty set while a round goes out and skip, until the next round, blocks
+   * dirtied since the round began (hold.ts). Default true; no effect with rescans.
+   */
+  holdDirty?: boolean;
+  /** Milliseconds between peeks of holdDirty (default 250; 0: before every batch of 1 MiB). */
+  peekInterval?: number;
   /** Cutover: called to pause the writer (a VM's suspend). */
   pause?: () => unknown;
   /** Called once the destination holds the verified image (a VM's resume there). */
@@ -152,6 +161,8 @@ export interface LiveReport {
   hotBlocksResent: number;
   stall?: StallReport;
   throttle?: ThrottleReport;
+  /** Blocks held back from their round because a peek found them dirty, and the peeks (holdDirty). */
+  held?: HoldReport;
 }
 
 export interface DeltaReport {
