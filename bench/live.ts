@@ -18,6 +18,7 @@ import { join } from 'node:path';
 import Table from 'cli-table3';
 import { DestinationService } from '../src/roles/destination/service.js';
 import { migrate, type MigrateOptions, type MigrationResult } from '../src/migrate/migrate.js';
+import { fioThroughNbd, startStorageDaemon, type StorageDaemon } from '../test/qsd.js';
 
 const MiB = 1 << 20;
 const BS = 4096;
@@ -54,29 +55,6 @@ export interface LiveRow {
 function written(pid: number): number {
   const m = /wchar:\s*(\d+)/.exec(readFileSync(`/proc/${pid}/io`, 'utf8'));
   return m ? Number(m[1]) : 0;
-}
-
-/** fio writing through QEMU's NBD export (libnbd): QEMU's dirty bitmaps see every write. */
-function fioNbd(uri: string, rate: string): ChildProcess {
-  return spawn('fio', [
-    '--name=w', '--ioengine=nbd', `--uri=${uri}`, '--rw=randwrite', '--bs=4k', `--rate=${rate}`, '--offset=0', `--size=${HOT_BYTES}`,
-    '--time_based', '--runtime=600', '--refill_buffers', '--thread', '--output=/dev/null',
-  ], { stdio: 'ignore' });
-}
-
-/** qemu-storage-daemon serving the file as node disk0 on an NBD socket, with a QMP monitor; its pid (its writes are fio's). */
-function storageDaemon(dir: string, image: string, tag: string): { uri: string; qmp: string; pid: number } {
-  const nbd = join(dir, `${tag}-nbd.sock`), qmp = join(dir, `${tag}-qmp.sock`), pidFile = join(dir, `${tag}.pid`);
-  const r = spawnSync('qemu-storage-daemon', [
-    '--daemonize', '--pidfile', pidFile,
-    '--blockdev', `driver=file,node-name=disk0,filename=${image}`,
-    '--nbd-server', `addr.type=unix,addr.path=${nbd}`,
-    '--export', 'type=nbd,id=exp0,node-name=disk0,name=disk,writable=on',
-    '--chardev', `socket,id=qmp0,path=${qmp},server=on,wait=off`,
-    '--monitor', 'chardev=qmp0',
-  ], { encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`qemu-storage-daemon: ${r.stderr}`);
-  return { uri: `nbd+unix:///disk?socket=${nbd}`, qmp, pid: Number(readFileSync(pidFile, 'utf8').trim()) };
 }
 
 function fio(path: string, rate: string): ChildProcess {
@@ -144,12 +122,12 @@ export async function benchLive(): Promise<LiveRow[] | undefined> {
     const run = async (workload: string, start: ((p: string) => ChildProcess) | { qmpRate: string }, o: Partial<MigrateOptions>) => {
       const path = join(dir, `${workload.replace(/\W+/g, '-')}.img`);
       writeFileSync(path, readFileSync(base));
-      let qsd: { uri: string; qmp: string; pid: number } | undefined;
+      let qsd: StorageDaemon | undefined;
       let w: ChildProcess;
       if (typeof start === 'function') w = start(path);
       else {
-        qsd = storageDaemon(dir, path, `q${runs++}`);
-        w = fioNbd(qsd.uri, start.qmpRate);
+        qsd = startStorageDaemon(dir, path, `q${runs++}`);
+        w = fioThroughNbd(qsd.uri, 0, HOT_BYTES, start.qmpRate);
       }
       const writerPid = qsd?.pid ?? w.pid!;
       // The writer alone for two seconds: its own throughput.

@@ -7,7 +7,7 @@
 // proves it against QEMU. No assertion depends on speed.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -16,6 +16,7 @@ import { migrate, type MigrateOptions, type MigrationResult } from '../src/migra
 import { TrackedImage } from '../src/image/tracked.js';
 import { ErrorCode } from '../src/errors.js';
 import { seededBytes } from './util.js';
+import { fioThroughNbd, startStorageDaemon } from './qsd.js';
 
 const BS = 4096;
 const MiB = 1 << 20;
@@ -132,28 +133,9 @@ describe('holding back blocks dirtied since their round began', () => {
   });
 });
 
-/** qemu-storage-daemon serving `image` (raw file node disk0) on an NBD socket, with a QMP monitor. */
-function storageDaemon(image: string, tag: string): { uri: string; qmp: string; pid: number } {
-  const nbd = join(dir, `${tag}-nbd.sock`), qmp = join(dir, `${tag}-qmp.sock`), pidFile = join(dir, `${tag}.pid`);
-  const r = spawnSync('qemu-storage-daemon', [
-    '--daemonize', '--pidfile', pidFile,
-    '--blockdev', `driver=file,node-name=disk0,filename=${image}`,
-    '--nbd-server', `addr.type=unix,addr.path=${nbd}`,
-    '--export', 'type=nbd,id=exp0,node-name=disk0,name=disk,writable=on',
-    '--chardev', `socket,id=qmp0,path=${qmp},server=on,wait=off`,
-    '--monitor', 'chardev=qmp0',
-  ], { encoding: 'utf8' });
-  assert.equal(r.status, 0, r.stderr);
-  daemons.push(pidFile);
-  return { uri: `nbd+unix:///disk?socket=${nbd}`, qmp, pid: Number(readFileSync(pidFile, 'utf8').trim()) };
-}
-
-/** fio writing random 4 KiB blocks through the NBD export (libnbd), so QEMU's bitmaps see every write. */
-export function fioNbd(uri: string, offset: number, size: number, rate: string): ChildProcess {
-  const c = spawn('fio', [
-    '--name=w', '--ioengine=nbd', `--uri=${uri}`, '--rw=randwrite', '--bs=4k', `--rate=${rate}`, `--offset=${offset}`, `--size=${size}`,
-    '--time_based', '--runtime=300', '--refill_buffers', '--thread', '--output=/dev/null',
-  ], { stdio: 'ignore' });
+/** fio through the NBD export (qsd.ts), stopped with the other children at the end. */
+function fioNbd(uri: string, offset: number, size: number, rate: string): ChildProcess {
+  const c = fioThroughNbd(uri, offset, size, rate, 300);
   children.push(c);
   return c;
 }
@@ -162,7 +144,8 @@ describe('a writer QEMU tracks: fio through qemu-storage-daemon, rounds from its
   it('holds back what fio dirtied and the destination equals the image at the pause, byte for byte', { skip: (!hasFio || !hasQsd) && 'fio or qemu-storage-daemon not installed' }, async () => {
     const image = join(dir, 'qsd.raw');
     writeFileSync(image, seededBytes(20, 24 * MiB));
-    const { uri, qmp } = storageDaemon(image, 'q1');
+    const { uri, qmp, pidFile } = startStorageDaemon(dir, image, 'q1');
+    daemons.push(pidFile);
     const w = fioNbd(uri, 0, 4 * MiB, '2m');
     await new Promise((r) => setTimeout(r, 300));
     const r = await migrate(uri, {

@@ -23,6 +23,7 @@ import { Worker } from 'node:worker_threads';
 import { NBD_OPT_GO, NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, NBD_REPLY_TYPE_ERROR, NBD_REPLY_TYPE_NONE, NBD_REPLY_TYPE_OFFSET_DATA, NBD_STATE_DIRTY, encodeChunkHeader, type NbdRequest } from '../src/nbd/protocol.js';
 import { dataChunk, fakeServer, greeting, negotiating, negotiatingWithoutExport, optReply, type Script } from './nbd-fake.js';
 import { seededBytes } from './util.js';
+import { startStorageDaemon } from './qsd.js';
 
 const KiB = 1024, MiB = 1 << 20;
 let dir: string;
@@ -438,18 +439,11 @@ describe('a hostile NBD server', () => {
   });
 });
 
-/** qemu-storage-daemon with a raw file as node disk0, a writable NBD export "disk" and a QMP monitor. */
+/** qemu-storage-daemon serving `image` (qsd.ts), stopped with the others at the end. */
 function storageDaemon(image: string): { uri: string; qmp: string } {
-  const nbdSock = unique('qsd-nbd.sock'), qmp = unique('qsd-qmp.sock'), pid = unique('qsd.pid');
-  daemon('qemu-storage-daemon', [
-    '--daemonize', '--pidfile', pid,
-    '--blockdev', `driver=file,node-name=disk0,filename=${image}`,
-    '--nbd-server', `addr.type=unix,addr.path=${nbdSock}`,
-    '--export', 'type=nbd,id=exp0,node-name=disk0,name=disk,writable=on',
-    '--chardev', `socket,id=qmp0,path=${qmp},server=on,wait=off`,
-    '--monitor', 'chardev=qmp0',
-  ], pid);
-  return { uri: `nbd+unix:///disk?socket=${nbdSock}`, qmp };
+  const d = startStorageDaemon(dir, image, `qsd-${++n}`);
+  pidFiles.push(d.pidFile);
+  return d;
 }
 
 /** Writes through the NBD export with qemu-io (QEMU sees them, so its bitmaps do). */
