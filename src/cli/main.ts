@@ -33,11 +33,13 @@ import { wasmModule } from '../engine/wasm.js';
 import { NbdServer, type NbdAddress } from '../nbd/server.js';
 import { FileExport } from '../nbd/file-export.js';
 import { NBD_MAX_STRING } from '../nbd/protocol.js';
-import { TimelineRecorder, migrationReport, similarityPage, writePage } from '../report/index.js';
 import os from 'node:os';
 import { parseByteSize } from '../io/units.js';
 import { cliLogger, type LogFormat } from './logging.js';
 import { LOG_LEVELS, type LogLevel } from '../log.js';
+
+/** The page writers (uPlot and the templates), loaded only by --html and --report so that other commands start without them. */
+const pages = () => import('../report/index.js');
 
 const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
 
@@ -369,7 +371,10 @@ export function buildProgram(): Command {
     const sizes = parseBlockSizes(o.blockSize);
     const results = await mapsFor(images, sizes, o);
     const matrices = sizes.map((_, k) => similarityMatrix(results.map((r) => r.maps[k]!)));
-    if (o.html) writePage(o.html, similarityPage(matrices), 'similarity page');
+    if (o.html) {
+      const { similarityPage, writePage } = await pages();
+      writePage(o.html, similarityPage(matrices), 'similarity page');
+    }
     if (o.json) return print(JSON.stringify(matrices.length === 1 ? matrices[0] : matrices, null, 2));
     if (o.csv) return print(matrixCsv(matrices));
     if (o.markdown) return print(matrices.map(matrixMarkdown).join('\n\n'));
@@ -447,7 +452,7 @@ export function buildProgram(): Command {
       if (!m || Number(m[2]) > 65535) throw new UsageError(`--listen ${o.listen}: expected HOST:PORT`);
       const [bs, ...rest] = parseBlockSizes(o.blockSize);
       if (rest.length) throw new UsageError('one block size');
-      const logger = cliLogger(o.logFormat, o.logLevel, 'blockferry serve');
+      const logger = await cliLogger(o.logFormat, o.logLevel, 'blockferry serve');
       if (o.role === 'backup') {
         // SnapMig's backup server (paper 000): src/roles/backup/service.ts.
         if (!o.image.length) throw new UsageError('--role backup needs at least one --image (the base images and snapshots it holds)');
@@ -553,7 +558,7 @@ export function buildProgram(): Command {
       try {
         server = await NbdServer.listen({
           listen, exports: new Map([[exp.name, exp]]), defaultExport: exp.name,
-          logger: cliLogger('text', 'info', 'blockferry export'),
+          logger: await cliLogger('text', 'info', 'blockferry export'),
           onError: (e, w) => process.stderr.write(`blockferry export: ${w.command} ${w.offset}+${w.length} failed: ${oneLine((e as Error)?.message ?? String(e))}\n`),
         });
       } catch (e) {
@@ -693,10 +698,11 @@ export function buildProgram(): Command {
       process.once('SIGINT', onInt);
       process.once('SIGTERM', onTerm);
       // --report: a recorder wraps the hooks; the page is written at the end, whatever the end.
-      const recorder = o.report ? new TimelineRecorder() : undefined;
+      const page = o.report ? await pages() : undefined;
+      const recorder = page ? new page.TimelineRecorder() : undefined;
       const record = <T extends object>(opts: T): T => (recorder ? recorder.attach(opts) : opts);
       const report = (result: Awaited<ReturnType<typeof migrate>> | undefined, error?: unknown) => {
-        if (o.report) writePage(o.report, migrationReport(result, recorder!.stop(), { name: o.name ?? sourceName(image), to: o.to, ...(error !== undefined ? { error } : {}) }), 'migration report');
+        if (o.report && page) page.writePage(o.report, page.migrationReport(result, recorder!.stop(), { name: o.name ?? sourceName(image), to: o.to, ...(error !== undefined ? { error } : {}) }), 'migration report');
       };
       const r = await migrate(image, record({
         signal: cancel.signal, format: o.format,

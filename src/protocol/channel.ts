@@ -124,7 +124,10 @@ export class Channel {
     socket.setNoDelay(true);
     socket.on('data', (chunk: Buffer) => {
       this.lastHeard = performance.now();
-      if (this.failure) return; // after an abort: nothing more is read
+      // After a failure nothing more is read: the socket stops reading (a
+      // hostile peer that keeps sending fills its own kernel buffers, not this
+      // process's memory) until the close that follows destroys it.
+      if (this.failure) { socket.pause(); return; }
       try {
         for (const f of this.decoder.push(chunk)) this.deliver(f);
       } catch (e) {
