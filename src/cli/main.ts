@@ -11,16 +11,11 @@ import { MapCache } from '../blockmap/cache.js';
 import { similarityMatrix, type SimilarityMatrix } from '../similarity/similarity.js';
 import { Neighbourhood } from '../blockindex/neighbourhood.js';
 import { createProgress, human, type ProgressMode } from './progress.js';
-import { runDemo } from './demo.js';
 import { parseCompress } from '../protocol/codec.js';
 import { describeMigration } from './describe.js';
-import { DestinationService } from '../roles/destination/service.js';
-import { RepositoryService } from '../roles/repository/service.js';
-import { BackupService } from '../roles/backup/service.js';
-import { migrateChain, type ChainMigrationResult } from '../snapmig/migrate-chain.js';
+import type { ChainMigrationResult } from '../snapmig/migrate-chain.js';
 import { SNAP_STRATEGIES, type SnapStrategy } from '../snapmig/plan.js';
-import { IntermediaryService } from '../roles/intermediary/service.js';
-import { scatterGather, type ScatterGatherResult } from '../migrate/scatter-gather.js';
+import type { ScatterGatherResult } from '../migrate/scatter-gather.js';
 import { parseTarget } from '../transport/tcp.js';
 import { DEFAULT_PARTIAL_TTL_MS, listPartials, prunePartials, removePartial } from '../roles/destination/partials.js';
 import { migrate } from '../migrate/migrate.js';
@@ -30,14 +25,15 @@ import type { ThrottleInfo } from '../migrate/live.js';
 import { spawnSync } from 'node:child_process';
 import { chooseBackend, nativeStatus } from '../engine/backend.js';
 import { wasmModule } from '../engine/wasm.js';
-import { NbdServer, type NbdAddress } from '../nbd/server.js';
-import { FileExport } from '../nbd/file-export.js';
+import type { NbdAddress, NbdServer } from '../nbd/server.js';
 import { NBD_MAX_STRING } from '../nbd/protocol.js';
 import os from 'node:os';
 import { parseByteSize } from '../io/units.js';
 import { cliLogger, type LogFormat } from './logging.js';
 import { LOG_LEVELS, type LogLevel } from '../log.js';
 
+// Each command loads what only it needs (the services, SnapMig, scatter-gather, the NBD
+// server, the demo) when it runs, so that `migrate` and `scan` start without them.
 /** The page writers (uPlot and the templates), loaded only by --html and --report so that other commands start without them. */
 const pages = () => import('../report/index.js');
 
@@ -457,6 +453,7 @@ export function buildProgram(): Command {
         // SnapMig's backup server (paper 000): src/roles/backup/service.ts.
         if (!o.image.length) throw new UsageError('--role backup needs at least one --image (the base images and snapshots it holds)');
         if (o.neighbour.length || o.repository || o.nbd || o.nbdSocket) throw new UsageError('--neighbour, --repository and --nbd are options of the destination role');
+        const { BackupService } = await import('../roles/backup/service.js');
         const bk = await BackupService.start({
           dataDir: o.dataDir, host: m[1] || '0.0.0.0', port: Number(m[2]), ...securityOptions(o, o.logFormat === 'json' ? (l) => logger.warn(l) : undefined), handshakeTimeout: o.handshakeTimeout, images: o.image,
           idleTimeout: parseDuration('--idle-timeout', o.idleTimeout), logger,
@@ -476,6 +473,7 @@ export function buildProgram(): Command {
         if (o.image.length || o.neighbour.length || o.repository || o.nbd || o.nbdSocket) throw new UsageError('--image, --neighbour, --repository and --nbd are options of other roles');
         const capacity = parseSize('--capacity', o.capacity);
         if (!(capacity > 0)) throw new UsageError('--capacity must be more than 0');
+        const { IntermediaryService } = await import('../roles/intermediary/service.js');
         const im = await IntermediaryService.start({
           dataDir: o.dataDir, host: m[1] || '0.0.0.0', port: Number(m[2]), ...securityOptions(o, o.logFormat === 'json' ? (l) => logger.warn(l) : undefined), handshakeTimeout: o.handshakeTimeout, capacity,
           idleTimeout: parseDuration('--idle-timeout', o.idleTimeout), logger,
@@ -495,6 +493,7 @@ export function buildProgram(): Command {
       if (o.role === 'repository') {
         if (!o.image.length) throw new UsageError('--role repository needs at least one --image (the base images it serves)');
         if (o.neighbour.length || o.repository || o.nbd || o.nbdSocket || o.imageFormat !== 'raw') throw new UsageError('--neighbour, --repository, --nbd and --image-format are options of the destination role');
+        const { RepositoryService } = await import('../roles/repository/service.js');
         const repo = await RepositoryService.start({
           dataDir: o.dataDir, host: m[1] || '0.0.0.0', port: Number(m[2]), ...securityOptions(o, o.logFormat === 'json' ? (l) => logger.warn(l) : undefined), handshakeTimeout: o.handshakeTimeout, blockSize: bs!, images: o.image,
           idleTimeout: parseDuration('--idle-timeout', o.idleTimeout), logger,
@@ -515,6 +514,7 @@ export function buildProgram(): Command {
         try { parseTarget(o.repository); } catch { throw new UsageError(`--repository ${o.repository}: expected HOST:PORT`); }
       }
       const progress = createProgress(o.progress);
+      const { DestinationService } = await import('../roles/destination/service.js');
       const svc = await DestinationService.start({
         dataDir: o.dataDir, host: m[1] || '0.0.0.0', port: Number(m[2]), ...securityOptions(o, o.logFormat === 'json' ? (l) => logger.warn(l) : undefined), handshakeTimeout: o.handshakeTimeout, blockSize: bs!, neighbours: o.neighbour, compression: o.compress !== 'none',
         ...(o.maxImageSize !== undefined ? { maxImageSize: parseSize('--max-image-size', o.maxImageSize) } : {}),
@@ -553,6 +553,7 @@ export function buildProgram(): Command {
         throw new UsageError('export needs --nbd HOST:PORT or --socket PATH');
       }
       if (o.name !== undefined && Buffer.byteLength(o.name) > NBD_MAX_STRING) throw new UsageError(`--name is longer than ${NBD_MAX_STRING} bytes`);
+      const [{ FileExport }, { NbdServer }] = await Promise.all([import('../nbd/file-export.js'), import('../nbd/server.js')]);
       const exp = await FileExport.open(image, { readOnly: !!o.readOnly, ...(o.name !== undefined ? { name: o.name } : {}) });
       let server: NbdServer;
       try {
@@ -649,6 +650,7 @@ export function buildProgram(): Command {
     .action(async (images: string[], o: { via: string[]; index?: string; report?: string; backup: string[]; backupParallel: number; flatten?: boolean; cacheDir?: string; cert?: string; key?: string; ca?: string; servername?: string; compress: string; memory: string; to: string; name?: string; strategy: StrategyName; hotThreshold: number; keyFile?: string; insecure?: boolean; bwlimit?: string; overwrite?: boolean; rescan?: boolean; qmp?: string; qmpNode?: string; maxRounds?: number; dirtyThreshold: number; pauseCmd?: string; resumeCmd?: string; json?: boolean; progress: ProgressMode; maxDowntime: string; onStall: 'wait' | 'force' | 'throttle' | 'postcopy'; stallTimeout: string; throttleCmd?: string; order: 'hot-last' | 'hot-first' | 'address'; delta: boolean; holdDirty: boolean; format: ImageFormat }) => {
       if (o.strategy === ('scatter-gather' as StrategyName)) {
         if (o.qmp || o.rescan || o.name) throw new UsageError('--strategy scatter-gather evicts images at rest: no --qmp, --rescan or --name (each image keeps its file name)');
+        const { scatterGather } = await import('../migrate/scatter-gather.js');
         const r = await scatterGather(images, {
           to: o.to, via: o.via, ...securityOptions(o), overwrite: !!o.overwrite, ...(o.index ? { index: o.index } : {}), ...(o.bwlimit ? { bwlimit: parseRate(o.bwlimit) } : {}),
           onEvent: (e) => { if (e.phase === 'evicted' || e.phase === 'store-failed') process.stderr.write(`blockferry: ${e.phase} ${JSON.stringify(e.detail)}\n`); },
@@ -664,6 +666,7 @@ export function buildProgram(): Command {
         // SnapMig and its baselines (paper 000): src/snapmig/migrate-chain.ts.
         if (o.qmp) throw new UsageError(`--qmp is not supported with --strategy ${o.strategy} (use --rescan)`);
         if (o.backup.length && (o.strategy as string) !== 'snapmig') throw new UsageError('--backup is an option of --strategy snapmig');
+        const { migrateChain } = await import('../snapmig/migrate-chain.js');
         const r = await migrateChain(image, {
           to: o.to, strategy: o.strategy as SnapStrategy, backups: o.backup, backupParallel: o.backupParallel, flatten: !!o.flatten, ...securityOptions(o), overwrite: !!o.overwrite,
           ...(o.name ? { name: o.name } : {}), ...(o.cacheDir ? { cacheDir: o.cacheDir } : {}), ...(o.bwlimit ? { bwlimit: parseRate(o.bwlimit) } : {}),
@@ -763,6 +766,7 @@ export function buildProgram(): Command {
     .option('--dir <dir>', 'where to make the images (default: a temporary directory, removed afterwards)')
     .addOption(new Option('--progress <mode>', 'progress on stderr').choices(['auto', 'json', 'none']).default('auto'))
     .action(async (o: { dir?: string; progress: ProgressMode }) => {
+      const { runDemo } = await import('./demo.js');
       const m = await runDemo(o);
       print(m);
     });
