@@ -99,7 +99,10 @@ describe('cancelling', () => {
       assert.ok(JSON.parse(again.stdout).blocks.resumed > 0, 'resumed');
       assert.ok(readFileSync(join(data, 'vm.img')).equals(readFileSync(image)));
     } finally {
+      // Waited for: on SIGTERM the service still writes into its data directory, which after() removes.
+      const gone = serve.exitCode !== null || serve.signalCode !== null ? undefined : new Promise((r) => serve.once('exit', r));
       serve.kill('SIGTERM');
+      await gone;
     }
   });
 });

@@ -193,7 +193,10 @@ describe('blockferry CLI', () => {
       }
       assert.equal((await runAsync('scan', '--rescan', '--no-save', '--map-dir', join(file, 'sub'), a)).code, 0, '--no-save writes nothing, so nothing fails');
     } finally {
+      // Waited for: the service writes into a directory the suite removes at the end.
+      const gone = server.exitCode !== null || server.signalCode !== null ? undefined : new Promise((r) => server.once('exit', r));
       server.kill('SIGTERM');
+      await gone;
       busy.close();
     }
   });

@@ -75,3 +75,21 @@ export function destinationState(dataDir: string, name: string, k: number): Buff
   }
   return out;
 }
+
+/**
+ * What a backup system keeps of a chain: copies of its first `n` layers
+ * under other names (nightly-I.qcow2 in dir/sub), each rebased onto the copy
+ * below it, so the backup server finds them by content, not by name.
+ */
+export function backupCopies(files: string[], dir: string, sub: string, n = 3): string[] {
+  const d = join(dir, sub);
+  mkdirSync(d, { recursive: true });
+  const out: string[] = [];
+  for (let i = 0; i < n; i++) {
+    const f = join(d, `nightly-${i}.qcow2`);
+    copyFileSync(files[i]!, f);
+    if (i > 0) run('qemu-img', ['rebase', '-u', '-f', 'qcow2', '-b', out[i - 1]!, '-F', 'qcow2', f]);
+    out.push(f);
+  }
+  return out;
+}

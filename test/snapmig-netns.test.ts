@@ -7,12 +7,12 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { snapHosts, type SnapHosts } from '../bench/snapmig-hosts.js';
-import { destinationState, haveTools, makeChain, qemuRaw, run } from './snapmig-fixtures.js';
+import { backupCopies as sharedBackupCopies, destinationState, haveTools, makeChain, qemuRaw } from './snapmig-fixtures.js';
 import { stackMap } from '../src/snapmig/identity.js';
 import type { ChainMigrationResult } from '../src/snapmig/migrate-chain.js';
 
@@ -58,17 +58,9 @@ async function migrateIn(prefix: string[], args: string[]): Promise<ChainMigrati
   return JSON.parse(out) as ChainMigrationResult;
 }
 
+/** The backup system's copies of this suite's chain (snapmig-fixtures.ts). */
 function backupCopies(sub: string): string[] {
-  const d = join(dir, sub);
-  mkdirSync(d, { recursive: true });
-  const out: string[] = [];
-  for (let i = 0; i < 3; i++) {
-    const f = join(d, `nightly-${i}.qcow2`);
-    copyFileSync(files[i]!, f);
-    if (i > 0) run('qemu-img', ['rebase', '-u', '-f', 'qcow2', '-b', out[i - 1]!, '-F', 'qcow2', f]);
-    out.push(f);
-  }
-  return out;
+  return sharedBackupCopies(files, dir, sub);
 }
 
 function checkChain(dataDir: string, name: string): void {

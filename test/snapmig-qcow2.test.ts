@@ -10,12 +10,12 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { randomBytes } from 'node:crypto';
-import { haveTools, io, makeChain, run } from './snapmig-fixtures.js';
+import { backupCopies as sharedBackupCopies, haveTools, io, makeChain, run } from './snapmig-fixtures.js';
 import type { ChainMigrationResult } from '../src/snapmig/migrate-chain.js';
 import { snapHosts } from '../bench/snapmig-hosts.js';
 
@@ -72,17 +72,9 @@ async function migrate(args: string[], prefix: string[] = []): Promise<ChainMigr
   return JSON.parse(r.out) as ChainMigrationResult;
 }
 
+/** The backup system's copies of this suite's chain (snapmig-fixtures.ts). */
 function backupCopies(sub: string): string[] {
-  const d = join(dir, sub);
-  mkdirSync(d, { recursive: true });
-  const out: string[] = [];
-  for (let i = 0; i < 3; i++) {
-    const f = join(d, `nightly-${i}.qcow2`);
-    copyFileSync(files[i]!, f);
-    if (i > 0) run('qemu-img', ['rebase', '-u', '-f', 'qcow2', '-b', out[i - 1]!, '-F', 'qcow2', f]);
-    out.push(f);
-  }
-  return out;
+  return sharedBackupCopies(files, dir, sub);
 }
 
 interface MapEntry { start: number; length: number; depth: number; zero: boolean; data: boolean }

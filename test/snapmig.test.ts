@@ -17,7 +17,7 @@ import { stackMap } from '../src/snapmig/identity.js';
 import { Scanner } from '../src/scan/scanner.js';
 
 import { spawn } from 'node:child_process';
-import { destinationState, haveTools, io, makeChain, qemuRaw, run } from './snapmig-fixtures.js';
+import { backupCopies as sharedBackupCopies, destinationState, haveTools, io, makeChain, qemuRaw, run } from './snapmig-fixtures.js';
 
 const auth = { key: randomBytes(32) };
 let dir: string;
@@ -34,17 +34,9 @@ before(() => {
 after(async () => { await scanner?.close(); if (dir) rmSync(dir, { recursive: true, force: true }); });
 
 /** The backup server's copies of base, s1, s2 under other names, re-pointed at each other (what a backup system keeps). */
+/** The backup system's copies of this suite's chain (snapmig-fixtures.ts). */
 function backupCopies(sub: string, n = 3): string[] {
-  const d = join(dir, sub);
-  mkdirSync(d, { recursive: true });
-  const out: string[] = [];
-  for (let i = 0; i < n; i++) {
-    const f = join(d, `nightly-${i}.qcow2`);
-    copyFileSync(files[i]!, f);
-    if (i > 0) run('qemu-img', ['rebase', '-u', '-f', 'qcow2', '-b', out[i - 1]!, '-F', 'qcow2', f]);
-    out.push(f);
-  }
-  return out;
+  return sharedBackupCopies(files, dir, sub, n);
 }
 
 async function destination(sub: string): Promise<DestinationService> {

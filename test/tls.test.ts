@@ -145,7 +145,10 @@ describe('CLI', () => {
       assert.match(plain.stderr, /warning: --insecure: the stream is unprotected/);
       assert.match(plain.stderr, /ERR_BF_AUTH_FAILED/);
     } finally {
+      // Waited for: the service writes into a directory the suite removes at the end.
+      const gone = p.exitCode !== null || p.signalCode !== null ? undefined : new Promise((r) => p.once('exit', r));
       p.kill('SIGTERM');
+      await gone;
     }
   });
 });
