@@ -3,9 +3,10 @@
 // written into it (debugfs -w), turned into qcow2 overlays holding only what
 // changed (overlayOf: qemu-img rebase against the layer below), plus patterns and zero
 // clusters written through qemu-io.
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { copyFileSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { createInterface } from 'node:readline';
 import { seededBytes } from './util.js';
 
 export const run = (cmd: string, args: string[], cwd?: string) => execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], ...(cwd ? { cwd } : {}) });
@@ -92,4 +93,26 @@ export function backupCopies(files: string[], dir: string, sub: string, n = 3): 
     out.push(f);
   }
   return out;
+}
+
+/** A `blockferry serve` process: its port (from the first line it prints), its stderr so far, and a stop that waits for it to exit. */
+export interface ServeProcess { proc: ChildProcess; port: number; stderr: () => string; stop(): Promise<void> }
+
+/**
+ * Runs `argv` (a command line that ends in `blockferry serve ...`, with any
+ * prefix such as `ip netns exec NS`), waits for the line that names its port,
+ * and passes each stderr line to onLine.
+ */
+export async function spawnServe(argv: string[], onLine?: (l: string) => void): Promise<ServeProcess> {
+  const proc = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
+  let err = '';
+  createInterface({ input: proc.stderr! }).on('line', (l) => { err += `${l}\n`; onLine?.(l); });
+  const line = await new Promise<string>((resolve, reject) => {
+    createInterface({ input: proc.stdout! }).once('line', resolve);
+    proc.once('exit', (c) => reject(new Error(`serve exited with ${c}: ${err}`)));
+  });
+  return {
+    proc, port: (JSON.parse(line) as { port: number }).port, stderr: () => err,
+    stop: () => new Promise<void>((r) => { if (proc.exitCode !== null || proc.signalCode) return r(); proc.once('exit', () => r()); proc.kill('SIGTERM'); }),
+  };
 }

@@ -6,13 +6,12 @@
 // its layers come from the source. Without root the test is skipped.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { createInterface } from 'node:readline';
 import { snapHosts, type SnapHosts } from '../bench/snapmig-hosts.js';
-import { backupCopies as sharedBackupCopies, destinationState, haveTools, makeChain, qemuRaw } from './snapmig-fixtures.js';
+import { backupCopies as sharedBackupCopies, destinationState, haveTools, makeChain, qemuRaw, spawnServe, type ServeProcess } from './snapmig-fixtures.js';
 import { stackMap } from '../src/snapmig/identity.js';
 import type { ChainMigrationResult } from '../src/snapmig/migrate-chain.js';
 
@@ -32,20 +31,10 @@ before(() => {
 });
 after(() => { hosts?.drop(); if (dir) rmSync(dir, { recursive: true, force: true }); });
 
-interface Server { proc: ChildProcess; port: number; stderr: () => string; stop(): Promise<void> }
+type Server = ServeProcess;
 
 async function serveIn(prefix: string[], args: string[], onLine?: (l: string) => void): Promise<Server> {
-  const proc = spawn(prefix[0]!, [...prefix.slice(1), process.execPath, bin, 'serve', ...args, '--key-file', keyFile], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let err = '';
-  createInterface({ input: proc.stderr! }).on('line', (l) => { err += `${l}\n`; onLine?.(l); });
-  const line = await new Promise<string>((resolve, reject) => {
-    createInterface({ input: proc.stdout! }).once('line', resolve);
-    proc.once('exit', (c) => reject(new Error(`serve exited with ${c}: ${err}`)));
-  });
-  return {
-    proc, port: (JSON.parse(line) as { port: number }).port, stderr: () => err,
-    stop: () => new Promise<void>((r) => { if (proc.exitCode !== null || proc.signalCode) return r(); proc.once('exit', () => r()); proc.kill('SIGTERM'); }),
-  };
+  return spawnServe([...prefix, process.execPath, bin, 'serve', ...args, '--key-file', keyFile], onLine);
 }
 
 async function migrateIn(prefix: string[], args: string[]): Promise<ChainMigrationResult> {

@@ -9,13 +9,12 @@
 // layer zeroes over data below is a zero cluster, not a hole).
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { createInterface } from 'node:readline';
 import { randomBytes } from 'node:crypto';
-import { backupCopies as sharedBackupCopies, haveTools, io, makeChain, run } from './snapmig-fixtures.js';
+import { backupCopies as sharedBackupCopies, haveTools, io, makeChain, run, spawnServe, type ServeProcess } from './snapmig-fixtures.js';
 import type { ChainMigrationResult } from '../src/snapmig/migrate-chain.js';
 import { snapHosts } from '../bench/snapmig-hosts.js';
 
@@ -41,20 +40,10 @@ before(() => {
 });
 after(() => { if (dir) rmSync(dir, { recursive: true, force: true }); });
 
-interface Server { proc: ChildProcess; port: number; stderr: () => string; stop(): Promise<void> }
+type Server = ServeProcess;
 
 async function serve(args: string[], onLine?: (l: string) => void, prefix: string[] = [], listen = '127.0.0.1:0'): Promise<Server> {
-  const proc = spawn(prefix[0] ?? process.execPath, [...prefix.slice(1), ...(prefix.length ? [process.execPath] : []), bin, 'serve', '--listen', listen, ...args, '--key-file', keyFile, '--progress', 'none'], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let err = '';
-  createInterface({ input: proc.stderr! }).on('line', (l) => { err += `${l}\n`; onLine?.(l); });
-  const line = await new Promise<string>((resolve, reject) => {
-    createInterface({ input: proc.stdout! }).once('line', resolve);
-    proc.once('exit', (c) => reject(new Error(`serve exited with ${c}: ${err}`)));
-  });
-  return {
-    proc, port: (JSON.parse(line) as { port: number }).port, stderr: () => err,
-    stop: () => new Promise<void>((r) => { if (proc.exitCode !== null || proc.signalCode) return r(); proc.once('exit', () => r()); proc.kill('SIGTERM'); }),
-  };
+  return spawnServe([...(prefix.length ? prefix : []), process.execPath, bin, 'serve', '--listen', listen, ...args, '--key-file', keyFile, '--progress', 'none'], onLine);
 }
 
 async function migrateCli(args: string[], prefix: string[] = []): Promise<{ code: number | null; out: string; err: string }> {
