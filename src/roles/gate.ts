@@ -11,6 +11,20 @@ import { encodeHeader, Msg } from '../protocol/frame.js';
 import { encode, ERROR } from '../protocol/messages.js';
 import { wrapServer, type ServerTls } from '../transport/tls.js';
 import type { Logger } from '../log.js';
+import type { AuthOptions } from '../protocol/handshake.js';
+import type { TlsOptions } from '../transport/tls.js';
+
+/** Where a service listens and how its clients authenticate: the same four options for every role. */
+export interface ListenOptions {
+  /** Address to listen on (default: every address). */
+  host?: string;
+  /** Port (default: one the system picks; `address` tells it). */
+  port?: number;
+  /** A pre-shared key (TLS 1.3 with that PSK), or insecure (plain TCP); with `tls`, the key is optional. */
+  auth: AuthOptions;
+  /** Certificates: mutual TLS 1.3; a client must present a certificate signed by `tls.ca`. */
+  tls?: TlsOptions;
+}
 
 export interface GateOptions {
   /** Milliseconds a connection has to authenticate (TLS and the protocol's handshake) before it is closed. Default 5000. */

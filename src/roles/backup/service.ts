@@ -24,7 +24,7 @@ import { Scanner } from '../../scan/scanner.js';
 import { Qcow2ImageSource, isQcow2File, MAX_CHAIN_DEPTH } from '../../image/qcow2.js';
 import { FileImageSource } from '../../image/source.js';
 import { escapeForLog } from '../../util/sanitize.js';
-import { Gate, type GateOptions } from '../gate.js';
+import { Gate, type GateOptions, type ListenOptions } from '../gate.js';
 import { checkDataDir, DEFAULT_IDLE_TIMEOUT_MS } from '../destination/service.js';
 import { NAME_RE } from '../destination/partials.js';
 import { layerIdentity, type LayerIdentity } from '../../snapmig/identity.js';
@@ -32,16 +32,12 @@ import { migrate } from '../../migrate/migrate.js';
 import { serviceLogger, type Logger } from '../../log.js';
 import type { Role } from '../role.js';
 
-export interface BackupOptions extends GateOptions {
+/** A backup server's options; `auth` and `tls` are how coordinators authenticate to it. */
+export interface BackupOptions extends GateOptions, ListenOptions {
   /** Where the identity cache lives (layer-ids.json). */
   dataDir: string;
   /** The layers it holds: qcow2 overlays (with or without their backing files here) and raw or qcow2 bases. */
   images: string[];
-  host?: string;
-  port?: number;
-  /** How coordinators authenticate to this server. */
-  auth: AuthOptions;
-  tls?: TlsOptions;
   /** How this server authenticates to destinations (default: the same key or certificates). */
   destinationAuth?: AuthOptions;
   destinationTls?: TlsOptions;

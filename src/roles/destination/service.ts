@@ -23,7 +23,7 @@ import { specFor } from '../../image/source.js';
 import type { ImageSink } from '../../image/sink.js';
 import { IMAGE_EXTENSION, OUTPUT_FORMATS, imageFiles, openExport, openSink, type ImageFiles, type OutputFormat } from './image-files.js';
 import { FILL_SOURCES, type FillSource } from '../fills.js';
-import { Gate } from '../gate.js';
+import { Gate, type ListenOptions } from '../gate.js';
 import type { RepositoryLink } from '../repository/fills.js';
 import { serviceLogger, type Logger } from '../../log.js';
 import type { Progress } from '../../progress.js';
@@ -43,14 +43,8 @@ export const INDEX_FILE = 'neighbourhood.bfidx';
 export const DEFAULT_IDLE_TIMEOUT_MS = 60_000;
 export const DEFAULT_TAKEOVER_GRACE_MS = 5_000;
 
-export interface DestinationOptions {
+export interface DestinationOptions extends ListenOptions {
   dataDir: string;
-  host?: string;
-  port?: number;
-  /** A pre-shared key (TLS 1.3 with that PSK), or insecure (plain TCP); with `tls`, the key is optional. */
-  auth: AuthOptions;
-  /** Certificates: mutual TLS 1.3; a client must present a certificate signed by `tls.ca`. */
-  tls?: TlsOptions;
   /** Milliseconds a connection has to authenticate (TLS and the protocol's handshake) before it is closed. Default 5000. */
   handshakeTimeout?: number;
   /** Connections not yet authenticated, at most, from one remote address (default 8) and in total (default 64); beyond, new ones are closed at once. */

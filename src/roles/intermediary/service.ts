@@ -7,28 +7,24 @@
 import { serviceLogger, type Logger } from '../../log.js';
 import type { Socket } from 'node:net';
 import type { Channel } from '../../protocol/channel.js';
-import { CAP_SCATTER, CAP_ZSTD, serverHandshake, type AuthOptions } from '../../protocol/handshake.js';
+import { CAP_SCATTER, CAP_ZSTD, serverHandshake } from '../../protocol/handshake.js';
 import { compressorFor, decompressorFor } from '../../protocol/compression.js';
-import { serverTls, securityFrom, type TlsOptions } from '../../transport/tls.js';
+import { serverTls, securityFrom } from '../../transport/tls.js';
 import { listen, type Listener } from '../../transport/tcp.js';
-import { Gate, type GateOptions } from '../gate.js';
+import { Gate, type GateOptions, type ListenOptions } from '../gate.js';
 import { checkDataDir, DEFAULT_IDLE_TIMEOUT_MS } from '../destination/service.js';
 import type { Role } from '../role.js';
 import { ContentStore } from './store.js';
 import { newStoreStats, serveStore } from './serve.js';
 export { newStoreStats, serveStore, answerStore, type StoreStats } from './serve.js';
 
-export interface IntermediaryOptions extends GateOptions {
+export interface IntermediaryOptions extends GateOptions, ListenOptions {
   /** Where the segments live. */
   dataDir: string;
   /** Bytes it may hold (segments, records included). */
   capacity: number;
   /** Bytes of recent blocks also kept in memory (default 64 MiB). */
   memoryBytes?: number;
-  host?: string;
-  port?: number;
-  auth: AuthOptions;
-  tls?: TlsOptions;
   /** A connection that sends nothing for this long ends with ERR_BF_TIMEOUT (ms; 0: never). Default 60 s. */
   idleTimeout?: number;
   /** Where the service logs (levels and fields; a pino logger works). Default: nowhere. */

@@ -10,31 +10,27 @@ import { join, resolve } from 'node:path';
 import type { Socket } from 'node:net';
 import { BlockferryError, ErrorCode, ProtocolError, checkAborted } from '../../errors.js';
 import type { Channel } from '../../protocol/channel.js';
-import { CAP_REPOSITORY, serverHandshake, type AuthOptions } from '../../protocol/handshake.js';
+import { CAP_REPOSITORY, serverHandshake } from '../../protocol/handshake.js';
 import { decode, FETCH, FETCH_RESULT, MAX_FETCH_BYTES, type FetchResult } from '../../protocol/messages.js';
 import { Msg, msgName } from '../../protocol/frame.js';
-import { serverTls, securityFrom, type TlsOptions } from '../../transport/tls.js';
+import { serverTls, securityFrom } from '../../transport/tls.js';
 import { listen, type Listener } from '../../transport/tcp.js';
 import { Neighbourhood } from '../../blockindex/neighbourhood.js';
 import { NO_REF, refBlock, refImage } from '../../table/table.js';
 import { Scanner } from '../../scan/scanner.js';
 import { Engine } from '../../engine/engine.js';
-import { Gate, type GateOptions } from '../gate.js';
+import { Gate, type GateOptions, type ListenOptions } from '../gate.js';
 import { checkDataDir, DEFAULT_IDLE_TIMEOUT_MS } from '../destination/service.js';
 import { serviceLogger, type Logger } from '../../log.js';
 import { closeOnAbort, type Role } from '../role.js';
 
 export const REPOSITORY_INDEX_FILE = 'repository.bfidx';
 
-export interface RepositoryOptions extends GateOptions {
+export interface RepositoryOptions extends GateOptions, ListenOptions {
   /** Where the index of the images lives (repository.bfidx). */
   dataDir: string;
   /** The images it serves blocks of (base images): indexed at start. */
   images: string[];
-  host?: string;
-  port?: number;
-  auth: AuthOptions;
-  tls?: TlsOptions;
   /** Block size of the index; destinations must ask at it. Default 4096. */
   blockSize?: number;
   /** A connection that sends nothing for this long ends with ERR_BF_TIMEOUT (ms; 0: never). Default 60 s. */
